@@ -4,7 +4,7 @@ import argparse
 import importlib
 
 # Modules that contribute subcommands; each defines `register_cli(subparsers)` and sets `func` on its parsers.
-COMMAND_MODULES = ()
+COMMAND_MODULES = ("convert_apple",)
 
 
 def build_parser() -> argparse.ArgumentParser:

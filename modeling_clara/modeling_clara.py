@@ -396,8 +396,10 @@ class ClaraPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
 
-    def _init_weights(self, module):
-        # The backbone arrives pretrained and LoRA initialises itself; nothing here may overwrite either.
+    def initialize_weights(self):
+        # The backbone arrives pretrained, resized embeddings keep their rows and LoRA initialises itself (B = 0).
+        # The default would dispatch to the backbone's `_init_weights` and redraw every module created after
+        # loading (resized lm_head, LoRA layers).
         pass
 
 
@@ -650,13 +652,14 @@ class ClaraForRAG(ClaraPreTrainedModel):
     def answer(
         self,
         questions: str | list[str],
-        doc_embeds: torch.Tensor | list[torch.Tensor],
+        doc_embeds: torch.Tensor | list[torch.Tensor] | None = None,
         k: int | None = None,
         return_dict: bool = False,
         max_new_tokens: int | None = None,
+        index=None,
         **generate_kwargs,
     ) -> str | list[str] | dict | list[dict]:
-        """Answer questions from compressed documents.
+        """Answer questions from compressed documents, given or retrieved from a [`ClaraIndex`].
 
         With a query reasoner and more candidates than `k` (default `config.generation_top_k`), the top-k by
         retrieval are read, best first; otherwise all given documents, in the given order.
@@ -665,16 +668,25 @@ class ClaraForRAG(ClaraPreTrainedModel):
             questions (`str` or `list[str]`).
             doc_embeds: `(n_docs, n_mem, hidden)` for one question, a list of those for a list of questions.
             k (`int`, *optional*): Documents to read per question.
-            return_dict (`bool`): Return `{"answer", "doc_indices", "scores"}` per question instead of the text.
+            return_dict (`bool`): Return `{"answer", "doc_indices", "scores"}` per question instead of the text
+                (with an index, `doc_indices` holds document ids).
             max_new_tokens (`int`, *optional*): Defaults to `config.max_new_tokens`.
+            index (`ClaraIndex`, *optional*): Retrieve the top-k documents of each question from this index
+                instead of passing `doc_embeds`.
             generate_kwargs: Passed to `generate` (greedy by default).
         Returns:
             The answer (`str`), or a list for a list of questions; dicts with `return_dict=True`.
         """
-        single = isinstance(questions, str)
-        questions, doc_embeds = self._check_questions_and_embeds(questions, doc_embeds)
         k = self.config.generation_top_k if k is None else k
         _check_positive("k", k)
+        if index is not None:
+            if doc_embeds is not None:
+                raise ValueError("pass either `doc_embeds` or `index`, not both")
+            return self._answer_from_index(questions, index, k, return_dict, max_new_tokens, **generate_kwargs)
+        if doc_embeds is None:
+            raise ValueError("`answer` needs `doc_embeds` (from `compress`) or an `index`")
+        single = isinstance(questions, str)
+        questions, doc_embeds = self._check_questions_and_embeds(questions, doc_embeds)
         needs_retrieval = self.has_query_reasoner and any(len(d) > k for d in doc_embeds)
         if needs_retrieval:
             scores, indices = self.retrieve(questions, doc_embeds, k=k)
@@ -688,10 +700,19 @@ class ClaraForRAG(ClaraPreTrainedModel):
             text.strip()
             for text in self._generate_from_embeds(questions, selected, max_new_tokens=max_new_tokens, **generate_kwargs)
         ]
-        if return_dict:
-            results = [{"answer": a, "doc_indices": i, "scores": s} for a, i, s in zip(answers, indices, scores)]
-            return results[0] if single else results
-        return answers[0] if single else answers
+        return _format_answers(answers, indices, scores, return_dict, single)
+
+    def _answer_from_index(self, questions, index, k, return_dict, max_new_tokens, **generate_kwargs):
+        single = isinstance(questions, str)
+        questions = _check_texts(questions, "questions")
+        results = index.search(questions, k=k)
+        selected = [index.embeddings(result.positions).to(device=self.device, dtype=self.dtype) for result in results]
+        answers = [
+            text.strip()
+            for text in self._generate_from_embeds(questions, selected, max_new_tokens=max_new_tokens, **generate_kwargs)
+        ]
+        ids, scores = [r.ids for r in results], [r.scores for r in results]
+        return _format_answers(answers, ids, scores, return_dict, single)
 
     def _generate_from_embeds(
         self,
@@ -1051,6 +1072,9 @@ class ClaraForRAG(ClaraPreTrainedModel):
                 "(Apple's format)"
             )
         backbone_path = resolve_backbone_path(config.decoder_model_name, checkpoint_dir)
+        if backbone_path != config.decoder_model_name and config.decoder_model_name != EMBEDDED_BACKBONE:
+            # A path relative to the checkpoint would break once the model is saved elsewhere.
+            config.decoder_model_name = os.path.abspath(backbone_path)
         decoder = load_backbone(backbone_path, config, torch_dtype=torch_dtype, device_map=device_map)
         # Apple's code takes the tokenizer (and so the chat template) from the backbone; ours is saved with the model.
         tokenizer = AutoTokenizer.from_pretrained(backbone_path if is_apple_format else checkpoint_dir, use_fast=True)
@@ -1237,6 +1261,12 @@ def _check_texts(texts, name: str) -> list[str]:
 def _check_positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+
+
+def _format_answers(answers, doc_indices, scores, return_dict: bool, single: bool):
+    if return_dict:
+        answers = [{"answer": a, "doc_indices": i, "scores": s} for a, i, s in zip(answers, doc_indices, scores)]
+    return answers[0] if single else answers
 
 
 def _check_questions_and_documents(questions, documents, allow_empty_questions: bool = False):
