@@ -995,6 +995,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         tokenizer and the two code files for `trust_remote_code`. The backbone is referenced by
         `config.decoder_model_name`, not copied."""
         kwargs.setdefault("safe_serialization", True)
+        kwargs.pop("state_dict", None)  # the Trainer passes one; what to save is decided here
         super().save_pretrained(save_directory, state_dict=self.clara_state_dict(), **kwargs)
         if kwargs.get("is_main_process", True):
             self.tokenizer.save_pretrained(save_directory)
@@ -1107,9 +1108,27 @@ class ClaraForRAG(ClaraPreTrainedModel):
             # Apple's chaining: the query reasoner starts as a copy of the compressor.
             self._load_adapter(QUERY_REASONER_ADAPTER, adapters[ENCODER_ADAPTER], source)
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also accepts the weights `save_pretrained` writes (adapters + added-token rows), so `Trainer` resumes
+        and `load_best_model_at_end` restore them; adapters must exist already."""
+        if ADDED_INPUT_ROWS_KEY not in state_dict:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        adapters, rows = _split_clara_state(state_dict, "state_dict")
+        missing = [name for name in adapters if name not in self.adapter_names]
+        if missing:
+            raise ValueError(f"state_dict holds adapters {missing} that this model does not have ({self.adapter_names})")
+        self._load_added_rows(rows, "state_dict")
+        for name, state in adapters.items():
+            self._load_adapter_weights(name, state, "state_dict")
+        return torch.nn.modules.module._IncompatibleKeys(missing_keys=[], unexpected_keys=[])
+
     def _load_adapter(self, name: str, state: dict[str, torch.Tensor], source: str) -> None:
-        """Create adapter `name` and load its LoRA weights, checking every key and shape first."""
+        """Create adapter `name` and load its LoRA weights."""
         self.decoder.add_adapter(self._lora_config(), adapter_name=name)
+        self._load_adapter_weights(name, state, source)
+
+    def _load_adapter_weights(self, name: str, state: dict[str, torch.Tensor], source: str) -> None:
+        """Load LoRA weights into existing adapter `name`, checking every key and shape first."""
         expected = get_peft_model_state_dict(self.decoder, adapter_name=name, save_embedding_layers=False)
         # Apple's PEFT 'auto' saving adds full embedding copies to some adapters; they equal the embedding file.
         lora_state = {key: value for key, value in state.items() if "lora_" in key}
@@ -1212,6 +1231,11 @@ def _read_clara_checkpoint(path: str) -> tuple[dict[str, dict[str, torch.Tensor]
         state = load_file(path)
     except Exception as error:  # safetensors raises its own error types for damaged files
         raise ValueError(f"cannot read {path}: {error}") from error
+    return _split_clara_state(state, path)
+
+
+def _split_clara_state(state: dict[str, torch.Tensor], path: str) -> tuple[dict, dict]:
+    """`save_pretrained`'s flat dict -> (adapter name -> PEFT state dict, added-token rows)."""
     adapters: dict[str, dict[str, torch.Tensor]] = {}
     rows = {}
     for key, value in state.items():
