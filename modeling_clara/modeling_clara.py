@@ -1279,6 +1279,8 @@ def _check_texts(texts, name: str) -> list[str]:
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"`{name}[{i}]` must be a str, got {type(text).__name__}: {text!r:.80}")
+        if not text.strip():
+            raise ValueError(f"`{name}[{i}]` is empty or whitespace-only: {text!r:.80}")
     return list(texts)
 
 
