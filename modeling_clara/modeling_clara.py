@@ -687,14 +687,14 @@ class ClaraForRAG(ClaraPreTrainedModel):
             raise ValueError("`answer` needs `doc_embeds` (from `compress`) or an `index`")
         single = isinstance(questions, str)
         questions, doc_embeds = self._check_questions_and_embeds(questions, doc_embeds)
-        needs_retrieval = self.has_query_reasoner and any(len(d) > k for d in doc_embeds)
-        if needs_retrieval:
-            scores, indices = self.retrieve(questions, doc_embeds, k=k)
-            indices = [idx.tolist() for idx in indices]
-            scores = [s.tolist() for s in scores]
-        else:
-            indices = [list(range(len(d))) for d in doc_embeds]
-            scores = [None] * len(questions)
+        # Per question, so a batch answers exactly like its questions one at a time.
+        indices = [list(range(len(d))) for d in doc_embeds]
+        scores = [None] * len(questions)
+        to_rank = [i for i, d in enumerate(doc_embeds) if self.has_query_reasoner and len(d) > k]
+        if to_rank:
+            ranked_scores, ranked = self.retrieve([questions[i] for i in to_rank], [doc_embeds[i] for i in to_rank], k=k)
+            for i, s, idx in zip(to_rank, ranked_scores, ranked):
+                scores[i], indices[i] = s.tolist(), idx.tolist()
         selected = [candidates[idx] for candidates, idx in zip(doc_embeds, indices)]
         answers = [
             text.strip()

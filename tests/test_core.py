@@ -1,0 +1,217 @@
+"""ClaraForRAG on tiny random backbones: shapes, adapters, retrieval, answering, saving, input errors."""
+
+import json
+import logging as std_logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel
+from transformers.utils import logging
+
+from conftest import TINY_CLARA_KWARGS, make_tiny_clara
+from modeling_clara import ClaraConfig, ClaraForRAG
+from modeling_clara.modeling_clara import differentiable_topk
+
+DOCS = [
+    "Paris is the capital of France.",
+    "The Seine flows through Paris and into the English Channel.",
+    "Mount Kilimanjaro is the highest mountain in Africa.",
+    "Water boils at 100 degrees Celsius at sea level.",
+]
+
+
+def test_compress_shape_and_dtype(tiny_clara):
+    embeds = tiny_clara.compress(DOCS, batch_size=3)
+    assert embeds.shape == (len(DOCS), tiny_clara.n_mem_tokens, tiny_clara.hidden_size)
+    assert embeds.dtype == tiny_clara.dtype
+    assert tiny_clara.n_mem_tokens == TINY_CLARA_KWARGS["doc_max_length"] // TINY_CLARA_KWARGS["compr_rate"]
+
+
+def test_compress_does_not_compute_logits(tiny_clara, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the LM head ran during compress")
+
+    monkeypatch.setattr(tiny_clara.decoder.lm_head, "forward", fail)
+    tiny_clara.compress(DOCS[:2])
+
+
+def test_truncation_warning_counts_documents(tiny_clara, caplog):
+    long_doc = "word " * 200
+    logging.enable_propagation()
+    try:
+        with caplog.at_level(std_logging.WARNING):
+            tiny_clara.compress([long_doc, DOCS[0], long_doc])
+    finally:
+        logging.disable_propagation()
+    assert "2 of 3 documents are longer than doc_max_length=32" in caplog.text
+
+
+def test_adapters_give_different_states(tiny_clara):
+    inputs, _ = tiny_clara.processor.encode_documents(DOCS[:2])
+    states = {}
+    for name in tiny_clara.adapter_names:
+        with torch.no_grad(), tiny_clara.adapter(name):
+            states[name] = tiny_clara._last_hidden_states(inputs["input_ids"], inputs["attention_mask"])
+    names = list(states)
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            assert not torch.allclose(states[first], states[second]), (first, second)
+
+
+def test_adapter_context_restores_active_and_trainable(tiny_clara):
+    tiny_clara.set_trainable_adapters(["query_reasoner_adapter", "decoder_adapter"])
+    tiny_clara.decoder.set_adapter("decoder_adapter")
+    with tiny_clara.adapter("encoder_adapter"):
+        assert tiny_clara.decoder.active_adapters() == ["encoder_adapter"]
+    assert tiny_clara.decoder.active_adapters() == ["decoder_adapter"]
+    trainable = {n.split(".lora_")[1].split(".")[1] for n, p in tiny_clara.decoder.named_parameters() if p.requires_grad and "lora_" in n}
+    assert trainable == {"query_reasoner_adapter", "decoder_adapter"}
+    with pytest.raises(ValueError, match="adapter 'nope'"):
+        with tiny_clara.adapter("nope"):
+            pass
+
+
+@pytest.mark.parametrize(
+    "stage, trained",
+    [("stage1", {"encoder_adapter", "decoder_adapter"}), ("stage2", {"query_reasoner_adapter", "decoder_adapter"})],
+)
+def test_trainable_parameters_per_stage(tiny_llama_dir, stage, trained):
+    model = make_tiny_clara(tiny_llama_dir, training_stage=stage)
+    model.set_trainable_adapters()
+    lora = {n for n, p in model.decoder.named_parameters() if p.requires_grad and "lora_" in n}
+    assert {n.split(".lora_")[1].split(".")[1] for n in lora} == trained
+    embedding_trains = model.decoder.get_input_embeddings().weight.requires_grad
+    assert embedding_trains == ("encoder_adapter" in trained)
+    others = [n for n, p in model.decoder.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert others == (["model.embed_tokens.weight"] if embedding_trains else [])
+
+
+def test_memory_rows_are_the_only_embedding_rows_with_gradient(tiny_llama_dir):
+    model = make_tiny_clara(tiny_llama_dir, training_stage="stage1")
+    model.set_trainable_adapters()
+    model.train()
+    inputs, _ = model.processor.encode_documents(DOCS[:2])
+    embeds, mse = model._encode_documents(inputs["input_ids"], inputs["attention_mask"])
+    (embeds.sum() + mse).backward()
+    grad = model.decoder.get_input_embeddings().weight.grad
+    rows_with_grad = set(grad.abs().sum(-1).nonzero().flatten().tolist())
+    assert rows_with_grad and rows_with_grad <= set(model.processor.mem_token_ids)
+
+
+def test_retrieve_ranks_with_cosine_and_handles_ragged_candidates(tiny_clara):
+    embeds = tiny_clara.compress(DOCS)
+    scores, indices = tiny_clara.retrieve("Which river flows through Paris?", embeds, k=3)
+    assert scores.shape == indices.shape == (3,)
+    assert (scores[:-1] >= scores[1:]).all()
+    query = tiny_clara.encode_queries(["Which river flows through Paris?"])[0].float()
+    cosine = torch.nn.functional.cosine_similarity(query, embeds[indices[0]].flatten().float(), dim=0)
+    torch.testing.assert_close(scores[0], cosine, atol=1e-4, rtol=1e-4)
+    ragged_scores, ragged = tiny_clara.retrieve(["q one", "q two"], [embeds, embeds[:2]], k=3)
+    assert [len(i) for i in ragged] == [3, 2]  # fewer candidates than k: all of them, ranked
+
+
+def test_retrieve_without_query_reasoner_is_an_error(tiny_llama_dir):
+    model = make_tiny_clara(tiny_llama_dir, training_stage="stage1_2")
+    with pytest.raises(ValueError, match="query_reasoner_adapter"):
+        model.retrieve("a question", model.compress(DOCS[:2]))
+
+
+def test_answer_batched_equals_single(tiny_clara):
+    embeds = tiny_clara.compress(DOCS)
+    questions = ["Which river flows through Paris?", "How high is Kilimanjaro, the highest mountain of Africa?"]
+    per_question = [embeds[:1], embeds[1:4]]  # different numbers of documents: left padding
+    batched = tiny_clara.answer(questions, per_question, k=2, return_dict=True)
+    single = [tiny_clara.answer(q, e, k=2, return_dict=True) for q, e in zip(questions, per_question)]
+    assert batched == single
+    assert set(batched[0]) == {"answer", "doc_indices", "scores"}
+    assert batched[0]["doc_indices"] == [0] and batched[0]["scores"] is None  # no more candidates than k
+    assert len(batched[1]["doc_indices"]) == 2 and len(batched[1]["scores"]) == 2  # retrieved top-2 of 3
+
+
+def test_answer_reads_given_order_without_query_reasoner(tiny_llama_dir):
+    model = make_tiny_clara(tiny_llama_dir, training_stage="stage1_2")
+    result = model.answer("q?", model.compress(DOCS), return_dict=True)
+    assert result["doc_indices"] == [0, 1, 2, 3]
+    assert isinstance(result["answer"], str)
+
+
+def test_differentiable_topk_is_hard_forward_soft_backward():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.3]], requires_grad=True)
+    weights, indices = differentiable_topk(scores, k=2, temperature=0.5)
+    assert indices.tolist() == [[1, 2]]
+    assert torch.equal(weights.detach(), torch.tensor([[[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]]]))
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    (weights @ values).sum().backward()
+
+    # Backward is the soft path's: slot 1 a softmax over all candidates, slot 2 over those slot 1 did not take.
+    def soft_objective(s):
+        not_taken = torch.log(torch.tensor([1.0, 0.0, 1.0, 1.0]) + 1e-8)
+        return torch.softmax(s / 0.5, -1) @ values + torch.softmax(s / 0.5 + not_taken, -1) @ values
+
+    _, expected = torch.autograd.functional.vjp(soft_objective, scores.detach(), torch.ones(1))
+    torch.testing.assert_close(scores.grad, expected)
+    assert scores.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backbone", ["tiny_llama_dir", "tiny_mistral_dir"])
+def test_save_and_load_round_trip(request, backbone, tmp_path):
+    model = make_tiny_clara(request.getfixturevalue(backbone), seed=3)
+    with torch.no_grad():
+        model.decoder.get_input_embeddings().weight[-2:] += 0.5  # trained added rows must survive
+    model.save_pretrained(tmp_path)
+    loaded = ClaraForRAG.from_pretrained(str(tmp_path))
+    assert torch.equal(loaded.compress(DOCS), model.compress(DOCS))
+    embeds = model.compress(DOCS)
+    assert loaded.answer("Which river?", embeds, return_dict=True) == model.answer("Which river?", embeds, return_dict=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "configuration_clara.ClaraConfig", "AutoModel": "modeling_clara.ClaraForRAG"}
+    assert {"modeling_clara.py", "configuration_clara.py", "tokenizer.json"} <= {p.name for p in tmp_path.iterdir()}
+    weights = load_file(tmp_path / "model.safetensors")
+    backbone_parameters = sum(p.numel() for p in model.decoder.parameters())
+    assert sum(t.numel() for t in weights.values()) < backbone_parameters / 3
+    assert all(k.split(".")[0] in ("encoder_adapter", "decoder_adapter", "query_reasoner_adapter", "added_tokens") for k in weights)
+    assert isinstance(AutoModel.from_pretrained(str(tmp_path)), ClaraForRAG)
+
+
+def test_config_validation():
+    assert ClaraConfig(doc_max_length=256, compr_rate=16).n_mem_tokens == 16
+    with pytest.raises(ValueError, match="compr_rate=64"):
+        ClaraConfig(doc_max_length=32, compr_rate=64)
+    with pytest.raises(ValueError, match="training_stage='stage9'"):
+        ClaraConfig(training_stage="stage9")
+    with pytest.raises(ValueError, match="doc_max_length=0"):
+        ClaraConfig(doc_max_length=0)
+
+
+def test_from_pretrained_rejects_unknown_arguments(tiny_llama_dir, tmp_path):
+    make_tiny_clara(tiny_llama_dir).save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="compress_rate"):
+        ClaraForRAG.from_pretrained(str(tmp_path), compress_rate=32)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda m, e: m.compress([]), TypeError, "`documents`"),
+        (lambda m, e: m.compress(None), TypeError, "`documents`"),
+        (lambda m, e: m.compress(["ok", 3]), TypeError, r"`documents\[1\]`"),
+        (lambda m, e: m.compress(["ok", "   "]), ValueError, r"`documents\[1\]` is empty"),
+        (lambda m, e: m.compress(["ok"], batch_size=0), ValueError, "`batch_size`"),
+        (lambda m, e: m.answer("q", e[0]), ValueError, r"doc_embeds\[0\] has shape"),
+        (lambda m, e: m.answer("q", e[..., :7]), ValueError, "hidden_size"),
+        (lambda m, e: m.answer("q", e[:, :1]), ValueError, "n_mem_tokens"),
+        (lambda m, e: m.answer("q", e * float("nan")), ValueError, "NaN"),
+        (lambda m, e: m.answer("q", e.long()), TypeError, "dtype"),
+        (lambda m, e: m.answer("q", e[:0]), ValueError, "zero documents"),
+        (lambda m, e: m.answer(["q1", "q2"], [e]), ValueError, "2 questions but 1"),
+        (lambda m, e: m.retrieve("q", e, k=0), ValueError, "`k`"),
+        (lambda m, e: m.answer("", e), ValueError, "empty"),
+        (lambda m, e: m.answer("q"), ValueError, "doc_embeds"),
+        (lambda m, e: m.generate_from_text(["a", "b"], [["d"], ["d", "e"]]), ValueError, "same number of documents"),
+    ],
+)
+def test_bad_input_is_a_clear_error(tiny_clara, call, error, message):
+    embeds = tiny_clara.compress(DOCS[:2])
+    with pytest.raises(error, match=message):
+        call(tiny_clara, embeds)
