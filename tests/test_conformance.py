@@ -188,3 +188,23 @@ def test_automodel_loads_apple_folder_with_package_imported():
     model = AutoModel.from_pretrained(str(CONFORMANCE_DIR / "e2e"))
     assert isinstance(model, ClaraForRAG)
     assert "query_reasoner_adapter" in model.adapter_names
+
+
+def test_hub_id_with_subfolder_as_in_apples_readme(tmp_path):
+    """`owner/repo/subfolder` resolves through the Hub cache (offline here: a cache laid out as the Hub's)."""
+    import shutil
+
+    snapshot = tmp_path / "models--apple--CLaRa-7B-Instruct" / "snapshots" / ("0" * 40)
+    shutil.copytree(CONFORMANCE_DIR / "instruct", snapshot / "compression-16")
+    (tmp_path / "models--apple--CLaRa-7B-Instruct" / "refs").mkdir()
+    (tmp_path / "models--apple--CLaRa-7B-Instruct" / "refs" / "main").write_text("0" * 40)
+    model = ClaraForRAG.from_pretrained(
+        "apple/CLaRa-7B-Instruct/compression-16",
+        cache_dir=str(tmp_path),
+        local_files_only=True,
+        decoder_model_name=str(CONFORMANCE_DIR / "base_decoder"),  # the override Apple's 7B configs need
+        adapter_loading="training_stage",
+    )
+    call = INPUTS["calls"]["text"]
+    decoded = model.generate_from_text(call["questions"], call["documents"], max_new_tokens=12)
+    assert decoded == expected("instruct", "generate_from_text")["decoded"]
