@@ -1063,7 +1063,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
             str(pretrained_model_name_or_path), subfolder, revision, cache_dir, token, local_files_only
         )
         if config is None:
-            config = ClaraConfig.from_pretrained(checkpoint_dir)
+            config = _read_config(checkpoint_dir)
         for key, value in overrides.items():
             setattr(config, key, value)
         is_apple_format = os.path.isfile(os.path.join(checkpoint_dir, APPLE_ADAPTERS_FILE))
@@ -1199,6 +1199,22 @@ def _resolve_checkpoint_dir(name: str, subfolder: str, revision, cache_dir, toke
         allow_patterns=[f"{path_in_repo}/*"] if path_in_repo else None,
     )
     return os.path.join(snapshot, path_in_repo)
+
+
+def _read_config(checkpoint_dir: str) -> ClaraConfig:
+    path = os.path.join(checkpoint_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: {checkpoint_dir} is not a saved CLaRa")
+    try:
+        config_dict, _ = ClaraConfig.get_config_dict(checkpoint_dir)
+    except (OSError, ValueError) as error:  # transformers wraps JSON errors in OSError
+        raise ValueError(f"cannot read {path}: {error}") from error
+    if config_dict.get("model_type") != ClaraConfig.model_type:
+        raise ValueError(
+            f"{path} is a config for model_type={config_dict.get('model_type')!r}, not "
+            f"{ClaraConfig.model_type!r}; load that folder with its own class, or give a CLaRa checkpoint"
+        )
+    return ClaraConfig.from_dict(config_dict)
 
 
 def _read_apple_checkpoint(checkpoint_dir: str, model: ClaraForRAG) -> tuple[dict, dict]:
