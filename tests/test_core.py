@@ -215,3 +215,37 @@ def test_bad_input_is_a_clear_error(tiny_clara, call, error, message):
     embeds = tiny_clara.compress(DOCS[:2])
     with pytest.raises(error, match=message):
         call(tiny_clara, embeds)
+
+
+NO_SYSTEM_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "<start_of_turn>{{ message['role'] }}\n{{ message['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def test_prompt_falls_back_when_the_template_rejects_system_role(tiny_llama_dir):
+    """As Apple's code: system prompt and user turn merged into one user turn, joined by a newline."""
+    model = make_tiny_clara(tiny_llama_dir)
+    model.tokenizer.chat_template = NO_SYSTEM_TEMPLATE
+    prompt, conversation = model.processor.build_prompt(1, question="Who?", answer="Me.")
+    slots = "".join(model.processor.mem_tokens) + "<SEP>"
+    from modeling_clara.modeling_clara import SYSTEM_PROMPT_ANSWER
+
+    assert prompt == f"<start_of_turn>user\n{SYSTEM_PROMPT_ANSWER}\nBackground:\n{slots}\n\nQuestion:Who?<end_of_turn>\n<start_of_turn>model\n"
+    assert conversation.startswith(prompt.removesuffix("<start_of_turn>model\n"))
+    assert conversation.endswith("<start_of_turn>assistant\nMe.<end_of_turn>\n")
+    model.tokenizer.chat_template = "{{ raise_exception('something else') }}"
+    with pytest.raises(Exception, match="something else"):
+        model.processor.build_prompt(1, question="Who?")
+
+
+def test_stage1_qa_prompt_joins_all_pairs_into_one_target(tiny_clara):
+    from modeling_clara.modeling_clara import SYSTEM_PROMPT_QA
+
+    prompt, conversation = tiny_clara.processor.build_prompt(1, task="qa", question=["q1?", "q2?"], answer=["a1", "a2"])
+    slots = "".join(tiny_clara.processor.mem_tokens) + "<SEP>"
+    assert SYSTEM_PROMPT_QA in prompt and f"Background:\n{slots}" in prompt
+    assert conversation.startswith(prompt)
+    assert "Question: q1?\nAnswer: a1\nQuestion: q2?\nAnswer: a2" in conversation[len(prompt):]
