@@ -17,6 +17,7 @@ import random
 import shutil
 import tempfile
 import time
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -395,6 +396,8 @@ class ClaraPreTrainedModel(PreTrainedModel):
     base_model_prefix = "clara"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    # compute_loss combines CE with MSE / retrieval terms itself; the Trainer must not rescale by num_items_in_batch.
+    accepts_loss_kwargs = False
 
     def initialize_weights(self):
         # The backbone arrives pretrained, resized embeddings keep their rows and LoRA initialises itself (B = 0).
@@ -1090,8 +1093,9 @@ class ClaraForRAG(ClaraPreTrainedModel):
             model._load_added_rows(rows, os.path.join(checkpoint_dir, WEIGHTS_FILE))
             for name, state in adapters.items():
                 model._load_adapter(name, state, os.path.join(checkpoint_dir, WEIGHTS_FILE))
-        model.set_trainable_adapters([n for n in TRAINABLE_ADAPTERS_BY_STAGE[config.training_stage] if n in model.adapter_names])
+        # Activate every adapter first: peft's set_adapter resets requires_grad, set_trainable_adapters decides it.
         model.decoder.set_adapter(model.adapter_names)
+        model.set_trainable_adapters([n for n in TRAINABLE_ADAPTERS_BY_STAGE[config.training_stage] if n in model.adapter_names])
         return model.eval()
 
     def _load_apple_adapters(self, adapters: dict[str, dict[str, torch.Tensor]], load_all: bool) -> None:
@@ -1165,8 +1169,30 @@ class ClaraForRAG(ClaraPreTrainedModel):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
         # Non-reentrant checkpointing: the encoder's inputs are token ids, and reentrant checkpointing would
         # drop the gradients of the LoRA weights inside checkpointed layers.
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        # One backbone runs under several adapters per step (encoder, then decoder); a layer recomputed in backward
+        # must run under the adapters it ran with in forward, whichever is active when backward reaches it.
+        kwargs = {"use_reentrant": False, "context_fn": self._checkpoint_contexts, **(gradient_checkpointing_kwargs or {})}
+        if kwargs["use_reentrant"]:
+            raise ValueError("ClaraForRAG needs non-reentrant gradient checkpointing (use_reentrant=False)")
         self.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def _checkpoint_contexts(self):
+        """`torch.utils.checkpoint` context_fn: nothing in forward; the forward-time adapters during recomputation."""
+        return contextlib.nullcontext(), self._adapters_active(self.decoder.active_adapters())
+
+    @contextmanager
+    def _adapters_active(self, names: list[str]):
+        active = self.decoder.active_adapters()
+        if active == names:
+            yield
+            return
+        self.decoder.set_adapter(names if len(names) > 1 else names[0])
+        self._apply_trainable_flags()
+        try:
+            yield
+        finally:
+            self.decoder.set_adapter(active if len(active) > 1 else active[0])
+            self._apply_trainable_flags()
 
 
 def load_backbone(path: str, config: ClaraConfig, torch_dtype="auto", device_map=None) -> PreTrainedModel:

@@ -1,0 +1,496 @@
+"""Training CLaRa's three stages with the Hugging Face `Trainer`.
+
+| `--stage`  | Apple      | data (see `data.py`)                | trains                           | loss                     |
+|------------|------------|-------------------------------------|----------------------------------|--------------------------|
+| `pretrain` | `stage1`   | doc -> QA lines or paraphrase       | encoder + decoder, memory rows   | CE + mse_weight * MSE    |
+| `instruct` | `stage1_2` | question + top-k docs -> answer     | encoder + decoder, memory rows   | CE + mse_weight * MSE    |
+| `e2e`      | `stage2`   | question + candidates (+ pos_index) | query reasoner + decoder         | CE (+ retrieval_weight * |
+|            |            |                                     |                                  | InfoNCE over pos_index)  |
+
+Each stage starts from the previous stage's saved model (`clara train --model <output of the previous stage>`), or from
+a backbone (`--model embedded`, a Hub id or a path). A stage-3 run from a model without a query reasoner creates it as a
+copy of the encoder adapter (`--query_reasoner_init encoder`, Apple's chaining and the paper's better choice) or as a
+fresh LoRA (`fresh`). Stage-3 candidates are compressed by the frozen encoder without gradients (its MSE is logged only).
+
+    clara train --stage pretrain --model embedded --data pretrain.jsonl --output_dir runs/stage1
+    clara train --stage instruct --model runs/stage1 --data instruct.jsonl --output_dir runs/stage2
+    clara train --stage e2e --model runs/stage2 --data e2e.jsonl --output_dir runs/stage3
+
+Every `TrainingArguments` option works (`--gradient_accumulation_steps`, `--gradient_checkpointing`,
+`--resume_from_checkpoint latest`, ...), and so do `torchrun` / `accelerate launch` for data parallelism.
+"""
+
+import argparse
+import copy
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field, fields
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import HfArgumentParser, PretrainedConfig, Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
+
+from .data import DEFAULT_DECODER_MAX_LENGTH, STAGE_NAMES, load_clara_jsonl, make_collator
+from .modeling_clara import (
+    APPLE_ADAPTERS_FILE,
+    DECODER_ADAPTER,
+    EMBEDDED_BACKBONE,
+    ENCODER_ADAPTER,
+    QUERY_REASONER_ADAPTER,
+    ClaraForRAG,
+)
+
+logger = logging.get_logger(__name__)
+
+# Our stage names -> Apple's `training_stage`.
+STAGES = {"pretrain": "stage1", "instruct": "stage1_2", "e2e": "stage2"}
+# Apple's scripts (train_pretraining.sh, train_instruction_tuning.sh, train_stage_end_to_end.sh) and train_sft.py.
+STAGE_DEFAULTS = {
+    "pretrain": {"learning_rate": 1e-4, "lr_scheduler_type": "cosine_with_min_lr"},
+    "instruct": {"learning_rate": 1e-4, "lr_scheduler_type": "cosine_with_min_lr"},
+    "e2e": {"learning_rate": 5e-6, "lr_scheduler_type": "constant"},
+}
+QUERY_REASONER_INITS = ("encoder", "fresh")
+# Architecture fields: a fresh model takes them, a checkpoint must already have them.
+ARCHITECTURE_FIELDS = ("doc_max_length", "compr_rate", "lora_r")
+
+
+@dataclass
+class ClaraTrainingArguments(TrainingArguments):
+    r"""
+    [`TrainingArguments`] for CLaRa, with the defaults of Apple's training scripts.
+
+    Args:
+        stage (`str`, *optional*, defaults to `"pretrain"`):
+            `"pretrain"` (Apple `stage1`), `"instruct"` (`stage1_2`) or `"e2e"` (`stage2`); decides the data format, the
+            collator, which adapters train and the loss.
+        mse_weight (`float`, *optional*, defaults to 0.1):
+            Weight of the memory/document MSE in the compression stages (Apple's `--mse_loss`, lambda = 0.1). In `e2e`
+            the compressor is frozen and its MSE only logged.
+        retrieval_weight (`float`, *optional*, defaults to 0.0):
+            `e2e`: weight of the contrastive retrieval loss over `pos_index` (a supervised warm-up; CLaRa itself uses
+            none). Logged in any case.
+        topk_temperature (`float`, *optional*, defaults to 0.02):
+            Temperature of the straight-through top-k on cosine scores (Apple's value).
+        query_reasoner_init (`str`, *optional*, defaults to `"encoder"`):
+            `e2e` from a model without a query reasoner: copy the encoder adapter (`"encoder"`) or start a fresh LoRA
+            (`"fresh"`).
+        generation_top_k (`int`, *optional*):
+            Documents the generator reads: the first k of each `instruct` row, the top-k of the `e2e` candidates.
+            Default: the model's `generation_top_k` (5).
+        n_candidates (`int`, *optional*):
+            `e2e`: trim every row to this many candidates (gold ones kept). Without it all rows need the same number.
+        doc_max_length, compr_rate, lora_r (`int`, *optional*):
+            Architecture of a fresh model built from a backbone (defaults 256, 16, 16). A checkpoint keeps its own;
+            giving a different value is an error.
+        optimize_mem_tokens (`bool`, *optional*):
+            Train the memory-token embedding rows with the compressor. Default: the model's setting (`True`).
+        decoder_max_length (`int`, *optional*):
+            Decoder tokens per example (Apple's `--max_len`); default 2048, 1024 for `e2e`.
+        learning_rate (`float`, *optional*):
+            Default per stage as in Apple's scripts: 1e-4 (`pretrain`, `instruct`), 5e-6 (`e2e`).
+        lr_scheduler_type (`str`, *optional*):
+            Default per stage: `cosine_with_min_lr` with `min_lr_rate=0.1` (Apple's `min_lr = 0.1 * lr`), `constant` for
+            `e2e`.
+
+    Other changed defaults: `adam_beta2=0.95`, `warmup_ratio=0.03` (Apple's), `remove_unused_columns=False` (the
+    collators read the raw columns), `report_to="none"`, `logging_steps=10`.
+    """
+
+    stage: str = field(
+        default="pretrain",
+        metadata={"help": "CLaRa stage: pretrain (stage1), instruct (stage1_2), e2e (stage2).", "choices": STAGE_NAMES},
+    )
+    mse_weight: float = field(default=0.1, metadata={"help": "Weight of the memory/document MSE (compression stages)."})
+    retrieval_weight: float = field(
+        default=0.0, metadata={"help": "e2e: weight of the contrastive retrieval loss over pos_index (0 = logged only)."}
+    )
+    topk_temperature: float = field(default=0.02, metadata={"help": "Temperature of the straight-through top-k."})
+    query_reasoner_init: str = field(
+        default="encoder",
+        metadata={
+            "help": "e2e without a query reasoner: copy the encoder adapter or start fresh.",
+            "choices": QUERY_REASONER_INITS,
+        },
+    )
+    generation_top_k: int | None = field(
+        default=None, metadata={"help": "Documents the generator reads (default: the model's generation_top_k)."}
+    )
+    n_candidates: int | None = field(
+        default=None, metadata={"help": "e2e: trim every row to this many candidates (gold ones kept)."}
+    )
+    doc_max_length: int | None = field(default=None, metadata={"help": "Fresh models: document tokens read (256)."})
+    compr_rate: int | None = field(default=None, metadata={"help": "Fresh models: document tokens per memory token (16)."})
+    lora_r: int | None = field(default=None, metadata={"help": "Fresh models: LoRA rank of every adapter (16)."})
+    optimize_mem_tokens: bool | None = field(
+        default=None, metadata={"help": "Train the memory-token embedding rows with the compressor (default: model's)."}
+    )
+    decoder_max_length: int | None = field(
+        default=None, metadata={"help": "Decoder tokens per example (default 2048; 1024 for e2e)."}
+    )
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate (default: 1e-4, e2e 5e-6, as Apple's scripts)."}
+    )
+    lr_scheduler_type: str | None = field(
+        default=None, metadata={"help": "Scheduler (default: cosine_with_min_lr with min_lr_rate 0.1; e2e constant)."}
+    )
+    adam_beta2: float = field(default=0.95, metadata={"help": "Beta2 for AdamW (Apple's 0.95)."})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "Linear warmup over this fraction of the steps."})
+    remove_unused_columns: bool | None = field(
+        default=False, metadata={"help": "Keep False: the CLaRa collators read the dataset's own columns."}
+    )
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "Integrations to report to."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage={self.stage!r} is not one of {STAGE_NAMES}")
+        if self.query_reasoner_init not in QUERY_REASONER_INITS:
+            raise ValueError(f"query_reasoner_init={self.query_reasoner_init!r} is not one of {QUERY_REASONER_INITS}")
+        if self.mse_weight < 0 or self.retrieval_weight < 0:
+            raise ValueError(
+                f"loss weights must be >= 0, got mse_weight={self.mse_weight}, retrieval_weight={self.retrieval_weight}"
+            )
+        if not self.topk_temperature > 0:
+            raise ValueError(f"topk_temperature={self.topk_temperature} must be > 0")
+        defaults = STAGE_DEFAULTS[self.stage]
+        if self.learning_rate is None:
+            self.learning_rate = defaults["learning_rate"]
+        if self.lr_scheduler_type is None:
+            self.lr_scheduler_type = defaults["lr_scheduler_type"]
+        if self.lr_scheduler_type == "cosine_with_min_lr" and not self.lr_scheduler_kwargs:
+            self.lr_scheduler_kwargs = {"min_lr_rate": 0.1}
+        if self.decoder_max_length is None:
+            self.decoder_max_length = DEFAULT_DECODER_MAX_LENGTH[self.stage]
+        if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+            # Without `use_cpu`, accelerate starts no process group on a CPU-only machine: every torchrun process
+            # would train alone on all the data. With it, the processes form a gloo group (data parallel).
+            logger.info("No accelerator: data parallelism over CPU processes (gloo), as with --use_cpu")
+            self.use_cpu = True
+        super().__post_init__()
+
+
+@dataclass
+class ClaraScriptArguments:
+    """What `clara train` reads besides the [`ClaraTrainingArguments`]."""
+
+    model: str = field(
+        metadata={
+            "help": "Backbone (`embedded`, Hub id or path) for a fresh CLaRa, or a CLaRa checkpoint (e.g. the previous "
+            "stage's output)."
+        }
+    )
+    data: str = field(metadata={"help": "Training JSONL in the stage's format (see modeling_clara/data.py)."})
+    eval_data: str | None = field(default=None, metadata={"help": "Evaluation JSONL in the same format."})
+    eval_holdout: float = field(
+        default=0,
+        metadata={"help": "Hold out this many rows of --data for evaluation (a fraction if < 1); seeded by --seed."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Read only the first N rows of --data."})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models per stage
+
+
+def load_model_for_stage(model_name_or_path: str, args: ClaraTrainingArguments) -> ClaraForRAG:
+    """A CLaRa checkpoint (ours or Apple's) loaded for `args.stage`, or a fresh CLaRa on a backbone.
+
+    Config fields given in `args` (`generation_top_k`, `optimize_mem_tokens`; architecture fields for a fresh model)
+    are applied; [`ClaraTrainer`] then prepares the adapters (see [`prepare_model_for_stage`]).
+    """
+    stage = STAGES[args.stage]
+    overrides = {
+        name: getattr(args, name) for name in ("generation_top_k", "optimize_mem_tokens") if getattr(args, name) is not None
+    }
+    architecture = {name: getattr(args, name) for name in ARCHITECTURE_FIELDS if getattr(args, name) is not None}
+    if not is_clara_checkpoint(model_name_or_path):
+        logger.info(f"Building a fresh CLaRa ({stage}) on the backbone {model_name_or_path}")
+        return ClaraForRAG.from_backbone(model_name_or_path, training_stage=stage, **architecture, **overrides)
+    model = ClaraForRAG.from_pretrained(model_name_or_path, training_stage=stage, **overrides)
+    differ = {
+        name: (value, getattr(model.config, name))
+        for name, value in architecture.items()
+        if getattr(model.config, name) != value
+    }
+    if differ:
+        raise ValueError(
+            f"{model_name_or_path} is a CLaRa checkpoint with its own architecture; these arguments differ from it "
+            f"(given, checkpoint): {differ}. Drop them, or start from a backbone."
+        )
+    return model
+
+
+def is_clara_checkpoint(name: str) -> bool:
+    """Whether `name` is a saved CLaRa (ours or Apple's) rather than a backbone."""
+    if name == EMBEDDED_BACKBONE:
+        return False
+    if os.path.isdir(name):
+        if os.path.isfile(os.path.join(name, APPLE_ADAPTERS_FILE)):
+            return True
+        config_path = os.path.join(name, "config.json")
+        if not os.path.isfile(config_path):
+            return False
+        with open(config_path, encoding="utf-8") as f:
+            return json.load(f).get("model_type") == ClaraForRAG.config_class.model_type
+    if name.count("/") >= 2:  # Apple's README form `owner/repo/subfolder` names CLaRa checkpoints only
+        return True
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(name)
+    except (OSError, ValueError):
+        return False  # from_backbone reports what is wrong with the name
+    return config_dict.get("model_type") == ClaraForRAG.config_class.model_type
+
+
+def prepare_model_for_stage(model: ClaraForRAG, args: ClaraTrainingArguments) -> None:
+    """Set the model up for `args.stage`: `training_stage` and loss settings in its config (so they are saved with
+    it), a query reasoner for `e2e` if it has none, and exactly the stage's adapters (plus the memory rows when the
+    compressor trains) trainable."""
+    config = model.config
+    config.training_stage = STAGES[args.stage]
+    config.mse_weight = args.mse_weight
+    config.retrieval_weight = args.retrieval_weight
+    config.topk_temperature = args.topk_temperature
+    if args.generation_top_k is not None:
+        config.generation_top_k = args.generation_top_k
+    if args.optimize_mem_tokens is not None:
+        config.optimize_mem_tokens = args.optimize_mem_tokens
+    if args.stage == "e2e" and not model.has_query_reasoner:
+        add_query_reasoner(model, args.query_reasoner_init)
+    required = (ENCODER_ADAPTER, DECODER_ADAPTER) + ((QUERY_REASONER_ADAPTER,) if args.stage == "e2e" else ())
+    missing = [name for name in required if name not in model.adapter_names]
+    if missing:
+        raise ValueError(
+            f"stage {args.stage!r} needs adapters {missing}, which this model lacks (it has {model.adapter_names})"
+        )
+    model.decoder.set_adapter(model.adapter_names)  # peft makes every active adapter trainable: decide that after
+    model.set_trainable_adapters()
+
+
+def add_query_reasoner(model: ClaraForRAG, init: str = "encoder") -> None:
+    """Add `query_reasoner_adapter`: a copy of `encoder_adapter` (`init="encoder"`, Apple's stage-2 chaining; the
+    paper's Table 14 shows it beats random init) or a fresh LoRA with the same configuration (`init="fresh"`)."""
+    if init not in QUERY_REASONER_INITS:
+        raise ValueError(f"init={init!r} is not one of {QUERY_REASONER_INITS}")
+    if model.has_query_reasoner:
+        raise ValueError(f"the model already has a {QUERY_REASONER_ADAPTER!r}")
+    lora_config = copy.deepcopy(model.decoder.peft_config[ENCODER_ADAPTER])
+    model.decoder.add_adapter(lora_config, adapter_name=QUERY_REASONER_ADAPTER)
+    if init == "encoder":
+        state = get_peft_model_state_dict(model.decoder, adapter_name=ENCODER_ADAPTER, save_embedding_layers=False)
+        set_peft_model_state_dict(model.decoder, state, adapter_name=QUERY_REASONER_ADAPTER)
+    logger.info(f"Added {QUERY_REASONER_ADAPTER} ({'copy of ' + ENCODER_ADAPTER if init == 'encoder' else 'fresh LoRA'})")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Trainer
+
+
+class ClaraTrainer(Trainer):
+    """`Trainer` for CLaRa: prepares the model for `args.stage`, builds the stage's collator, and logs the loss terms
+    (`ce_loss`, `mse_loss`, `retrieval_loss`, and `retrieval_recall` at k in `e2e`) next to the total.
+
+    Args:
+        model ([`ClaraForRAG`]): A fresh or loaded CLaRa; set up here with [`prepare_model_for_stage`].
+        args ([`ClaraTrainingArguments`]).
+        data_collator (*optional*): Default: the stage's collator from `data.make_collator`.
+        kwargs: Passed to `Trainer` (`train_dataset`, `eval_dataset`, `callbacks`, ...).
+    """
+
+    def __init__(self, model: ClaraForRAG, args: ClaraTrainingArguments, data_collator=None, **kwargs):
+        if not isinstance(args, ClaraTrainingArguments):
+            raise TypeError(f"ClaraTrainer needs ClaraTrainingArguments, got {type(args).__name__}")
+        prepare_model_for_stage(model, args)
+        if args.gradient_checkpointing:
+            _check_adapter_aware_checkpointing(model, args.gradient_checkpointing_kwargs)
+        if data_collator is None:
+            data_collator = make_collator(
+                args.stage, model.processor, top_k=model.config.generation_top_k, max_length=args.decoder_max_length
+            )
+        super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
+        # Each micro-batch loss is a mean over its own target tokens (as Apple's); the forward's **kwargs would make
+        # Trainer skip dividing by the accumulation steps, expecting the model to use num_items_in_batch.
+        self.model_accepts_loss_kwargs = False
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._n_parameters = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        outputs = model(**inputs)
+        loss = outputs.ce_loss
+        if outputs.mse_loss is not None and self.args.stage != "e2e":  # e2e compresses without gradients
+            loss = loss + self.args.mse_weight * outputs.mse_loss
+        if outputs.retrieval_loss is not None and self.args.retrieval_weight:
+            loss = loss + self.args.retrieval_weight * outputs.retrieval_loss
+        for name in ("ce_loss", "mse_loss", "retrieval_loss"):
+            if (term := getattr(outputs, name)) is not None:
+                self._metrics[mode][name].append(self.accelerator.gather(term.detach()).mean().item())
+        if outputs.topk_indices is not None and inputs.get("positive_mask") is not None:
+            recall = self.accelerator.gather(_recall_sums(outputs.topk_indices, inputs["positive_mask"])).view(-1, 2).sum(0)
+            if recall[1] > 0:
+                self._metrics[mode]["retrieval_recall"].append((recall[0] / recall[1]).item())
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        metrics = {name: sum(values) / len(values) for name, values in self._metrics[mode].items() if values}
+        if mode == "eval":
+            metrics = {f"eval_{name}": value for name, value in metrics.items()}
+        self._metrics[mode].clear()
+        logs.update(metrics)  # in place: `evaluate()` returns this dict, so the terms reach its caller too
+        super().log(logs, start_time)
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        # The embedding matrix trains only its memory rows (a gradient hook zeroes the others); AdamW's decoupled
+        # weight decay would still shrink every row, so it gets none.
+        embeddings = {id(model.get_input_embeddings().weight)}
+        output_embeddings = getattr(model, "decoder", model).get_output_embeddings()
+        if output_embeddings is not None:
+            embeddings.add(id(output_embeddings.weight))
+        excluded = {name for name, parameter in model.named_parameters() if id(parameter) in embeddings}
+        return [name for name in super().get_decay_parameter_names(model) if name not in excluded]
+
+    def floating_point_ops(self, inputs: dict) -> int:
+        # 6 * parameters * tokens over encoder, query and decoder inputs (the model has no single `input_ids`).
+        if self._n_parameters is None:
+            self._n_parameters = self.accelerator.unwrap_model(self.model).num_parameters(exclude_embeddings=True)
+        tokens = sum(inputs[k].numel() for k in ("enc_input_ids", "query_input_ids", "dec_input_ids") if k in inputs)
+        return 6 * self._n_parameters * tokens
+
+
+def _check_adapter_aware_checkpointing(model: ClaraForRAG, kwargs: dict | None) -> None:
+    # Checkpointed layers are recomputed during backward, when the adapter that ran them may no longer be active
+    # (the encoder pass runs under `encoder_adapter`, the decoder pass under `decoder_adapter`). Unless the model
+    # recomputes each layer under the adapters it ran with (a `context_fn`), the recomputed tensors differ and torch
+    # raises CheckpointError, or the gradients silently belong to another adapter.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    functions = [
+        getattr(m, "_gradient_checkpointing_func", None)
+        for m in model.modules()
+        if getattr(m, "gradient_checkpointing", False)
+    ]
+    if not functions or not all("context_fn" in getattr(f, "keywords", {}) for f in functions):
+        model.gradient_checkpointing_disable()
+        raise NotImplementedError(
+            "gradient checkpointing needs ClaraForRAG.gradient_checkpointing_enable to recompute each layer under the "
+            "adapter it ran with (torch.utils.checkpoint `context_fn`); this model version does not, so training "
+            "with --gradient_checkpointing would fail or mix adapters' gradients"
+        )
+
+
+def _recall_sums(topk_indices: torch.Tensor, positive_mask: torch.Tensor) -> torch.Tensor:
+    """`[sum of per-example recall@k, examples with a positive]` (Apple's recall: hits in the top-k / positives)."""
+    positive_mask = positive_mask.bool()
+    hits = positive_mask.gather(1, topk_indices).sum(1).float()
+    positives = positive_mask.sum(1).float()
+    has_positive = positives > 0
+    recall = (hits[has_positive] / positives[has_positive]).sum()
+    return torch.stack([recall, has_positive.sum().float()])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running a stage
+
+
+def train_clara(script_args: ClaraScriptArguments, args: ClaraTrainingArguments, callbacks=None) -> dict:
+    """Run one stage: load model and data, train (resuming if asked), save the final model to `args.output_dir`.
+
+    `args.resume_from_checkpoint` may be a checkpoint folder or `"latest"`/`"true"` for the last one in `output_dir`.
+
+    Returns:
+        `dict` with `output_dir`, `global_step`, the training metrics and, with evaluation data, the evaluation ones.
+    """
+    if script_args.eval_data and script_args.eval_holdout:
+        raise ValueError("give either --eval_data or --eval_holdout, not both")
+    resume = _resolve_resume(args)
+    model = load_model_for_stage(script_args.model, args)
+    train_dataset = load_clara_jsonl(
+        script_args.data, args.stage, n_candidates=args.n_candidates, max_samples=script_args.max_train_samples
+    )
+    eval_dataset = None
+    if script_args.eval_data:
+        eval_dataset = load_clara_jsonl(script_args.eval_data, args.stage, n_candidates=args.n_candidates)
+    if script_args.eval_holdout:
+        holdout = int(script_args.eval_holdout) if script_args.eval_holdout >= 1 else script_args.eval_holdout
+        split = train_dataset.train_test_split(test_size=holdout, seed=args.seed)
+        train_dataset, eval_dataset = split["train"], split["test"]
+    trainer = ClaraTrainer(
+        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, callbacks=callbacks
+    )
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    result = {"output_dir": args.output_dir, "global_step": trainer.state.global_step, **train_output.metrics}
+    if eval_dataset is not None:
+        final = [e for e in trainer.state.log_history if "eval_loss" in e and e["step"] == trainer.state.global_step]
+        result.update({k: v for k, v in final[-1].items() if k.startswith("eval_")} if final else trainer.evaluate())
+    trainer.save_model(args.output_dir)
+    trainer.save_state()  # after evaluating, so trainer_state.json has the final evaluation too
+    return result
+
+
+def _resolve_resume(args: ClaraTrainingArguments) -> str | None:
+    resume = args.resume_from_checkpoint
+    if resume is None or str(resume).lower() in ("false", ""):
+        return None
+    if str(resume).lower() in ("latest", "true"):
+        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        if last is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no checkpoint-* folder in {args.output_dir}")
+        return last
+    if not os.path.isdir(resume):
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such folder")
+    return resume
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        parents=[HfArgumentParser((ClaraScriptArguments, ClaraTrainingArguments), add_help=False)],
+        help="train one CLaRa stage (pretrain, instruct, e2e) with the Hugging Face Trainer",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for action in parser._actions:
+        if action.dest == "output_dir":
+            action.required = True  # the trained model goes there; no silent `trainer_output`
+    parser.set_defaults(func=_run_train)
+
+
+def parse_train_args(argv: list[str]) -> tuple[ClaraScriptArguments, ClaraTrainingArguments]:
+    """The arguments of `clara train ARGV`, as dataclasses (to call [`train_clara`] with extra callbacks)."""
+    subparsers = argparse.ArgumentParser(prog="clara").add_subparsers()
+    register_cli(subparsers)
+    return _arguments_from_namespace(subparsers.choices["train"].parse_args(argv))
+
+
+def _arguments_from_namespace(namespace: argparse.Namespace) -> tuple[ClaraScriptArguments, ClaraTrainingArguments]:
+    values = vars(namespace)
+    script_args, args = (
+        cls(**{f.name: values[f.name] for f in fields(cls) if f.init and f.name in values})
+        for cls in (ClaraScriptArguments, ClaraTrainingArguments)
+    )
+    return script_args, args
+
+
+def _run_train(namespace: argparse.Namespace) -> int:
+    script_args, args = _arguments_from_namespace(namespace)
+    logging.set_verbosity(args.get_process_log_level())
+    result = train_clara(script_args, args)
+    if args.process_index == 0:
+        print(json.dumps(result, sort_keys=True))
+    return 0
+
+
+__all__ = [
+    "ClaraScriptArguments",
+    "ClaraTrainer",
+    "ClaraTrainingArguments",
+    "add_query_reasoner",
+    "is_clara_checkpoint",
+    "load_model_for_stage",
+    "parse_train_args",
+    "prepare_model_for_stage",
+    "train_clara",
+]
