@@ -1096,6 +1096,8 @@ class ClaraForRAG(ClaraPreTrainedModel):
         # Activate every adapter first: peft's set_adapter resets requires_grad, set_trainable_adapters decides it.
         model.decoder.set_adapter(model.adapter_names)
         model.set_trainable_adapters([n for n in TRAINABLE_ADAPTERS_BY_STAGE[config.training_stage] if n in model.adapter_names])
+        # What the user named, as transformers records it.
+        model.name_or_path = model.config._name_or_path = str(pretrained_model_name_or_path)
         return model.eval()
 
     def _load_apple_adapters(self, adapters: dict[str, dict[str, torch.Tensor]], load_all: bool) -> None:
