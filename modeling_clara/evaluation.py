@@ -1,0 +1,667 @@
+"""`clara eval` and `clara eval-retrieval`: answer quality and Recall@k of CLaRa and its baselines on one backbone.
+
+Data is CLaRa's end-to-end JSONL, one question per line: `question`, `docs` (its candidate passages), `pos_index`
+(the gold candidates), `gold_answer`, `answers` (all accepted answers). `--data` takes files or folders (a folder
+contributes every `*.jsonl` in this format; training files such as the SCP sample are skipped).
+
+Methods (`--method`), all on the same backbone:
+  clara            CLaRa reads k compressed candidates, ranked by its query reasoner (a model without one reads
+                   them in the given order).
+  closed_book      the plain backbone (adapters off), no documents: CLaRa's answer prompt without a Background.
+  text_rag_bm25    the plain backbone reads the top-k candidates by BM25 as text in the Background.
+  text_rag_minilm  the same, ranked by MiniLM (all-MiniLM-L6-v2).
+  text_oracle      the plain backbone reads the Oracle set (every gold passage, then the given order) as text.
+
+Settings (`--setting`): `normal` reads the first k of the method's ranking; `oracle` reads every gold passage
+plus the best-ranked others up to k, in ranking order. `closed_book` and `text_oracle` ignore the setting.
+
+Scores: EM, F1 and Cover-EM under Apple's protocol (first gold answer only: `apple_*`) and the maximum over all
+accepted answers (`em`, `f1`, `cover_em`); Recall@1/3/5 of the ranking used and `gold_read`, the share of gold
+passages among the k read. Predictions go to `<output-dir>/<data stem>/<run>.jsonl`, appended and flushed per
+batch: rerunning a command skips the examples already there (a run with other settings in the same file is an
+error). Each run also writes `<run>.summary.json` and `.summary.md`; `<output-dir>/summary.md` collects them all.
+"""
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers.utils import logging
+
+from .configuration_clara import TRAINING_STAGES
+from .metrics.clara_qa.clara_qa import recall_at_k, score_example
+from .modeling_clara import EMBEDDED_BACKBONE, SYSTEM_PROMPT_ANSWER, ClaraForRAG
+from .text_retrieval import load_text_retriever, oracle_candidates
+
+logger = logging.get_logger(__name__)
+
+METHODS = ("clara", "closed_book", "text_rag_bm25", "text_rag_minilm", "text_oracle")
+SETTINGS = ("normal", "oracle")
+RANKERS = ("clara", "bm25", "minilm", "given_order")
+RECALL_KS = (1, 3, 5)
+METRIC_KEYS = ("apple_em", "apple_f1", "apple_cover_em", "em", "f1", "cover_em")
+RANKING_KEYS = tuple(f"recall@{k}" for k in RECALL_KS) + ("gold_read",)
+# Apple's stage-2 evaluation generates 64 tokens (evaluation/evaluate.py, `_process_stage2`).
+DEFAULT_MAX_NEW_TOKENS = 64
+# Compressed documents kept in memory between settings and methods of one run (FIFO beyond this).
+COMPRESSION_CACHE_SIZE = 4096
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class EvalExample:
+    id: str
+    question: str
+    docs: list[str]
+    pos_index: list[int]
+    answers: list[str]
+
+
+def load_eval_data(path: str | os.PathLike, limit: int | None = None) -> list[EvalExample]:
+    """Read and validate an end-to-end JSONL file (the first `limit` examples).
+
+    Raises:
+        `ValueError` naming the file and line of the first malformed row, or a repeated `id` (resuming a run
+        matches examples by id).
+    """
+    examples, seen = [], {}
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if limit is not None and len(examples) >= limit:
+                break
+            if not line.strip():
+                continue
+            example = _parse_row(line, path, line_number)
+            if example.id in seen:
+                raise ValueError(f"{path}:{line_number}: id {example.id!r} repeats line {seen[example.id]}")
+            seen[example.id] = line_number
+            examples.append(example)
+    if not examples:
+        raise ValueError(f"{path} holds no examples")
+    return examples
+
+
+def _parse_row(line: str, path, line_number: int) -> EvalExample:
+    where = f"{path}:{line_number}"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: not valid JSON ({error})") from error
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    question, docs, pos_index = row.get("question"), row.get("docs"), row.get("pos_index", [])
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{where}: `question` must be a non-empty str, got {question!r:.80}")
+    if not isinstance(docs, list) or not docs or not all(isinstance(d, str) and d.strip() for d in docs):
+        raise ValueError(f"{where}: `docs` must be a non-empty list of non-empty str, got {docs!r:.80}")
+    if not isinstance(pos_index, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(docs) for i in pos_index
+    ):
+        raise ValueError(f"{where}: `pos_index` must list indices into `docs` (0..{len(docs) - 1}), got {pos_index!r}")
+    gold, answers = row.get("gold_answer"), row.get("answers")
+    if answers is None:
+        answers = [gold] if gold is not None else []
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+        raise ValueError(f"{where}: `answers` must be a non-empty list of non-empty str, got {answers!r:.80}")
+    if gold is not None:
+        if not isinstance(gold, str) or not gold.strip():
+            raise ValueError(f"{where}: `gold_answer` must be a non-empty str, got {gold!r:.80}")
+        answers = [gold] + [a for a in answers if a != gold]  # Apple's protocol scores against the first
+    example_id = row.get("id", f"line-{line_number}")
+    if not isinstance(example_id, (str, int)) or isinstance(example_id, bool):
+        raise ValueError(f"{where}: `id` must be a str or int, got {example_id!r:.80}")
+    return EvalExample(str(example_id), question, docs, sorted(set(pos_index)), answers)
+
+
+def is_eval_file(path: str | os.PathLike) -> bool:
+    """Whether the first row of a JSONL file looks like end-to-end evaluation data (str question, list of docs)."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    return False
+                return isinstance(row, dict) and isinstance(row.get("question"), str) and isinstance(row.get("docs"), list)
+    return False
+
+
+def expand_data_paths(paths: list[str]) -> list[Path]:
+    """Files as given; folders give their `*.jsonl` files in the evaluation format (others are skipped, logged)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            for candidate in sorted(path.glob("*.jsonl")):
+                if is_eval_file(candidate):
+                    files.append(candidate)
+                else:
+                    logger.info(f"skipping {candidate}: not end-to-end evaluation data")
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"no such data file or folder: {path}")
+    if not files:
+        raise ValueError(f"no evaluation files in {paths}")
+    return files
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Selecting and reading documents
+
+
+def select_documents(ranking: list[int], pos_index: list[int], setting: str, k: int) -> list[int]:
+    """The candidates read, in ranking order.
+
+    Normal: the first k of the ranking. Oracle: `oracle_candidates` (every gold passage, the k best-ranked if
+    there are more; then the best-ranked others), so gold passages are always read but keep their rank position.
+    """
+    if setting == "normal":
+        return list(ranking[:k])
+    if setting == "oracle":
+        position = {index: rank for rank, index in enumerate(ranking)}
+        chosen = oracle_candidates(len(ranking), pos_index, ranking, k)
+        return sorted(chosen, key=lambda i: position.get(i, len(ranking)))
+    raise ValueError(f"setting={setting!r} is not one of {SETTINGS}")
+
+
+def truncate_passage(tokenizer, text: str, max_tokens: int) -> str:
+    """The first `max_tokens` tokens of a passage: text RAG reads what CLaRa's compressor reads (doc_max_length)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
+
+
+def text_prompt(model: ClaraForRAG, question: str, passages: list[str]) -> str:
+    """CLaRa's answer prompt with the passages as text (one per line) in place of the memory-token slots.
+
+    No passages: closed book, the same system prompt and `Question:{question}` alone. The chat template (and its
+    system-role fallback) is the model's own, as for CLaRa's prompts.
+    """
+    user = f"Question:{question}"
+    if passages:
+        user = "Background:\n" + "\n".join(passages) + "\n\n" + user
+    return model.processor._apply_chat_template(SYSTEM_PROMPT_ANSWER, user, None)[0]
+
+
+@torch.no_grad()
+def generate_text(model: ClaraForRAG, prompts: list[str], max_new_tokens: int, **generate_kwargs) -> list[str]:
+    """Greedy answers of the bare backbone (every adapter disabled, re-enabled after) to text prompts."""
+    inputs = model.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(model.device)
+    model.decoder.disable_adapters()
+    try:
+        output = model.decoder.generate(
+            **inputs, max_new_tokens=max_new_tokens, **{"do_sample": False, **generate_kwargs}
+        )
+    finally:
+        model.decoder.enable_adapters()
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]
+    return [text.strip() for text in model.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def count_tokens(tokenizer, prompts: list[str]) -> list[int]:
+    return [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+
+
+class CompressedDocuments:
+    """`model.compress` with a cache by text, so settings and methods of one run compress each passage once."""
+
+    def __init__(self, model: ClaraForRAG, batch_size: int = 16, max_size: int = COMPRESSION_CACHE_SIZE):
+        self.model, self.batch_size, self.max_size = model, batch_size, max_size
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, docs: list[str]) -> torch.Tensor:
+        """`(len(docs), n_mem, hidden)`."""
+        missing = [d for d in dict.fromkeys(docs) if d not in self._cache]
+        if missing:
+            embeds = self.model.compress(missing, batch_size=self.batch_size, show_progress_bar=False)
+            self._cache.update(zip(missing, embeds))
+            for stale in list(self._cache)[: max(0, len(self._cache) - max(self.max_size, len(docs)))]:
+                del self._cache[stale]
+        return torch.stack([self._cache[d] for d in docs])
+
+
+class Ranker:
+    """Orders each question's candidates: `rank(batch) -> (rankings, scores or None)`, scores aligned with rankings."""
+
+    def __init__(self, name: str, model: ClaraForRAG | None = None, compressed: CompressedDocuments | None = None):
+        if name not in RANKERS:
+            raise ValueError(f"unknown ranker {name!r}; choose from {RANKERS}")
+        if name == "clara" and (model is None or not model.has_query_reasoner):
+            adapters = None if model is None else model.adapter_names
+            raise ValueError(f"ranking by CLaRa needs a model with a query reasoner (this one has {adapters})")
+        self.name, self.model = name, model
+        self.compressed = compressed or (CompressedDocuments(model) if name == "clara" else None)
+        self.text_retriever = load_text_retriever(name) if name in ("bm25", "minilm") else None
+
+    def rank(self, batch: list[EvalExample]) -> tuple[list[list[int]], list[list[float]] | None]:
+        if self.name == "given_order":
+            return [list(range(len(ex.docs))) for ex in batch], None
+        if self.text_retriever is not None:
+            return self.text_retriever.rank_batch([ex.question for ex in batch], [ex.docs for ex in batch]), None
+        candidates = [self.compressed(ex.docs) for ex in batch]
+        scores, indices = self.model.retrieve(
+            [ex.question for ex in batch], candidates, k=max(len(ex.docs) for ex in batch)
+        )
+        return [i.tolist() for i in indices], [[round(v, 6) for v in s.tolist()] for s in scores]
+
+
+@dataclass
+class MethodSpec:
+    ranker: str | None  # None: no documents; "clara": the query reasoner, or the given order without one
+    reads: str  # "compressed" | "text" | "nothing"
+    fixed_setting: str | None = None  # methods that ignore --setting
+
+
+METHOD_SPECS = {
+    "clara": MethodSpec("clara", "compressed"),
+    "closed_book": MethodSpec(None, "nothing", fixed_setting="none"),
+    "text_rag_bm25": MethodSpec("bm25", "text"),
+    "text_rag_minilm": MethodSpec("minilm", "text"),
+    "text_oracle": MethodSpec("given_order", "text", fixed_setting="oracle"),
+}
+
+
+class EvalMethod:
+    """One method of `METHODS` on a model: ranks, selects k, and answers a batch of examples."""
+
+    def __init__(self, name: str, model: ClaraForRAG, compressed: CompressedDocuments | None = None):
+        if name not in METHOD_SPECS:
+            raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
+        self.name, self.model, self.spec = name, model, METHOD_SPECS[name]
+        self.compressed = compressed or CompressedDocuments(model)
+        ranker = self.spec.ranker
+        if ranker == "clara" and not model.has_query_reasoner:
+            ranker = "given_order"
+        self.ranker = Ranker(ranker, model, self.compressed) if ranker else None
+
+    def setting(self, requested: str) -> str:
+        return self.spec.fixed_setting or requested
+
+    def config(self, setting: str, k: int, max_new_tokens: int, model_name: str) -> dict:
+        """What the predictions depend on; a resumed run must match it."""
+        config = self.model.config
+        fields = {"method": self.name, "setting": self.setting(setting), "max_new_tokens": max_new_tokens,
+                  "backbone": config.decoder_model_name, "ranking": self.ranker.name if self.ranker else None}
+        if self.spec.reads != "nothing":
+            fields.update(k=k, doc_max_length=config.doc_max_length)
+        if self.spec.reads == "compressed":
+            fields.update(model=model_name, compr_rate=config.compr_rate, training_stage=config.training_stage,
+                          adapters=sorted(self.model.adapter_names))
+        return fields
+
+    def run(self, batch: list[EvalExample], setting: str, k: int, max_new_tokens: int) -> list[dict]:
+        """Per example: prediction, ranking (and scores), the candidates read, and the prompt length in tokens."""
+        setting = self.setting(setting)
+        if self.ranker is None:
+            rankings, scores, selections = [None] * len(batch), None, [[] for _ in batch]
+        else:
+            rankings, scores = self.ranker.rank(batch)
+            selections = [select_documents(r, ex.pos_index, setting, k) for ex, r in zip(batch, rankings)]
+        questions = [ex.question for ex in batch]
+        if self.spec.reads == "compressed":
+            read = [[ex.docs[i] for i in s] for ex, s in zip(batch, selections)]
+            embeds = list(self.compressed([d for docs in read for d in docs]).split([len(d) for d in read]))
+            # k >= the documents given: `answer` reads them as given, in this order.
+            predictions = self.model.answer(questions, embeds, k=max(k, 1), max_new_tokens=max_new_tokens)
+            prompts = [self.model.processor.build_prompt(len(s), question=q)[0] for q, s in zip(questions, selections)]
+        else:
+            limit = self.model.config.doc_max_length
+            prompts = [
+                text_prompt(self.model, ex.question, [truncate_passage(self.model.tokenizer, ex.docs[i], limit) for i in s])
+                for ex, s in zip(batch, selections)
+            ]
+            predictions = generate_text(self.model, prompts, max_new_tokens)
+        prompt_tokens = count_tokens(self.model.tokenizer, prompts)
+        return [
+            {"prediction": p, "ranking": r, "scores": None if scores is None else scores[i], "selected": s,
+             "prompt_tokens": n}
+            for i, (p, r, s, n) in enumerate(zip(predictions, rankings, selections, prompt_tokens))
+        ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resumable runs and scoring
+
+
+def run_resumable(
+    examples: list[EvalExample], path: Path, config: dict, run_batch, batch_size: int, desc: str
+) -> list[dict]:
+    """Run `run_batch(batch) -> records` over the examples not yet in the JSONL at `path`; append and flush each batch.
+
+    `config` is stored next to the predictions (`<path>.config.json`); resuming with a different one raises.
+    Returns the records of all `examples`, in order.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config_path = path.with_suffix(".config.json")
+    if config_path.exists():
+        saved = json.loads(config_path.read_text())
+        if saved != config:
+            changed = sorted(key for key in saved.keys() | config.keys() if saved.get(key) != config.get(key))
+            raise ValueError(
+                f"{path} holds predictions of another run (differs in {changed}: {[saved.get(c) for c in changed]} "
+                f"vs {[config.get(c) for c in changed]}); use another --output-dir or delete it to start over"
+            )
+    else:
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+    done = read_records(path)
+    todo = [ex for ex in examples if ex.id not in done]
+    if len(todo) < len(examples):
+        logger.info(f"{path}: {len(examples) - len(todo)} of {len(examples)} examples already done, resuming")
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    with open(path, "a", encoding="utf-8") as out:
+        for batch in logging.tqdm(batches, desc=desc, unit="batch", disable=not batches):
+            start = time.perf_counter()
+            records = run_batch(batch)
+            seconds = (time.perf_counter() - start) / len(batch)
+            for example, record in zip(batch, records):
+                record = {"id": example.id, **record, "seconds": round(seconds, 4)}
+                done[example.id] = record
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
+    return [done[ex.id] for ex in examples]
+
+
+def read_records(path: Path) -> dict[str, dict]:
+    """Records by id; a last line cut by a kill mid-write is removed from the file (that example runs again)."""
+    done = {}
+    if not path.exists():
+        return done
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        complete = raw[: raw.rfind(b"\n") + 1]
+        logger.warning(f"{path}: dropping an incomplete last line (an interrupted write)")
+        path.write_bytes(complete)
+        raw = complete
+    for line_number, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number}: corrupt predictions line ({error})") from error
+            done[record["id"]] = record
+    return done
+
+
+def score_record(example: EvalExample, result: dict) -> dict:
+    """The question, answers and method output with the per-example metrics and ranking recalls."""
+    record = {"question": example.question, "answers": example.answers, "pos_index": example.pos_index, **result}
+    record.update(score_example(result["prediction"], example.answers))
+    if example.pos_index and result.get("ranking") is not None:
+        record.update({f"recall@{k}": recall_at_k(result["ranking"], example.pos_index, k) for k in RECALL_KS})
+        record["gold_read"] = recall_at_k(result["selected"], example.pos_index, max(len(result["selected"]), 1))
+    return record
+
+
+def summarize(records: list[dict], **fields) -> dict:
+    """Means over records, in percent (metrics and recalls), plus mean prompt tokens and seconds per example."""
+    summary = {**fields, "n": len(records)}
+    for key in METRIC_KEYS + RANKING_KEYS:
+        values = [r[key] for r in records if key in r]
+        if values:
+            summary[key] = round(100 * sum(values) / len(values), 2)
+    for key in ("prompt_tokens", "seconds"):
+        values = [r[key] for r in records if r.get(key) is not None]
+        if values:
+            summary[key] = round(sum(values) / len(values), 3)
+    return summary
+
+
+def run_name(method: str, setting: str, k: int) -> str:
+    return "closed_book" if setting == "none" else f"{method}-{setting}-k{k}"
+
+
+def evaluate_file(
+    model: ClaraForRAG,
+    data: str | os.PathLike,
+    method: str | EvalMethod = "clara",
+    setting: str = "normal",
+    k: int = 5,
+    limit: int | None = None,
+    batch_size: int = 4,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    output_dir: str | os.PathLike = "eval_results",
+    model_name: str | None = None,
+) -> dict:
+    """Evaluate one method on one file, resuming from earlier predictions. Returns the summary (also written).
+
+    Args:
+        method: A name of `METHODS`, or an [`EvalMethod`] (to share its compression cache between runs).
+        setting: `"normal"` or `"oracle"` (see the module docstring).
+        model_name: Recorded with CLaRa runs; defaults to the model's `name_or_path`.
+    """
+    if setting not in SETTINGS:
+        raise ValueError(f"setting={setting!r} is not one of {SETTINGS}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    runner = method if isinstance(method, EvalMethod) else EvalMethod(method, model)
+    setting = runner.setting(setting)
+    examples = load_eval_data(data, limit)
+    if setting == "oracle":
+        missing = [ex.id for ex in examples if not ex.pos_index]
+        if missing:
+            raise ValueError(f"{data}: the Oracle setting needs `pos_index`; empty for ids {missing[:5]}")
+    model_name = model_name or str(model.name_or_path)
+    name = run_name(runner.name, setting, k)
+    out_dir = Path(output_dir) / Path(data).stem
+    examples_by_id = {ex.id: ex for ex in examples}
+
+    def run_batch(batch):
+        results = runner.run(batch, setting, k, max_new_tokens)
+        return [score_record(examples_by_id[ex.id], r) for ex, r in zip(batch, results)]
+
+    config = {**runner.config(setting, k, max_new_tokens, model_name), "data": str(Path(data).resolve())}
+    records = run_resumable(examples, out_dir / f"{name}.jsonl", config, run_batch, batch_size, f"{name} {Path(data).stem}")
+    summary = summarize(
+        records, dataset=Path(data).stem, method=runner.name, setting=setting, k=k if setting != "none" else 0,
+        ranking=config["ranking"], compr_rate=model.config.compr_rate if runner.spec.reads == "compressed" else None,
+        model=model_name if runner.spec.reads == "compressed" else config["backbone"], max_new_tokens=max_new_tokens,
+        data=str(data),
+    )
+    (out_dir / f"{name}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / f"{name}.summary.md").write_text(markdown_table([summary]))
+    return summary
+
+
+def evaluate_retrieval(
+    data: str | os.PathLike,
+    ranker: str | Ranker,
+    model: ClaraForRAG | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    output_dir: str | os.PathLike = "eval_results",
+    model_name: str | None = None,
+) -> dict:
+    """Recall@1/3/5 of one ranker (`RANKERS`) over each question's candidates; resumable like `evaluate_file`."""
+    ranker = ranker if isinstance(ranker, Ranker) else Ranker(ranker, model)
+    examples = [ex for ex in load_eval_data(data, limit) if ex.pos_index]
+    config = {"ranker": ranker.name, "data": str(Path(data).resolve())}
+    if ranker.name == "clara":
+        config.update(model=model_name or str(ranker.model.name_or_path), compr_rate=ranker.model.config.compr_rate,
+                      doc_max_length=ranker.model.config.doc_max_length)
+
+    def run_batch(batch):
+        rankings, scores = ranker.rank(batch)
+        records = []
+        for i, (ex, ranking) in enumerate(zip(batch, rankings)):
+            record = {"ranking": ranking, "scores": None if scores is None else scores[i], "pos_index": ex.pos_index}
+            record.update({f"recall@{k}": recall_at_k(ranking, ex.pos_index, k) for k in RECALL_KS})
+            records.append(record)
+        return records
+
+    out_dir = Path(output_dir) / Path(data).stem
+    path = out_dir / f"retrieval-{ranker.name}.jsonl"
+    records = run_resumable(examples, path, config, run_batch, batch_size, f"retrieval-{ranker.name} {Path(data).stem}")
+    summary = summarize(
+        records, dataset=Path(data).stem, method="retrieval", ranking=ranker.name, compr_rate=config.get("compr_rate"),
+        model=config.get("model"), data=str(data),
+    )
+    summary.pop("gold_read", None)
+    (out_dir / f"retrieval-{ranker.name}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+TABLE_COLUMNS = (
+    ("dataset", "data"), ("method", "method"), ("setting", "setting"), ("ranking", "ranking"), ("k", "k"),
+    ("compr_rate", "CR"), ("n", "n"), ("apple_em", "EM"), ("apple_f1", "F1"), ("apple_cover_em", "CEM"),
+    ("em", "EM (max)"), ("f1", "F1 (max)"), ("cover_em", "CEM (max)"), ("recall@1", "R@1"), ("recall@3", "R@3"),
+    ("recall@5", "R@5"), ("gold_read", "gold read"), ("prompt_tokens", "prompt tokens"), ("seconds", "s/example"),
+)
+
+
+def markdown_table(summaries: list[dict], columns=TABLE_COLUMNS) -> str:
+    """Summaries as a markdown table; metrics in percent, columns absent from every summary dropped."""
+    columns = [(key, title) for key, title in columns if any(s.get(key) is not None for s in summaries)]
+    lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
+    for s in summaries:
+        cells = [s.get(key) for key, _ in columns]
+        lines.append("| " + " | ".join(_format_cell(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _format_cell(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.1f}" if abs(value) >= 1 or value == 0 else f"{value:.2f}"
+    return str(value)
+
+
+def collect_summaries(output_dir: str | os.PathLike) -> list[dict]:
+    """Every `*.summary.json` under a folder, sorted by dataset, method, setting, compression rate."""
+    summaries = [json.loads(p.read_text()) for p in sorted(Path(output_dir).rglob("*.summary.json"))]
+    order = {m: i for i, m in enumerate(METHODS + ("retrieval",))}
+    return sorted(
+        summaries,
+        key=lambda s: (s["dataset"], order.get(s["method"], 99), s.get("setting") or "", s.get("ranking") or "",
+                       s.get("compr_rate") or 0),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def load_model_for_eval(
+    name: str,
+    compr_rate: int = 16,
+    doc_max_length: int = 256,
+    training_stage: str = "stage1_2",
+    seed: int = 0,
+    device: str | None = None,
+) -> ClaraForRAG:
+    """`"embedded"`: a fresh CLaRa on the embedded backbone (untrained; `seed` fixes its new token rows); else a
+    saved CLaRa (folder or Hub id, ours or Apple's) loaded with `from_pretrained`."""
+    if name == EMBEDDED_BACKBONE:
+        torch.manual_seed(seed)
+        model = ClaraForRAG.from_backbone(
+            EMBEDDED_BACKBONE, compr_rate=compr_rate, doc_max_length=doc_max_length, training_stage=training_stage
+        )
+    else:
+        model = ClaraForRAG.from_pretrained(name)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval()
+
+
+def default_output_dir(model: ClaraForRAG, name: str) -> str:
+    tag = f"embedded-cr{model.config.compr_rate}" if name == EMBEDDED_BACKBONE else Path(name.rstrip("/")).name
+    return str(Path("eval_results") / tag)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--model", required=required, help="'embedded' (a fresh, untrained CLaRa on the embedded "
+                        "backbone) or a saved CLaRa: folder or Hub id, ours or Apple's")
+    parser.add_argument("--data", required=True, nargs="+", help="end-to-end JSONL files or folders of them")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N examples of each file")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--output-dir", default=None, help="default: eval_results/<model name>")
+    group = parser.add_argument_group("--model embedded only")
+    group.add_argument("--compr-rate", type=int, default=16)
+    group.add_argument("--doc-max-length", type=int, default=256)
+    group.add_argument("--training-stage", default="stage1_2", choices=TRAINING_STAGES,
+                       help="decides the adapters; stage2 adds a (fresh) query reasoner")
+    group.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="answer quality of CLaRa and its baselines (EM / F1 / Cover-EM, Recall@k)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_arguments(parser)
+    parser.add_argument("--method", nargs="+", default=["clara"], choices=METHODS)
+    parser.add_argument("--setting", nargs="+", default=["normal"], choices=SETTINGS)
+    parser.add_argument("--top-k", type=int, default=5, help="documents read per question")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.set_defaults(func=_run_eval)
+
+    retrieval = subparsers.add_parser(
+        "eval-retrieval", help="Recall@1/3/5 of CLaRa's query reasoner, MiniLM and BM25 on the same candidates",
+        description="Rank each question's candidates with each ranker and report Recall@1/3/5 against `pos_index`. "
+        "Rankers: clara (the query reasoner; needs a model that has one, e.g. --training-stage stage2 for "
+        "'embedded'), bm25, minilm, given_order (the file's order; the data files are shuffled, so it is chance).",
+    )
+    _add_model_arguments(retrieval, required=False)
+    retrieval.add_argument("--ranker", nargs="+", default=list(RANKERS), choices=RANKERS)
+    retrieval.set_defaults(func=_run_eval_retrieval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    files = expand_data_paths(args.data)
+    model = load_model_for_eval(
+        args.model, args.compr_rate, args.doc_max_length, args.training_stage, args.seed, args.device
+    )
+    output_dir = args.output_dir or default_output_dir(model, args.model)
+    compressed = CompressedDocuments(model)
+    methods = [EvalMethod(name, model, compressed) for name in dict.fromkeys(args.method)]
+    summaries, done = [], set()
+    for data in files:
+        for method in methods:
+            for setting in dict.fromkeys(args.setting):
+                if (data, method.name, method.setting(setting)) in done:  # closed_book / text_oracle: once
+                    continue
+                done.add((data, method.name, method.setting(setting)))
+                summaries.append(evaluate_file(
+                    model, data, method, setting, args.top_k, args.limit, args.batch_size, args.max_new_tokens,
+                    output_dir, model_name=args.model,
+                ))
+    (Path(output_dir) / "summary.md").write_text(markdown_table(collect_summaries(output_dir)))
+    print(markdown_table(summaries))
+    return 0
+
+
+def _run_eval_retrieval(args: argparse.Namespace) -> int:
+    files = expand_data_paths(args.data)
+    model = None
+    if "clara" in args.ranker:
+        if args.model is None:
+            raise SystemExit("--ranker clara needs --model")
+        model = load_model_for_eval(
+            args.model, args.compr_rate, args.doc_max_length, args.training_stage, args.seed, args.device
+        )
+    output_dir = args.output_dir or (default_output_dir(model, args.model) if model else "eval_results/retrieval")
+    rankers = [Ranker(name, model) for name in dict.fromkeys(args.ranker)]
+    summaries = [
+        evaluate_retrieval(data, ranker, model, args.limit, args.batch_size, output_dir, model_name=args.model)
+        for data in files
+        for ranker in rankers
+    ]
+    print(markdown_table(summaries))
+    return 0
+
+
+__all__ = [
+    "EvalExample", "EvalMethod", "Ranker", "CompressedDocuments", "evaluate_file", "evaluate_retrieval",
+    "load_eval_data", "select_documents", "text_prompt", "generate_text", "markdown_table", "collect_summaries",
+    "METHODS", "SETTINGS", "RANKERS",
+]

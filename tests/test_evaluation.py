@@ -1,0 +1,364 @@
+"""`clara eval`: data validation, document selection (Oracle), metrics and recall in summaries, resuming, CLI runs."""
+
+import json
+
+import evaluate
+import pytest
+
+import modeling_clara.evaluation as evaluation
+from conftest import DATA_DIR
+from modeling_clara.cli import main
+from modeling_clara.evaluation import (
+    EvalMethod,
+    evaluate_file,
+    expand_data_paths,
+    generate_text,
+    load_eval_data,
+    select_documents,
+    text_prompt,
+    truncate_passage,
+)
+from modeling_clara.metrics import CLARA_QA_METRIC_PATH
+from modeling_clara.metrics.clara_qa.clara_qa import recall_at_k
+from modeling_clara.modeling_clara import SYSTEM_PROMPT_ANSWER
+
+ROWS = [
+    {"id": "q1", "question": "Which river flows through Paris?", "gold_answer": "the Seine", "answers": ["the Seine", "Seine River"],
+     "pos_index": [2], "docs": ["Kilimanjaro is in Tanzania.", "The Loire is long.", "The Seine flows through Paris.",
+                                "Photosynthesis needs light."]},
+    {"id": "q2", "question": "Where is Kilimanjaro?", "gold_answer": "Tanzania", "answers": ["Tanzania"], "pos_index": [0, 3],
+     "docs": ["Kilimanjaro is a volcano.", "Paris is in France.", "Rivers flow to the sea.", "It stands in Tanzania."]},
+    {"id": "q3", "question": "Is the Loire longer than the Seine?", "gold_answer": "yes", "answers": ["yes"], "pos_index": [1],
+     "docs": ["The Seine is 777 km long.", "The Loire is 1006 km long.", "Paris has many bridges."]},
+    {"id": "q4", "question": "What do plants need for photosynthesis?", "gold_answer": "light", "answers": ["light", "sunlight"],
+     "pos_index": [1], "docs": ["Plants are green.", "Photosynthesis needs light and water.", "Animals eat plants."]},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    return write_jsonl(tmp_path / "tiny_dev.jsonl", ROWS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+@pytest.mark.parametrize(
+    "broken, message",
+    [
+        ({"question": ""}, "`question` must be a non-empty str"),
+        ({"docs": []}, "`docs` must be a non-empty list"),
+        ({"docs": ["ok", "  "]}, "`docs` must be a non-empty list of non-empty str"),
+        ({"pos_index": [9]}, r"`pos_index` must list indices into `docs` \(0..3\)"),
+        ({"pos_index": "2"}, "`pos_index` must list indices"),
+        ({"answers": [], "gold_answer": None}, "`answers` must be a non-empty list"),
+        ({"gold_answer": 3}, "`gold_answer` must be a non-empty str"),
+    ],
+)
+def test_malformed_rows_name_file_and_line(tmp_path, broken, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", [ROWS[1], {**ROWS[0], **broken}])
+    with pytest.raises(ValueError, match=rf"bad.jsonl:2: {message}"):
+        load_eval_data(path)
+
+
+def test_invalid_json_and_repeated_ids_are_errors(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n\n{not json\n")
+    with pytest.raises(ValueError, match="bad.jsonl:3: not valid JSON"):
+        load_eval_data(path)
+    write_jsonl(path, [ROWS[0], ROWS[1], ROWS[0]])
+    with pytest.raises(ValueError, match="bad.jsonl:3: id 'q1' repeats line 1"):
+        load_eval_data(path)
+
+
+def test_gold_answer_comes_first_and_limit_stops_reading(tmp_path, data_file):
+    examples = load_eval_data(data_file, limit=2)
+    assert [ex.id for ex in examples] == ["q1", "q2"]
+    assert examples[0].answers == ["the Seine", "Seine River"]  # Apple's protocol scores against the first
+    assert load_eval_data(write_jsonl(tmp_path / "alias_first.jsonl", [{**ROWS[0], "answers": ["Seine River", "the Seine"]}]))[
+        0
+    ].answers == ["the Seine", "Seine River"]
+    # rows past the limit are not read (a bad row there is no error)
+    path = tmp_path / "partly_bad.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n{broken\n")
+    assert len(load_eval_data(path, limit=1)) == 1
+
+
+def test_folders_give_only_evaluation_files(tmp_path, data_file):
+    write_jsonl(tmp_path / "pretrain.jsonl", [{"data_type": "qa", "question": ["q?"], "answers": ["a"], "docs": ["d"]}])
+    assert expand_data_paths([str(tmp_path)]) == [data_file]
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        expand_data_paths([str(tmp_path / "missing.jsonl")])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Selection: Normal and Oracle
+
+
+def test_normal_reads_the_top_k_of_the_ranking():
+    assert select_documents([4, 0, 3, 1, 2], pos_index=[2], setting="normal", k=3) == [4, 0, 3]
+
+
+@pytest.mark.parametrize(
+    "ranking, pos_index, k, expected",
+    [
+        ([4, 0, 3, 1, 2], [2], 3, [4, 0, 2]),  # the worst-ranked gold replaces the last place, keeps rank order
+        ([4, 0, 3, 1, 2], [0], 3, [4, 0, 3]),  # already among the k: the same as Normal
+        ([4, 0, 3, 1, 2], [2, 1, 3], 2, [3, 1]),  # more gold than k: the best-ranked gold
+        ([0, 1, 2], [1, 2], 5, [0, 1, 2]),  # fewer candidates than k
+    ],
+)
+def test_oracle_reads_every_gold_passage_in_ranking_order(ranking, pos_index, k, expected):
+    selected = select_documents(ranking, pos_index, "oracle", k)
+    assert selected == expected
+    assert len(selected) == min(k, len(ranking))
+    assert set(pos_index) <= set(selected) or len(pos_index) > k
+
+
+def test_oracle_clara_run_reads_all_gold_documents(tiny_clara, data_file, tmp_path):
+    summary = evaluate_file(tiny_clara, data_file, "clara", "oracle", k=2, max_new_tokens=3, output_dir=tmp_path / "out")
+    records = [json.loads(line) for line in (tmp_path / "out/tiny_dev/clara-oracle-k2.jsonl").read_text().splitlines()]
+    assert summary["ranking"] == "clara" and summary["gold_read"] == 100.0
+    for record in records:
+        assert set(record["pos_index"]) <= set(record["selected"]) and len(record["selected"]) == 2
+        # the query reasoner's ranking, with its cosine scores in descending order
+        assert sorted(record["ranking"]) == list(range(len(record["ranking"])))
+        assert record["scores"] == sorted(record["scores"], reverse=True)
+
+
+def test_clara_without_query_reasoner_reads_the_given_order(tiny_llama_dir, data_file, tmp_path):
+    from conftest import make_tiny_clara
+
+    model = make_tiny_clara(tiny_llama_dir, training_stage="stage1_2")
+    assert not model.has_query_reasoner
+    summary = evaluate_file(model, data_file, "clara", "normal", k=2, max_new_tokens=3, output_dir=tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "tiny_dev/clara-normal-k2.jsonl").read_text().splitlines()]
+    assert summary["ranking"] == "given_order"
+    assert [r["selected"] for r in records] == [[0, 1]] * len(ROWS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts and the plain backbone
+
+
+def test_closed_book_and_text_prompts(tiny_clara):
+    closed = text_prompt(tiny_clara, "Who wrote Hamlet?", [])
+    assert SYSTEM_PROMPT_ANSWER in closed and "Question:Who wrote Hamlet?" in closed and "Background" not in closed
+    rag = text_prompt(tiny_clara, "Who wrote Hamlet?", ["Hamlet: a play.", "Shakespeare: a writer."])
+    assert "Background:\nHamlet: a play.\nShakespeare: a writer.\n\nQuestion:Who wrote Hamlet?" in rag
+    assert "<MEM0>" not in rag
+
+
+def test_text_passages_are_cut_where_the_compressor_stops(tiny_clara):
+    limit = tiny_clara.config.doc_max_length
+    long_passage = " ".join(f"word{i}" for i in range(200))
+    cut = truncate_passage(tiny_clara.tokenizer, long_passage, limit)
+    assert len(tiny_clara.tokenizer(cut, add_special_tokens=False)["input_ids"]) <= limit + 1
+    assert long_passage.startswith(cut.strip()) and truncate_passage(tiny_clara.tokenizer, "short one", limit) == "short one"
+
+
+def test_plain_backbone_generation_leaves_the_adapters_on(tiny_clara):
+    embeds = tiny_clara.compress(["Paris is the capital of France.", "The Seine flows through Paris."])
+    before = tiny_clara.answer("Which river?", embeds, max_new_tokens=4)
+    plain = generate_text(tiny_clara, [text_prompt(tiny_clara, "Which river?", [])], max_new_tokens=4)
+    assert isinstance(plain[0], str)
+    assert tiny_clara.answer("Which river?", embeds, max_new_tokens=4) == before
+    assert not any(getattr(m, "disable_adapters", False) for m in tiny_clara.decoder.modules() if hasattr(m, "lora_A"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics and recall in summaries; resuming
+
+
+PREDICTIONS = {  # question -> canned answer of the "model"
+    ROWS[0]["question"]: "Seine River",  # EM only against the alias (max protocol); Cover-EM against "the Seine"
+    ROWS[1]["question"]: "in Tanzania, Africa",  # Cover-EM, partial F1
+    ROWS[2]["question"]: "True",  # Apple maps True -> yes
+    ROWS[3]["question"]: "sunlight and water",  # F1 against the alias only
+}
+
+
+@pytest.fixture
+def canned_generation(monkeypatch):
+    """Replace backbone generation with `PREDICTIONS`, counting the questions generated for."""
+    calls = []
+
+    def fake_generate_text(model, prompts, max_new_tokens, **kwargs):
+        answers = [next(a for q, a in PREDICTIONS.items() if f"Question:{q}" in p) for p in prompts]
+        calls.extend(answers)
+        return answers
+
+    monkeypatch.setattr(evaluation, "generate_text", fake_generate_text)
+    return calls
+
+
+@pytest.fixture
+def counted_generation(monkeypatch):
+    """The real backbone generation, recording the prompts it answers."""
+    calls, generate = [], evaluation.generate_text
+
+    def counting_generate_text(model, prompts, max_new_tokens, **kwargs):
+        calls.extend(prompts)
+        return generate(model, prompts, max_new_tokens, **kwargs)
+
+    monkeypatch.setattr(evaluation, "generate_text", counting_generate_text)
+    return calls
+
+
+def test_summary_equals_the_evaluate_metric_and_recall_at_k(tiny_clara, data_file, tmp_path, canned_generation):
+    summary = evaluate_file(tiny_clara, data_file, "text_rag_bm25", "normal", k=2, output_dir=tmp_path)
+
+    expected = evaluate.load(CLARA_QA_METRIC_PATH).compute(
+        predictions=[PREDICTIONS[r["question"]] for r in ROWS],
+        references=[[r["gold_answer"]] + [a for a in r["answers"] if a != r["gold_answer"]] for r in ROWS],
+    )
+    for key, value in expected.items():
+        assert summary[key] == pytest.approx(100 * value, abs=0.01), key
+    assert summary["apple_em"] < summary["em"] and 0 < summary["apple_f1"] < 100  # the protocols differ here
+
+    records = [json.loads(line) for line in (tmp_path / "tiny_dev/text_rag_bm25-normal-k2.jsonl").read_text().splitlines()]
+    for k in (1, 3, 5):
+        mean = sum(recall_at_k(r["ranking"], r["pos_index"], k) for r in records) / len(records)
+        assert summary[f"recall@{k}"] == pytest.approx(100 * mean, abs=0.01)
+    assert records[0]["ranking"][0] == 2  # BM25 puts "The Seine flows through Paris." first
+    assert summary["n"] == len(ROWS) and summary["prompt_tokens"] > 0
+
+
+def test_rerun_skips_examples_already_predicted(tiny_clara, data_file, tmp_path, counted_generation):
+    canned_generation = counted_generation
+    run = dict(model=tiny_clara, data=data_file, method="closed_book", setting="normal", k=2, output_dir=tmp_path)
+    predictions = tmp_path / "tiny_dev/closed_book.jsonl"
+    evaluate_file(**run, limit=2)
+    first_lines = predictions.read_text().splitlines()
+    assert len(canned_generation) == 2 and len(first_lines) == 2
+
+    summary = evaluate_file(**run)  # the whole file now: only q3 and q4 are new
+    assert len(canned_generation) == 4 and summary["n"] == 4
+    assert predictions.read_text().splitlines()[:2] == first_lines
+
+    evaluate_file(**run)  # nothing left to do
+    assert len(canned_generation) == 4 and len(predictions.read_text().splitlines()) == 4
+
+    # A kill in the middle of a write leaves half a line: it is dropped and that example runs again.
+    predictions.write_text(predictions.read_text()[:-20])
+    summary = evaluate_file(**run)
+    assert len(canned_generation) == 5 and summary["n"] == 4
+    assert [json.loads(line)["id"] for line in predictions.read_text().splitlines()] == ["q1", "q2", "q3", "q4"]
+
+
+def test_resuming_with_other_settings_is_an_error(tiny_clara, data_file, tmp_path, canned_generation):
+    evaluate_file(tiny_clara, data_file, "closed_book", max_new_tokens=8, output_dir=tmp_path, limit=1)
+    with pytest.raises(ValueError, match=r"holds predictions of another run \(differs in \['max_new_tokens'\]"):
+        evaluate_file(tiny_clara, data_file, "closed_book", max_new_tokens=16, output_dir=tmp_path, limit=1)
+
+
+def test_shared_compression_cache_compresses_each_passage_once(tiny_clara, data_file, tmp_path, monkeypatch):
+    compressed = []
+    original = tiny_clara.compress
+    monkeypatch.setattr(tiny_clara, "compress", lambda docs, **kw: compressed.extend(docs) or original(docs, **kw))
+    method = EvalMethod("clara", tiny_clara)
+    for setting in ("normal", "oracle"):
+        evaluate_file(tiny_clara, data_file, method, setting, k=2, max_new_tokens=2, output_dir=tmp_path)
+    assert sorted(compressed) == sorted({d for r in ROWS for d in r["docs"]})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+@pytest.fixture
+def saved_tiny_clara(tiny_clara, tmp_path):
+    tiny_clara.save_pretrained(tmp_path / "tiny_clara")
+    return str(tmp_path / "tiny_clara")
+
+
+def test_cli_eval_end_to_end(saved_tiny_clara, data_file, tmp_path, capsys):
+    data = [str(data_file)]
+    if (DATA_DIR / "hotpotqa_dev.jsonl").exists():
+        data.append(str(DATA_DIR / "hotpotqa_dev.jsonl"))
+    out = tmp_path / "results"
+    argv = ["eval", "--model", saved_tiny_clara, "--data", *data, "--limit", "3", "--top-k", "2", "--max-new-tokens",
+            "3", "--batch-size", "2", "--output-dir", str(out), "--setting", "normal", "oracle", "--method", "clara",
+            "closed_book", "text_rag_bm25", "text_rag_minilm", "text_oracle"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    # 3 methods x 2 settings + closed_book + text_oracle, per file
+    assert table.count("| tiny_dev |") == 8 and "| closed_book | none |" in table
+    runs = sorted(p.name for p in (out / "tiny_dev").glob("*.jsonl"))
+    assert runs == ["clara-normal-k2.jsonl", "clara-oracle-k2.jsonl", "closed_book.jsonl", "text_oracle-oracle-k2.jsonl",
+                    "text_rag_bm25-normal-k2.jsonl", "text_rag_bm25-oracle-k2.jsonl", "text_rag_minilm-normal-k2.jsonl",
+                    "text_rag_minilm-oracle-k2.jsonl"]
+    for path in (out / "tiny_dev").glob("*.jsonl"):
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [r["id"] for r in records] == ["q1", "q2", "q3"]
+        assert all({"prediction", "selected", "apple_f1", "f1", "cover_em"} <= r.keys() for r in records)
+    assert "| EM | F1 | CEM | EM (max) | F1 (max) | CEM (max) | R@1 | R@3 | R@5 |" in (out / "summary.md").read_text()
+
+    assert main(argv) == 0  # a rerun only re-reads the predictions
+    assert capsys.readouterr().out == table
+
+
+def test_cli_eval_retrieval(saved_tiny_clara, data_file, tmp_path, capsys):
+    argv = ["eval-retrieval", "--model", saved_tiny_clara, "--data", str(data_file), "--output-dir", str(tmp_path),
+            "--ranker", "clara", "bm25", "given_order"]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "| R@1 | R@3 | R@5 |" in table
+    summaries = {s["ranking"]: s for s in (json.loads(p.read_text()) for p in tmp_path.glob("tiny_dev/*.summary.json"))}
+    assert summaries.keys() == {"clara", "bm25", "given_order"}
+    assert all(s["n"] == len(ROWS) and s["recall@5"] == 100.0 for s in summaries.values())  # <= 4 candidates
+    with pytest.raises(SystemExit, match="--ranker clara needs --model"):
+        main(["eval-retrieval", "--data", str(data_file), "--ranker", "clara"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Benchmark and plots (the scripts under benchmarks/)
+
+
+def load_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_efficiency_benchmark_and_plots(tiny_llama_dir, data_file, tmp_path, capsys):
+    efficiency = tmp_path / "efficiency.json"
+    summaries = load_script("bench_efficiency").main(
+        ["--backbone", str(tiny_llama_dir), "--data", str(data_file), "--n-questions", "2", "--k", "2",
+         "--compr-rates", "4", "16", "--doc-max-length", "32", "--max-new-tokens", "3", "--output", str(efficiency)]
+    )
+    assert list(summaries) == ["text", "clara-4", "clara-16"]
+    # k * (n_mem + <SEP>) memory slots: 2 * (8 + 1) at CR 4, 2 * (2 + 1) at CR 16; text reads the passages
+    assert summaries["clara-4"]["context_tokens_median"] - summaries["clara-16"]["context_tokens_median"] == 12
+    assert summaries["clara-16"]["compress_s_median"] > 0 and summaries["text"]["compress_s_median"] == 0
+    assert "| CLaRa | 16 |" in capsys.readouterr().out
+
+    results = tmp_path / "results"
+    for rate, f1 in ((4, 20.0), (16, 10.0)):
+        for dataset in ("a_dev", "b_dev"):
+            for setting in ("normal", "oracle"):
+                run = results / f"cr{rate}" / dataset / f"clara-{setting}-k5.summary.json"
+                run.parent.mkdir(parents=True, exist_ok=True)
+                run.write_text(json.dumps({"dataset": dataset, "method": "clara", "setting": setting, "k": 5, "n": 3,
+                                           "compr_rate": rate, "ranking": "clara", "model": f"m{rate}", "apple_f1": f1,
+                                           "apple_em": 0.0, "apple_cover_em": f1, "f1": f1, "em": 0.0, "cover_em": f1,
+                                           "recall@1": 10.0, "recall@3": 20.0, "recall@5": 30.0}))
+    figures, tables = tmp_path / "figures", tmp_path / "tables.md"
+    load_script("plot_results").main(["--results", str(results), "--efficiency", str(efficiency), "--out", str(figures),
+                                      "--tables", str(tables)])
+    for png in ("f1_vs_compression.png", "latency_vs_compression.png"):
+        assert (figures / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = tables.read_text()
+    assert "| CLaRa | normal | 4 | clara | 3/3 | 20.0 / 0.0 / 20.0 | 20.0 / 0.0 / 20.0 | 20.0 / 0.0 / 20.0 |" in text
+    assert "| CLaRa query reasoner | 16 | 10.0 / 20.0 / 30.0 | 10.0 / 20.0 / 30.0 |" in text
