@@ -11,7 +11,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["modeling_clara", "modeling_clara.*", "configuration_clara"]),
-    package_data={"modeling_clara": ["metrics/*/*.py", "metrics/*/*.md"]},
+    package_data={"modeling_clara": ["metrics/*/*.py", "metrics/*/*.md", "shipped/*.jsonl", "shipped/*/*"]},
     install_requires=[
         "torch>=2.4",
         # Tested with 4.56.2, the version Apple's reference outputs were recorded with (tests/test_conformance.py).

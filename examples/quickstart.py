@@ -1,48 +1,61 @@
-"""Main job: compress passages with CLaRa on the embedded backbone, retrieve for questions, answer from memory tokens.
+"""Main job: load the shipped CLaRa, index a small bundled corpus, retrieve in latent space and answer.
 
-    python examples/quickstart.py [--model embedded|<saved CLaRa folder>]
+    python examples/quickstart.py                         # the shipped CLaRa (trained on the embedded backbone)
+    python examples/quickstart.py --question "..."        # your own questions
+    python examples/quickstart.py --model <saved CLaRa>   # any CLaRa with a query reasoner (stage 3 / E2E)
 
-`embedded` builds a fresh CLaRa on SmolLM2-135M-Instruct (untrained adapters: retrieval and answers are not
-meaningful until the model is trained with `clara train`); a saved folder loads a trained one.
+Everything runs offline on a CPU. The index over the bundled corpus (Wikipedia passages held out from the shipped
+model's training, see model_cards/clara-smollm2-135m.md) is built once and cached in ~/.cache/clara/; it is
+rebuilt when the model's compressor changes.
 """
 
 import argparse
+import hashlib
+import os
 
-import torch
+from transformers.utils import logging
 
-from modeling_clara import ClaraForRAG
+from modeling_clara import ClaraForRAG, ClaraIndex
+from modeling_clara.modeling_clara import SHIPPED_CORPUS_FILE
 
-PASSAGES = [
-    "The Seine is a 777-kilometre-long river in northern France. It flows through Paris into the English Channel.",
-    "Mount Kilimanjaro in Tanzania is the highest mountain in Africa, rising 5,895 metres above sea level.",
-    "The Great Barrier Reef, off the coast of Queensland, Australia, is the world's largest coral reef system.",
-    "Marie Curie was the first woman to win a Nobel Prize and the only person to win Nobel Prizes in two sciences.",
-    "The Amazon rainforest covers much of the Amazon basin of South America, mostly in Brazil.",
+logger = logging.get_logger(__name__)
+
+# Questions about passages of the bundled corpus (none of them was seen in training).
+QUESTIONS = [
+    "Where was the live album 'In Concert' by America recorded?",
+    "What was the name of the industrial railway known as Oketo Forest Railway?",
 ]
-QUESTIONS = ["Which river flows through Paris?", "What is the highest mountain in Africa?"]
+
+
+def cached_index(model: ClaraForRAG, corpus: str) -> ClaraIndex:
+    """The index of `corpus` for this model: loaded from the cache, or built and cached."""
+    with open(corpus, "rb") as f:
+        key = hashlib.sha256(f.read() + str(model.name_or_path).encode()).hexdigest()[:16]
+    folder = os.path.join(os.path.expanduser("~/.cache/clara"), f"index-{key}")
+    try:
+        return ClaraIndex.load(folder, model=model)
+    except (FileNotFoundError, ValueError) as error:
+        logger.warning(f"building the index of {corpus} ({error})")
+    return ClaraIndex.build(model, corpus, output_dir=folder)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded")
-    parser.add_argument("--k", type=int, default=2, help="passages read per question")
+    parser.add_argument("--model", default="shipped")
+    parser.add_argument("--corpus", default=SHIPPED_CORPUS_FILE, help="JSONL with `id` and `text` per line")
+    parser.add_argument("--question", action="append", help="ask this (repeatable); default: two demo questions")
+    parser.add_argument("-k", type=int, default=None, help="passages read per question (default: generation_top_k)")
     args = parser.parse_args()
 
-    torch.manual_seed(0)
-    if args.model == "embedded":
-        model = ClaraForRAG.from_backbone("embedded", compr_rate=16, doc_max_length=256, training_stage="stage2")
-    else:
-        model = ClaraForRAG.from_pretrained(args.model)
-
-    doc_embeds = model.compress(PASSAGES)
-    print(f"compressed {len(PASSAGES)} passages into {tuple(doc_embeds.shape)} memory-token embeddings")
-    results = model.answer(QUESTIONS, [doc_embeds] * len(QUESTIONS), k=args.k, return_dict=True, max_new_tokens=32)
-    for question, result in zip(QUESTIONS, results):
+    model = ClaraForRAG.from_pretrained(args.model)
+    index = cached_index(model, args.corpus)
+    print(f"{args.model}: {len(index)} passages, each compressed into {model.n_mem_tokens} memory tokens")
+    for question in args.question or QUESTIONS:
+        out = model.answer(question, index=index, k=args.k, return_dict=True, max_new_tokens=32)
         print(f"\nQ: {question}")
-        for rank, (index, score) in enumerate(zip(result["doc_indices"], result["scores"] or [None] * args.k)):
-            shown = f"{score:.3f}" if score is not None else "-"
-            print(f"  [{rank + 1}] score {shown}: {PASSAGES[index]}")
-        print(f"A: {result['answer']}")
+        for rank, (doc_id, score, text) in enumerate(zip(out["doc_indices"], out["scores"], index.texts(out["doc_indices"])), 1):
+            print(f"  [{rank}] {doc_id} (cosine {score:.3f}): {text[:150]}{'...' if len(text) > 150 else ''}")
+        print(f"A: {out['answer']}")
 
 
 if __name__ == "__main__":

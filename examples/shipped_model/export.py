@@ -1,0 +1,49 @@
+"""Export the stage-3 run as the shipped model: the package's format with weights stored in fp16, plus the corpus.
+
+LoRA weights and the added-token rows are stored in fp16 (half the bytes; loading casts them back to the backbone's
+dtype); the bundled corpus is the held-out documents of prepare_data.py, none of which the model trained on.
+
+    python examples/shipped_model/export.py --run runs/shipped/stage3 --data runs/shipped/data
+"""
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from modeling_clara import ClaraForRAG
+from modeling_clara.modeling_clara import SHIPPED_CORPUS_FILE, SHIPPED_MODEL_DIR, WEIGHTS_FILE
+
+
+def store_in_fp16(weights_file: Path) -> None:
+    with safe_open(str(weights_file), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {key: f.get_tensor(key).half() for key in f.keys()}
+    save_file(tensors, str(weights_file), metadata=metadata)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, default=Path("runs/shipped/stage3"))
+    parser.add_argument("--data", type=Path, default=Path("runs/shipped/data"))
+    parser.add_argument("--out", type=Path, default=Path(SHIPPED_MODEL_DIR))
+    args = parser.parse_args()
+
+    model = ClaraForRAG.from_pretrained(str(args.run))
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    model.save_pretrained(args.out)
+    store_in_fp16(args.out / WEIGHTS_FILE)
+    corpus = [json.loads(line) for line in open(args.data / "corpus.jsonl", encoding="utf-8")]
+    with open(SHIPPED_CORPUS_FILE, "w", encoding="utf-8") as out:
+        for row in corpus:
+            out.write(json.dumps({"id": row["id"], "text": row["text"]}, ensure_ascii=False) + "\n")
+    size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
+    print(f"{args.out}: {size / 2**20:.1f} MiB; {SHIPPED_CORPUS_FILE}: {len(corpus)} documents")
+
+
+if __name__ == "__main__":
+    main()

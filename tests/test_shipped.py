@@ -1,0 +1,69 @@
+"""Integration: the CLaRa shipped in modeling_clara/shipped loads offline and answers from passages it compresses
+better than the same architecture untrained."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DATA_DIR
+
+from modeling_clara import ClaraForRAG, ClaraIndex
+from modeling_clara.metrics.clara_qa.clara_qa import score_example
+from modeling_clara.modeling_clara import SHIPPED_CORPUS_FILE, SHIPPED_MODEL_DIR
+
+pytestmark = pytest.mark.integration
+
+N_DOCUMENTS = 20  # bundled passages asked about, two questions each
+
+
+@pytest.fixture(scope="module")
+def shipped(embedded_backbone_dir):
+    return ClaraForRAG.from_pretrained("shipped")
+
+
+@pytest.fixture(scope="module")
+def untrained(embedded_backbone_dir, shipped):
+    torch.manual_seed(0)
+    config = {key: getattr(shipped.config, key) for key in ("compr_rate", "doc_max_length", "training_stage")}
+    return ClaraForRAG.from_backbone("embedded", **config)
+
+
+@pytest.fixture(scope="module")
+def bundled_questions() -> list[tuple[str, str, str]]:
+    """(passage, question, answer) for bundled passages, from the QA pairs Apple's SCP sample holds for them.
+
+    The bundled corpus is the shipped model's held-out split: these questions were never trained on."""
+    corpus = [json.loads(line)["text"] for line in open(SHIPPED_CORPUS_FILE, encoding="utf-8")][:N_DOCUMENTS]
+    qa = {}
+    for line in open(DATA_DIR / "clara_pretrain_sample.jsonl", encoding="utf-8"):
+        row = json.loads(line)
+        qa[row["docs"][0]] = list(zip(row["question"], row["answers"]))[:2]
+    return [(passage, q, a) for passage in corpus for q, a in qa[passage]]
+
+
+def answer_f1s(model: ClaraForRAG, questions: list[tuple[str, str, str]]) -> list[float]:
+    embeds = model.compress([passage for passage, _, _ in questions])
+    answers = model.answer([q for _, q, _ in questions], list(embeds.unsqueeze(1)), max_new_tokens=24)
+    return [score_example(prediction, [gold])["f1"] for prediction, (_, _, gold) in zip(answers, questions)]
+
+
+def test_shipped_model_is_small_and_in_the_package_format(shipped):
+    weights = sum(p.stat().st_size for p in Path(SHIPPED_MODEL_DIR).glob("*.safetensors"))
+    assert weights < 32 * 2**20
+    assert shipped.has_query_reasoner and shipped.config.decoder_model_name == "embedded"
+
+
+def test_shipped_answers_what_the_untrained_model_gets_wrong(shipped, untrained, bundled_questions):
+    trained_f1, untrained_f1 = answer_f1s(shipped, bundled_questions), answer_f1s(untrained, bundled_questions)
+    fixed = [i for i, (t, u) in enumerate(zip(trained_f1, untrained_f1)) if t >= 0.5 and u < 0.5]
+    assert len(fixed) >= 3, (trained_f1, untrained_f1)
+    assert sum(trained_f1) > 3 * max(sum(untrained_f1), 0.1)
+
+
+def test_shipped_query_reasoner_finds_passages_in_the_bundled_index(shipped, bundled_questions):
+    index = ClaraIndex.build(shipped, SHIPPED_CORPUS_FILE)
+    results = index.search([q for _, q, _ in bundled_questions], k=10)
+    found = [passage in result.texts for (passage, _, _), result in zip(bundled_questions, results)]
+    chance = 10 / len(index)
+    assert sum(found) / len(found) > 2 * chance, found
