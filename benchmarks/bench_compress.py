@@ -36,6 +36,7 @@ def time_call(fn) -> float:
     return time.perf_counter() - start
 
 
+@torch.no_grad()  # scoped, not set_grad_enabled: main() may run in-process (tests)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="embedded")
@@ -47,7 +48,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    torch.set_grad_enabled(False)
     model = ClaraForRAG.from_backbone(args.backbone, doc_max_length=args.doc_max_length, compr_rate=args.compr_rate)
     documents = load_documents(args.data, args.n_docs)
     batches = [documents[i : i + args.batch_size] for i in range(0, len(documents), args.batch_size)]

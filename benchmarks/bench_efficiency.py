@@ -75,6 +75,7 @@ def summarize(rows: list[dict]) -> dict:
     return summary
 
 
+@torch.no_grad()  # scoped, not set_grad_enabled: main() may run in-process (tests)
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="embedded")
@@ -87,7 +88,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", type=Path, default=None, help="JSON with per-question timings and the summary")
     args = parser.parse_args(argv)
 
-    torch.set_grad_enabled(False)
     torch.manual_seed(0)
     models = {
         f"clara-{cr}": ClaraForRAG.from_backbone(args.backbone, compr_rate=cr, doc_max_length=args.doc_max_length)

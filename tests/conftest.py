@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,6 +21,16 @@ DATA_DIR = SHARED_DIR / "data"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "integration: uses the real embedded backbone (slower)")
+
+
+@pytest.fixture(autouse=True)
+def grad_mode_is_left_on():
+    """A test (or code it calls in-process) that switches autograd off globally breaks every later training test
+    with an unrelated-looking error; fail the culprit instead."""
+    yield
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("autograd was left disabled (torch.set_grad_enabled(False) outside a scope)")
 
 
 @pytest.fixture(scope="session")
