@@ -325,7 +325,17 @@ class ClaraIndex:
                 f"searching an index needs a model with a query reasoner (this one has {model.adapter_names}); "
                 "load a stage-3 (e2e) CLaRa"
             )
-        query_reps = model.encode_queries(questions)
+        results = self.search_embeddings(model.encode_queries(questions), k, rerank_factor)
+        return results[0] if single else results
+
+    def search_embeddings(self, query_reps: torch.Tensor, k: int = 10, rerank_factor: int = DEFAULT_RERANK_FACTOR
+                          ) -> list[SearchResult]:
+        """`search` for query embeddings already computed (`model.encode_queries`: `(n, n_mem * hidden)`)."""
+        _check_positive("k", k)
+        _check_positive("rerank_factor", rerank_factor)
+        n_mem, hidden = self._embedding_shape()
+        if query_reps.dim() != 2 or query_reps.shape[1] != n_mem * hidden:
+            raise ValueError(f"query_reps has shape {tuple(query_reps.shape)}; expected (n, {n_mem * hidden})")
         k = min(k, len(self))
         if k == 0:
             raise ValueError("the index holds no documents")
@@ -333,8 +343,7 @@ class ClaraIndex:
             candidates = self._exact_candidates(query_reps, k)
         else:
             candidates = self._faiss_candidates(query_reps, k * rerank_factor)
-        results = [self._rescore(query, positions, k) for query, positions in zip(query_reps, candidates)]
-        return results[0] if single else results
+        return [self._rescore(query, positions, k) for query, positions in zip(query_reps, candidates)]
 
     def embeddings(self, positions: list[int]) -> torch.Tensor:
         """`(len(positions), n_mem, hidden)` embeddings at index positions (as `SearchResult.positions`)."""
@@ -371,8 +380,7 @@ class ClaraIndex:
 
     def _rescore(self, query: torch.Tensor, positions: list[int], k: int) -> SearchResult:
         # CLaRa's own cosine (the function `retrieve` uses), so scores and order equal `model.retrieve` on these docs.
-        model = self.model
-        candidates = self.embeddings(positions).to(device=query.device, dtype=model.dtype)
+        candidates = self.embeddings(positions).to(device=query.device, dtype=query.dtype)
         scores = cosine_scores(query.unsqueeze(0), candidates.unsqueeze(0))[0]
         top = scores.topk(min(k, len(positions)))
         chosen = [positions[i] for i in top.indices.tolist()]

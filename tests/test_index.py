@@ -15,7 +15,7 @@ from conftest import DATA_DIR, make_tiny_clara
 
 from modeling_clara import ClaraForRAG, ClaraIndex
 from modeling_clara.cli import main as clara_main
-from modeling_clara.index import CURRENT_FILE, FAISS_KINDS, _Shard
+from modeling_clara.index import CURRENT_FILE, FAISS_KINDS
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 
