@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DATA_DIR
+from transformers import AutoModel
 
 from modeling_clara import ClaraForRAG, ClaraIndex
 from modeling_clara.metrics.clara_qa.clara_qa import score_example
@@ -52,6 +53,14 @@ def test_shipped_model_is_small_and_in_the_package_format(shipped):
     weights = sum(p.stat().st_size for p in Path(SHIPPED_MODEL_DIR).glob("*.safetensors"))
     assert weights < 32 * 2**20
     assert shipped.has_query_reasoner and shipped.config.decoder_model_name == "embedded"
+
+
+def test_auto_model_loads_the_shipped_folder_without_code_copies(shipped):
+    assert not list(Path(SHIPPED_MODEL_DIR).glob("*.py"))  # the package is its code: nothing to drift
+    loaded = AutoModel.from_pretrained(SHIPPED_MODEL_DIR)
+    assert isinstance(loaded, ClaraForRAG)
+    for (name, ours), theirs in zip(shipped.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(ours, theirs), name
 
 
 def test_shipped_answers_what_the_untrained_model_gets_wrong(shipped, untrained, bundled_questions):

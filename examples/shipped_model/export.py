@@ -25,6 +25,18 @@ def store_in_fp16(weights_file: Path) -> None:
     save_file(tensors, str(weights_file), metadata=metadata)
 
 
+def drop_code_copies(folder: Path) -> None:
+    """The package is the shipped model's code: copies of modeling_clara.py in the folder would drift from it.
+    `AutoModel` still loads the folder, through the classes `modeling_clara` registers; a folder for the Hub is
+    `ClaraForRAG.from_pretrained("shipped").save_pretrained(...)`, which writes the code again."""
+    for code_file in folder.glob("*.py"):
+        code_file.unlink()
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("auto_map", None)
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=Path("runs/shipped/stage3"))
@@ -37,6 +49,7 @@ def main() -> None:
         shutil.rmtree(args.out)
     model.save_pretrained(args.out)
     store_in_fp16(args.out / WEIGHTS_FILE)
+    drop_code_copies(args.out)
     corpus = [json.loads(line) for line in open(args.data / "corpus.jsonl", encoding="utf-8")]
     with open(SHIPPED_CORPUS_FILE, "w", encoding="utf-8") as out:
         for row in corpus:
