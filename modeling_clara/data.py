@@ -65,6 +65,17 @@ class ClaraDataError(ValueError):
     """A training file that does not hold the expected format; the message names file and line."""
 
 
+def parse_json_object(line: str, where: str) -> dict:
+    """One JSONL line as a dict; anything else is a `ClaraDataError` naming `where` (file:line)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ClaraDataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(record, dict):
+        raise ClaraDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
 def load_clara_jsonl(
     path: str | os.PathLike, stage: str, n_candidates: int | None = None, max_samples: int | None = None
 ) -> datasets.Dataset:
@@ -123,13 +134,7 @@ def _generate_rows(path: str, stage: str, n_candidates: int | None, max_samples:
             if not line.strip():
                 continue
             where = f"{path}:{line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ClaraDataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-            if not isinstance(record, dict):
-                raise ClaraDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            row = check(record, where)
+            row = check(parse_json_object(line, where), where)
             if stage == "e2e":
                 if n_candidates is not None:
                     row = _trim_candidates(row, n_candidates, where)

@@ -33,6 +33,7 @@ import torch
 from transformers.utils import logging
 
 from .configuration_clara import TRAINING_STAGES
+from .data import parse_json_object
 from .metrics.clara_qa.clara_qa import recall_at_k, score_example
 from .modeling_clara import EMBEDDED_BACKBONE, SYSTEM_PROMPT_ANSWER, ClaraForRAG
 from .text_retrieval import load_text_retriever, oracle_candidates
@@ -90,12 +91,7 @@ def load_eval_data(path: str | os.PathLike, limit: int | None = None) -> list[Ev
 
 def _parse_row(line: str, path, line_number: int) -> EvalExample:
     where = f"{path}:{line_number}"
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{where}: not valid JSON ({error})") from error
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    row = parse_json_object(line, where)
     question, docs, pos_index = row.get("question"), row.get("docs"), row.get("pos_index", [])
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"{where}: `question` must be a non-empty str, got {question!r:.80}")

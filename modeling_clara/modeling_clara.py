@@ -503,8 +503,16 @@ class ClaraForRAG(ClaraPreTrainedModel):
         """Run a block with one adapter active; restore the active and trainable adapters after."""
         if name not in self.adapter_names:
             raise ValueError(f"adapter {name!r} is not in this model; it has {self.adapter_names}")
+        with self._adapters_active([name]):
+            yield
+
+    @contextmanager
+    def _adapters_active(self, names: list[str]):
         active = self.decoder.active_adapters()
-        self.decoder.set_adapter(name)  # peft sets requires_grad=False on every other adapter
+        if active == names:
+            yield
+            return
+        self.decoder.set_adapter(names if len(names) > 1 else names[0])  # peft freezes every other adapter
         self._apply_trainable_flags()
         try:
             yield
@@ -1186,20 +1194,6 @@ class ClaraForRAG(ClaraPreTrainedModel):
     def _checkpoint_contexts(self):
         """`torch.utils.checkpoint` context_fn: nothing in forward; the forward-time adapters during recomputation."""
         return contextlib.nullcontext(), self._adapters_active(self.decoder.active_adapters())
-
-    @contextmanager
-    def _adapters_active(self, names: list[str]):
-        active = self.decoder.active_adapters()
-        if active == names:
-            yield
-            return
-        self.decoder.set_adapter(names if len(names) > 1 else names[0])
-        self._apply_trainable_flags()
-        try:
-            yield
-        finally:
-            self.decoder.set_adapter(active if len(active) > 1 else active[0])
-            self._apply_trainable_flags()
 
 
 def load_backbone(path: str, config: ClaraConfig, torch_dtype="auto", device_map=None) -> PreTrainedModel:
