@@ -112,23 +112,23 @@ def plot_latency_vs_compression(efficiency: dict, path: Path) -> None:
 
 
 def answer_table(summaries: list[dict], keys=("apple_f1", "apple_em", "apple_cover_em")) -> str:
-    """Rows: method, setting, CR; columns: datasets and their mean; cells `F1 / EM / CEM` (the given keys)."""
+    """Rows: method, setting, CR, ranking, k; columns: datasets and their mean; cells `F1 / EM / CEM` (the given keys)."""
     runs = [s for s in summaries if s["method"] != "retrieval"]
     datasets = sorted({s["dataset"] for s in runs})
     rows = defaultdict(dict)
     for s in runs:
-        rows[(s["method"], s["setting"], s.get("compr_rate"), s.get("ranking"))][s["dataset"]] = s
+        rows[(s["method"], s["setting"], s.get("compr_rate"), s.get("ranking"), s.get("k"))][s["dataset"]] = s
     order = list(METHOD_LABELS)
-    header = ["method", "setting", "CR", "ranking", "n", *datasets, "mean"]
+    header = ["method", "setting", "CR", "ranking", "k", "n", *datasets, "mean"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for (method, setting, rate, ranking), cells in sorted(
-        rows.items(), key=lambda item: (order.index(item[0][0]), item[0][1], item[0][2] or 0)
+    for (method, setting, rate, ranking, k), cells in sorted(
+        rows.items(), key=lambda item: (order.index(item[0][0]), item[0][1], item[0][2] or 0, item[0][4] or 0)
     ):
         values = [" / ".join(f"{cells[d][k]:.1f}" for k in keys) if d in cells else "–" for d in datasets]
         complete = len(cells) == len(datasets)
         mean = " / ".join(f"{_mean([cells[d][k] for d in datasets]):.1f}" for k in keys) if complete else "–"
         n = "/".join(str(cells[d]["n"]) for d in datasets if d in cells)
-        lines.append(f"| {METHOD_LABELS[method]} | {setting} | {rate or '–'} | {ranking or '–'} | {n} | "
+        lines.append(f"| {METHOD_LABELS[method]} | {setting} | {rate or '–'} | {ranking or '–'} | {k or '–'} | {n} | "
                      + " | ".join(values) + f" | {mean} |")
     return "\n".join(lines) + "\n"
 

@@ -360,5 +360,5 @@ def test_efficiency_benchmark_and_plots(tiny_llama_dir, data_file, tmp_path, cap
     for png in ("f1_vs_compression.png", "latency_vs_compression.png"):
         assert (figures / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = tables.read_text()
-    assert "| CLaRa | normal | 4 | clara | 3/3 | 20.0 / 0.0 / 20.0 | 20.0 / 0.0 / 20.0 | 20.0 / 0.0 / 20.0 |" in text
+    assert "| CLaRa | normal | 4 | clara | 5 | 3/3 | 20.0 / 0.0 / 20.0 | 20.0 / 0.0 / 20.0 | 20.0 / 0.0 / 20.0 |" in text
     assert "| CLaRa query reasoner | 16 | 10.0 / 20.0 / 30.0 | 10.0 / 20.0 / 30.0 |" in text
