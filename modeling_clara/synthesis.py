@@ -74,6 +74,7 @@ _QA_LINE = re.compile(
     r"^\s*(?:[-*]\s+)?(?:\d+[.)]\s*)?(?:\*\*)?(Q|A|Question|Answer)\s*\d*\s*(?:\*\*)?\s*[:：]\s*(?:\*\*)?\s*(.*)$",
     re.I,
 )
+_PARAPHRASE_HEADER = re.compile(r"^\s*(here is|here's|rewritten passage|paraphrase)[^.!?]*:\s*$", re.I)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 MIN_SENTENCE_WORDS = 4  # shorter pieces are titles or fragments, not facts to cover
 
@@ -180,9 +181,8 @@ def parse_qa_pairs(text: str) -> tuple[list[tuple[str, str]], int]:
 
 def parse_paraphrase(text: str, passage: str, min_ratio: float, max_f1: float) -> str | None:
     """The paraphrase, or None when it is empty, (nearly) a copy of the passage, or much shorter than it."""
-    paraphrase = text.strip()
-    if paraphrase.lower().startswith(("here is", "rewritten passage", "paraphrase")) and "\n" in paraphrase:
-        paraphrase = paraphrase.split("\n", 1)[1].strip()  # a chatty header line, not content
+    # Chatty header lines ("Here is the rewritten passage:") are not content.
+    paraphrase = "\n".join(line for line in text.strip().splitlines() if not _PARAPHRASE_HEADER.match(line)).strip()
     if not paraphrase or token_f1(paraphrase, passage) > max_f1:
         return None
     if len(paraphrase.split()) < min_ratio * len(passage.split()):

@@ -72,6 +72,9 @@ def test_paraphrase_checks():
     rewrite = "Gustave Eiffel's company designed the tower in Paris, finished in 1889 for a world exhibition."
     assert parse_paraphrase(rewrite, PASSAGE, 0.5, 0.9) == rewrite
     assert parse_paraphrase("Here is the rewritten passage:\n" + rewrite, PASSAGE, 0.5, 0.9) == rewrite
+    assert parse_paraphrase("Eiffel Tower\n\nRewritten passage:\n" + rewrite, PASSAGE, 0.5, 0.9) == (
+        "Eiffel Tower\n\n" + rewrite
+    )
     assert parse_paraphrase(PASSAGE + " ", PASSAGE, 0.5, 0.9) is None  # a copy
     assert parse_paraphrase("A tower in Paris.", PASSAGE, 0.5, 0.9) is None  # far shorter than the passage
     assert parse_paraphrase("   ", PASSAGE, 0.5, 0.9) is None

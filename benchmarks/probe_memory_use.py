@@ -1,0 +1,70 @@
+"""Does the generator read its memory tokens? Answer cross-entropy with the gold passage next to another passage.
+
+For each question the generator is scored (teacher-forced cross-entropy of the first gold answer) twice: reading the
+compressed gold passage, and reading a compressed non-gold candidate of the same question. A decoder that uses
+the memory tokens has a clearly lower loss with the gold passage; one that answers from the question alone has
+the same loss either way. Models side by side in one run, on the same questions.
+
+    python benchmarks/probe_memory_use.py --model embedded shipped runs/shipped/stage1 \
+        --data ../shared/data/hotpotqa_dev.jsonl --n-questions 40
+"""
+
+import argparse
+import statistics
+
+import torch
+from tqdm.auto import tqdm
+
+from modeling_clara.data import make_collator
+from modeling_clara.evaluation import load_eval_data, load_model_for_eval
+
+
+def probe_pairs(data: str, n_questions: int) -> list[tuple[str, str, str, str]]:
+    """(question, answer, gold passage, other passage) for questions that have both kinds of candidate."""
+    pairs = []
+    for example in load_eval_data(data):
+        others = [d for i, d in enumerate(example.docs) if i not in example.pos_index]
+        if example.pos_index and others:
+            pairs.append((example.question, example.answers[0], example.docs[example.pos_index[0]], others[0]))
+        if len(pairs) == n_questions:
+            break
+    return pairs
+
+
+@torch.no_grad()
+def answer_loss(model, collator, question: str, answer: str, passage: str) -> float:
+    batch = collator([{"question": question, "docs": [passage], "answer": answer}])
+    return model(**batch).ce_loss.item()
+
+
+def probe(model, pairs) -> dict:
+    collator = make_collator("instruct", model.processor, top_k=1)
+    gold, other = [], []
+    for question, answer, gold_passage, other_passage in tqdm(pairs, desc="Probing", leave=False):
+        gold.append(answer_loss(model, collator, question, answer, gold_passage))
+        other.append(answer_loss(model, collator, question, answer, other_passage))
+    return {
+        "ce_gold": statistics.mean(gold),
+        "ce_other": statistics.mean(other),
+        "gap": statistics.mean(o - g for g, o in zip(gold, other)),
+        "gold_lower": sum(g < o for g, o in zip(gold, other)) / len(gold),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", nargs="+", default=["shipped"], help="'embedded' (untrained), 'shipped' or paths")
+    parser.add_argument("--data", required=True, help="evaluation JSONL (question, docs, pos_index, answers)")
+    parser.add_argument("--n-questions", type=int, default=40)
+    args = parser.parse_args(argv)
+    pairs = probe_pairs(args.data, args.n_questions)
+    results = {name: probe(load_model_for_eval(name).eval(), pairs) for name in args.model}
+    print(f"{len(pairs)} questions of {args.data}; answer cross-entropy (nats/token), teacher-forced")
+    print("| model | CE reading gold | CE reading other | gap (other - gold) | share with gold lower |")
+    print("|---|---|---|---|---|")
+    for name, result in results.items():
+        print(f"| {name} | {result['ce_gold']:.3f} | {result['ce_other']:.3f} | {result['gap']:+.3f} | "
+              f"{result['gold_lower']:.0%} |")
+
+if __name__ == "__main__":
+    main()
