@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 from conftest import make_tiny_clara
 from modeling_clara import ClaraForRAG, cli
 from modeling_clara.data import load_clara_jsonl, make_collator
+from modeling_clara.metrics.clara_qa.clara_qa import score_example
 from modeling_clara.modeling_clara import (
     PARAPHRASE_INSTRUCTIONS,
     SYSTEM_PROMPT_ANSWER,
@@ -469,26 +470,6 @@ def word_level_backbone(path: Path, texts: list[str]) -> Path:
 
 
 def answer_f1(prediction: str, answers: list[str]) -> float:
-    try:
-        from modeling_clara.metrics.clara_qa.clara_qa import score_example
-    except ImportError:  # the metric module may not be installed yet; SQuAD token F1 as Apple computes it
-        import collections
-        import re
-        import string
-
-        def normalize(text):
-            text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-            return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
-
-        def f1(prediction, truth):
-            common = collections.Counter(normalize(prediction).split()) & collections.Counter(normalize(truth).split())
-            same = sum(common.values())
-            if not same:
-                return 0.0
-            precision, recall = same / len(normalize(prediction).split()), same / len(normalize(truth).split())
-            return 2 * precision * recall / (precision + recall)
-
-        return max(f1(prediction, answer) for answer in answers)
     return score_example(prediction, answers)["f1"]
 
 
@@ -518,3 +499,23 @@ def test_overfit_instruct_to_answer_f1_one_and_save_load_keeps_eval_loss(tmp_pat
     reloaded_args = training_args(tmp_path, "instruct", output_dir=str(tmp_path / "reloaded"))
     reloaded_loss = ClaraTrainer(loaded, reloaded_args, eval_dataset=dataset).evaluate()["eval_loss"]
     assert reloaded_loss == pytest.approx(eval_loss, abs=1e-5)
+
+
+def test_overfit_to_answers_only_the_compressed_document_holds(tmp_path):
+    """One question for every row; the answer is only in the document. Fitting it proves the answer loss trains the
+    compressor and the decoder to pass content through the memory tokens (not to map questions to answers)."""
+    rows = [{"question": "What is the code word?", "docs": [document(i)], "answer": WORDS[i]} for i in range(12)]
+    backbone = word_level_backbone(tmp_path / "word_llama", [json.dumps(row) for row in rows])
+    data = write_jsonl(tmp_path / "memory_only.jsonl", rows)
+    args = training_args(tmp_path, "instruct", per_device_train_batch_size=6, max_steps=200, learning_rate=3e-3,
+                         lr_scheduler_type="constant", logging_steps=50)
+    torch.manual_seed(0)
+    model = ClaraForRAG.from_backbone(str(backbone), training_stage="stage1_2", doc_max_length=16, compr_rate=4,
+                                      lora_r=8, generation_top_k=1)
+    ClaraTrainer(model, args, train_dataset=load_clara_jsonl(data, "instruct")).train()
+
+    model.eval()
+    predictions = model.answer(["What is the code word?"] * len(rows), [model.compress(row["docs"]) for row in rows],
+                               max_new_tokens=4)
+    f1 = sum(answer_f1(p, [row["answer"]]) for p, row in zip(predictions, rows)) / len(rows)
+    assert f1 >= 0.9, list(zip(predictions, [row["answer"] for row in rows]))
