@@ -3,7 +3,8 @@
 For each question the generator is scored (teacher-forced cross-entropy of the first gold answer) twice: reading the
 compressed gold passage, and reading a compressed non-gold candidate of the same question. A decoder that uses
 the memory tokens has a clearly lower loss with the gold passage; one that answers from the question alone has
-the same loss either way. Models side by side in one run, on the same questions.
+the same loss either way. `--target passage` scores reconstructing the gold passage instead (stage 1's paraphrase
+prompt with the passage itself as the target), which only memory can inform. Models side by side in one run.
 
     python benchmarks/probe_memory_use.py --model embedded shipped runs/shipped/stage1 \
         --data ../shared/data/hotpotqa_dev.jsonl --n-questions 40
@@ -15,7 +16,7 @@ import statistics
 import torch
 from tqdm.auto import tqdm
 
-from modeling_clara.data import make_collator
+from modeling_clara.data import ClaraPretrainCollator, make_collator
 from modeling_clara.evaluation import load_eval_data, load_model_for_eval
 
 
@@ -32,17 +33,26 @@ def probe_pairs(data: str, n_questions: int) -> list[tuple[str, str, str, str]]:
 
 
 @torch.no_grad()
-def answer_loss(model, collator, question: str, answer: str, passage: str) -> float:
-    batch = collator([{"question": question, "docs": [passage], "answer": answer}])
-    return model(**batch).ce_loss.item()
+def target_loss(model, collator, question: str, target: str, passage: str) -> float:
+    """Cross-entropy of `target` reading `passage`: an answer to `question` (instruct collator) or, with the
+    pretrain collator, a reconstruction."""
+    if isinstance(collator, ClaraPretrainCollator):
+        row = {"task": "paraphrase", "questions": [], "answers": [target], "docs": [passage]}
+    else:
+        row = {"question": question, "docs": [passage], "answer": target}
+    return model(**collator([row])).ce_loss.item()
 
 
-def probe(model, pairs) -> dict:
-    collator = make_collator("instruct", model.processor, top_k=1)
+def probe(model, pairs, target: str) -> dict:
+    if target == "answer":
+        collator = make_collator("instruct", model.processor, top_k=1)
+    else:
+        collator = make_collator("pretrain", model.processor, top_k=1, paraphrase_instruction=0)
     gold, other = [], []
     for question, answer, gold_passage, other_passage in tqdm(pairs, desc="Probing", leave=False):
-        gold.append(answer_loss(model, collator, question, answer, gold_passage))
-        other.append(answer_loss(model, collator, question, answer, other_passage))
+        expected = answer if target == "answer" else gold_passage
+        gold.append(target_loss(model, collator, question, expected, gold_passage))
+        other.append(target_loss(model, collator, question, expected, other_passage))
     return {
         "ce_gold": statistics.mean(gold),
         "ce_other": statistics.mean(other),
@@ -56,10 +66,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", nargs="+", default=["shipped"], help="'embedded' (untrained), 'shipped' or paths")
     parser.add_argument("--data", required=True, help="evaluation JSONL (question, docs, pos_index, answers)")
     parser.add_argument("--n-questions", type=int, default=40)
+    parser.add_argument("--target", choices=("answer", "passage"), default="answer",
+                        help="score the gold answer, or the reconstruction of the gold passage")
     args = parser.parse_args(argv)
     pairs = probe_pairs(args.data, args.n_questions)
-    results = {name: probe(load_model_for_eval(name).eval(), pairs) for name in args.model}
-    print(f"{len(pairs)} questions of {args.data}; answer cross-entropy (nats/token), teacher-forced")
+    results = {name: probe(load_model_for_eval(name).eval(), pairs, args.target) for name in args.model}
+    print(f"{len(pairs)} questions of {args.data}; {args.target} cross-entropy (nats/token), teacher-forced")
     print("| model | CE reading gold | CE reading other | gap (other - gold) | share with gold lower |")
     print("|---|---|---|---|---|")
     for name, result in results.items():

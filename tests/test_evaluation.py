@@ -362,3 +362,20 @@ def test_efficiency_benchmark_and_plots(tiny_llama_dir, data_file, tmp_path, cap
     text = tables.read_text()
     assert "| CLaRa | normal | 4 | clara | 5 | 3/3 | 20.0 / 0.0 / 20.0 | 20.0 / 0.0 / 20.0 | 20.0 / 0.0 / 20.0 |" in text
     assert "| CLaRa query reasoner | 16 | 10.0 / 20.0 / 30.0 | 10.0 / 20.0 / 30.0 |" in text
+
+
+@pytest.mark.parametrize("target", ["answer", "passage"])
+def test_memory_probe_sees_only_the_passage(tiny_llama_dir, data_file, target):
+    """The probe's gap comes from the passage read and nothing else: zero when both passages are the same text,
+    non-zero for a random model reading different passages."""
+    from conftest import make_tiny_clara
+
+    script = load_script("probe_memory_use")
+    model = make_tiny_clara(tiny_llama_dir, training_stage="stage1_2").eval()
+    pairs = script.probe_pairs(str(data_file), n_questions=3)
+    assert [p[2] for p in pairs] == [ROWS[i]["docs"][ROWS[i]["pos_index"][0]] for i in range(3)]
+    same = script.probe(model, [(q, a, gold, gold) for q, a, gold, _ in pairs], target)
+    assert same["gap"] == 0 and same["gold_lower"] == 0
+    different = script.probe(model, pairs, target)
+    assert different["gap"] != 0
+    assert different["gap"] == pytest.approx(different["ce_other"] - different["ce_gold"])
