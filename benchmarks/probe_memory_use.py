@@ -6,6 +6,10 @@ the memory tokens has a clearly lower loss with the gold passage; one that answe
 the same loss either way. `--target passage` scores reconstructing the gold passage instead (stage 1's paraphrase
 prompt with the passage itself as the target), which only memory can inform. Models side by side in one run.
 
+The last column is the mean cosine similarity of the two passages' flattened memory states (what retrieval
+compares): near 1 (compare the untrained compressor's value) the compressor has collapsed, every passage compresses
+to almost the same vectors, and no decoder can read them.
+
     python benchmarks/probe_memory_use.py --model embedded shipped runs/shipped/stage1 \
         --data ../shared/data/hotpotqa_dev.jsonl --n-questions 40
 """
@@ -43,21 +47,29 @@ def target_loss(model, collator, question: str, target: str, passage: str) -> fl
     return model(**collator([row])).ce_loss.item()
 
 
+@torch.no_grad()
+def memory_similarity(model, passage: str, other_passage: str) -> float:
+    embeds = model.compress([passage, other_passage]).flatten(1).float()
+    return torch.nn.functional.cosine_similarity(embeds[0], embeds[1], dim=0).item()
+
+
 def probe(model, pairs, target: str) -> dict:
     if target == "answer":
         collator = make_collator("instruct", model.processor, top_k=1)
     else:
         collator = make_collator("pretrain", model.processor, top_k=1, paraphrase_instruction=0)
-    gold, other = [], []
+    gold, other, similarity = [], [], []
     for question, answer, gold_passage, other_passage in tqdm(pairs, desc="Probing", leave=False):
         expected = answer if target == "answer" else gold_passage
         gold.append(target_loss(model, collator, question, expected, gold_passage))
         other.append(target_loss(model, collator, question, expected, other_passage))
+        similarity.append(memory_similarity(model, gold_passage, other_passage))
     return {
         "ce_gold": statistics.mean(gold),
         "ce_other": statistics.mean(other),
         "gap": statistics.mean(o - g for g, o in zip(gold, other)),
         "gold_lower": sum(g < o for g, o in zip(gold, other)) / len(gold),
+        "memory_cosine": statistics.mean(similarity),
     }
 
 
@@ -72,11 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     pairs = probe_pairs(args.data, args.n_questions)
     results = {name: probe(load_model_for_eval(name).eval(), pairs, args.target) for name in args.model}
     print(f"{len(pairs)} questions of {args.data}; {args.target} cross-entropy (nats/token), teacher-forced")
-    print("| model | CE reading gold | CE reading other | gap (other - gold) | share with gold lower |")
-    print("|---|---|---|---|---|")
+    print("| model | CE reading gold | CE reading other | gap (other - gold) | share with gold lower | memory cosine |")
+    print("|---|---|---|---|---|---|")
     for name, result in results.items():
         print(f"| {name} | {result['ce_gold']:.3f} | {result['ce_other']:.3f} | {result['gap']:+.3f} | "
-              f"{result['gold_lower']:.0%} |")
+              f"{result['gold_lower']:.0%} | {result['memory_cosine']:.3f} |")
 
 if __name__ == "__main__":
     main()

@@ -376,6 +376,8 @@ def test_memory_probe_sees_only_the_passage(tiny_llama_dir, data_file, target):
     assert [p[2] for p in pairs] == [ROWS[i]["docs"][ROWS[i]["pos_index"][0]] for i in range(3)]
     same = script.probe(model, [(q, a, gold, gold) for q, a, gold, _ in pairs], target)
     assert same["gap"] == 0 and same["gold_lower"] == 0
+    assert same["memory_cosine"] == pytest.approx(1.0)
     different = script.probe(model, pairs, target)
     assert different["gap"] != 0
+    assert different["memory_cosine"] < 0.999
     assert different["gap"] == pytest.approx(different["ce_other"] - different["ce_gold"])
