@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from modeling_clara.data import ClaraPretrainCollator, make_collator
 from modeling_clara.evaluation import load_eval_data, load_model_for_eval
+from modeling_clara.modeling_clara import cosine_scores
 
 
 def probe_pairs(data: str, n_questions: int) -> list[tuple[str, str, str, str]]:
@@ -48,9 +49,10 @@ def target_loss(model, collator, question: str, target: str, passage: str) -> fl
 
 
 @torch.no_grad()
-def memory_similarity(model, passage: str, other_passage: str) -> float:
-    embeds = model.compress([passage, other_passage]).flatten(1).float()
-    return torch.nn.functional.cosine_similarity(embeds[0], embeds[1], dim=0).item()
+def memory_cosine(model, passages: list[str], other_passages: list[str]) -> float:
+    """Mean cosine of each passage's memory states with its other passage's, scored as retrieval scores them."""
+    memory, other_memory = model.compress(passages), model.compress(other_passages)
+    return cosine_scores(memory.flatten(1), other_memory.unsqueeze(1)).mean().item()
 
 
 def probe(model, pairs, target: str) -> dict:
@@ -58,18 +60,17 @@ def probe(model, pairs, target: str) -> dict:
         collator = make_collator("instruct", model.processor, top_k=1)
     else:
         collator = make_collator("pretrain", model.processor, top_k=1, paraphrase_instruction=0)
-    gold, other, similarity = [], [], []
+    gold, other = [], []
     for question, answer, gold_passage, other_passage in tqdm(pairs, desc="Probing", leave=False):
         expected = answer if target == "answer" else gold_passage
         gold.append(target_loss(model, collator, question, expected, gold_passage))
         other.append(target_loss(model, collator, question, expected, other_passage))
-        similarity.append(memory_similarity(model, gold_passage, other_passage))
     return {
         "ce_gold": statistics.mean(gold),
         "ce_other": statistics.mean(other),
         "gap": statistics.mean(o - g for g, o in zip(gold, other)),
         "gold_lower": sum(g < o for g, o in zip(gold, other)) / len(gold),
-        "memory_cosine": statistics.mean(similarity),
+        "memory_cosine": memory_cosine(model, [g for _, _, g, _ in pairs], [o for _, _, _, o in pairs]),
     }
 
 
