@@ -9,6 +9,8 @@ logger = logging.get_logger(__name__)
 # stage2 = end to end (query reasoner + generator), stage2_reasoning = generator only on compressed docs.
 TRAINING_STAGES = ("stage1", "stage1_2", "stage2", "stage2_reasoning", "stage2_pretrain_retrieval")
 QUANTIZATIONS = ("no", "int4", "int8")
+# How memory states enter the generator: None = as they are (Apple), or as token-embedding mixtures.
+MEMORY_PROJECTIONS = (None, "token_embeddings")
 
 
 class ClaraConfig(PretrainedConfig):
@@ -60,6 +62,13 @@ class ClaraConfig(PretrainedConfig):
             Weight of the memory/document hidden-state MSE in the compression stages.
         retrieval_weight (`float`, *optional*, defaults to 0.0):
             Weight of the contrastive retrieval loss over `pos_index` in the end-to-end stage (0 = logged only).
+        memory_projection (`str`, *optional*):
+            How the compressor's memory states become generator inputs (and retrieval vectors). `None` (Apple's
+            CLaRa, the default): the last-layer states as they are. `"token_embeddings"` (this package's option for
+            small backbones trained on little data): each state `h` is replaced by the mixture of the backbone's
+            input-token embeddings that its LM head predicts, `softmax(lm_head(h)) @ embed_tokens`, so memory lies in
+            the space the generator already reads. On SmolLM2-135M the raw states share one direction ~15x the norm
+            of a token embedding and derail the untrained generator; the mixtures do not (README, "Shipped model").
         base_vocab_size (`int`, *optional*):
             Vocabulary size of the backbone before CLaRa's special tokens were added; rows from here on are the
             ones CLaRa trains and saves. Filled in when the model is built.
@@ -87,6 +96,7 @@ class ClaraConfig(PretrainedConfig):
         topk_temperature: float = 0.02,
         mse_weight: float = 0.1,
         retrieval_weight: float = 0.0,
+        memory_projection: str | None = None,
         base_vocab_size: int | None = None,
         **kwargs,
     ):
@@ -105,6 +115,8 @@ class ClaraConfig(PretrainedConfig):
             raise ValueError(f"quantization={quantization!r} is not one of {QUANTIZATIONS}")
         if not lora:
             raise ValueError("lora=False (full fine-tuning or a separate compressor) is not supported; use lora=True")
+        if memory_projection not in MEMORY_PROJECTIONS:
+            raise ValueError(f"memory_projection={memory_projection!r} is not one of {MEMORY_PROJECTIONS}")
         if not topk_temperature > 0:
             raise ValueError(f"topk_temperature={topk_temperature} must be > 0")
         if doc_max_length % compr_rate:
@@ -131,6 +143,7 @@ class ClaraConfig(PretrainedConfig):
         self.topk_temperature = topk_temperature
         self.mse_weight = mse_weight
         self.retrieval_weight = retrieval_weight
+        self.memory_projection = memory_projection
         self.base_vocab_size = base_vocab_size
         super().__init__(**kwargs)
 

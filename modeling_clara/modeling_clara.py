@@ -573,8 +573,8 @@ class ClaraForRAG(ClaraPreTrainedModel):
         attended = attention_mask.bool().clone()
         attended[:, -self.n_mem_tokens :] = False
         text_mean = (states * attended.unsqueeze(-1)).sum(dim=1) / attended.sum(dim=1, keepdim=True)
-        mse_loss = F.mse_loss(text_mean, memory.mean(dim=1))
-        return memory, mse_loss
+        mse_loss = F.mse_loss(text_mean, memory.mean(dim=1))  # between hidden states, before any projection
+        return self._project_memory(memory), mse_loss
 
     def _encode_queries(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Query reasoner: `(n_queries, n_mem * hidden)` flattened memory states of the questions."""
@@ -585,7 +585,22 @@ class ClaraForRAG(ClaraPreTrainedModel):
             )
         with self.adapter(QUERY_REASONER_ADAPTER):
             states = self._last_hidden_states(input_ids, attention_mask)
-        return states[:, -self.n_mem_tokens :].flatten(start_dim=1)
+        return self._project_memory(states[:, -self.n_mem_tokens :]).flatten(start_dim=1)
+
+    def _project_memory(self, memory: torch.Tensor) -> torch.Tensor:
+        """Memory states as generator inputs, per `config.memory_projection`.
+
+        `"token_embeddings"`: `softmax(lm_head(h)) @ embed_tokens` over the backbone's own vocabulary (not CLaRa's
+        added tokens), i.e. the expected embedding of the token the LM head predicts at each memory position.
+        """
+        if self.config.memory_projection is None:
+            return memory
+        vocab = self.config.base_vocab_size
+        lm_head = self.decoder.get_output_embeddings()
+        bias = None if lm_head.bias is None else lm_head.bias[:vocab]
+        logits = F.linear(memory, lm_head.weight[:vocab], bias)
+        token_embeddings = self.decoder.get_input_embeddings().weight[:vocab]
+        return torch.softmax(logits.float(), dim=-1).to(memory.dtype) @ token_embeddings
 
     def _encoder_inputs(self, texts: list[str], what: str) -> dict[str, torch.Tensor]:
         inputs, n_truncated = self.processor.encode_documents(texts)

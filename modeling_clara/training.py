@@ -55,7 +55,7 @@ STAGE_DEFAULTS = {
 }
 QUERY_REASONER_INITS = ("encoder", "fresh")
 # Architecture fields: a fresh model takes them, a checkpoint must already have them.
-ARCHITECTURE_FIELDS = ("doc_max_length", "compr_rate", "lora_r")
+ARCHITECTURE_FIELDS = ("doc_max_length", "compr_rate", "lora_r", "memory_projection")
 
 
 @dataclass
@@ -86,6 +86,9 @@ class ClaraTrainingArguments(TrainingArguments):
         doc_max_length, compr_rate, lora_r (`int`, *optional*):
             Architecture of a fresh model built from a backbone (defaults 256, 16, 16). A checkpoint keeps its own;
             giving a different value is an error.
+        memory_projection (`str`, *optional*):
+            Fresh models: `"token_embeddings"` feeds the generator token-embedding mixtures instead of raw memory
+            states ([`ClaraConfig`]); default Apple's raw states. Architecture too: a checkpoint keeps its own.
         optimize_mem_tokens (`bool`, *optional*):
             Train the memory-token embedding rows with the compressor. Default: the model's setting (`True`).
         decoder_max_length (`int`, *optional*):
@@ -125,6 +128,13 @@ class ClaraTrainingArguments(TrainingArguments):
     doc_max_length: int | None = field(default=None, metadata={"help": "Fresh models: document tokens read (256)."})
     compr_rate: int | None = field(default=None, metadata={"help": "Fresh models: document tokens per memory token (16)."})
     lora_r: int | None = field(default=None, metadata={"help": "Fresh models: LoRA rank of every adapter (16)."})
+    memory_projection: str | None = field(
+        default=None,
+        metadata={
+            "help": "Fresh models: 'token_embeddings' feeds the generator token-embedding mixtures (default: raw states).",
+            "choices": ("token_embeddings",),
+        },
+    )
     optimize_mem_tokens: bool | None = field(
         default=None, metadata={"help": "Train the memory-token embedding rows with the compressor (default: model's)."}
     )
