@@ -40,6 +40,7 @@ from .modeling_clara import (
     EMBEDDED_BACKBONE,
     ENCODER_ADAPTER,
     QUERY_REASONER_ADAPTER,
+    TRAINABLE_ADAPTERS_BY_STAGE,
     ClaraForRAG,
 )
 
@@ -89,6 +90,10 @@ class ClaraTrainingArguments(TrainingArguments):
         memory_projection (`str`, *optional*):
             Fresh models: `"token_embeddings"` feeds the generator token-embedding mixtures instead of raw memory
             states ([`ClaraConfig`]); default Apple's raw states. Architecture too: a checkpoint keeps its own.
+        freeze_compressor (`bool`, *optional*, defaults to `False`):
+            `pretrain`/`instruct`: keep the encoder adapter and the memory rows frozen, so only the generator trains
+            and learns to read a fixed compressor (a warm-up that stops the compressor from collapsing to memory the
+            generator can ignore). `e2e` always freezes the compressor.
         optimize_mem_tokens (`bool`, *optional*):
             Train the memory-token embedding rows with the compressor. Default: the model's setting (`True`).
         decoder_max_length (`int`, *optional*):
@@ -135,6 +140,9 @@ class ClaraTrainingArguments(TrainingArguments):
             "choices": ("token_embeddings",),
         },
     )
+    freeze_compressor: bool = field(
+        default=False, metadata={"help": "pretrain/instruct: train the generator only, on a frozen compressor."}
+    )
     optimize_mem_tokens: bool | None = field(
         default=None, metadata={"help": "Train the memory-token embedding rows with the compressor (default: model's)."}
     )
@@ -160,6 +168,8 @@ class ClaraTrainingArguments(TrainingArguments):
             raise ValueError(f"stage={self.stage!r} is not one of {STAGE_NAMES}")
         if self.query_reasoner_init not in QUERY_REASONER_INITS:
             raise ValueError(f"query_reasoner_init={self.query_reasoner_init!r} is not one of {QUERY_REASONER_INITS}")
+        if self.freeze_compressor and self.stage == "e2e":
+            raise ValueError("freeze_compressor=True is for the pretrain and instruct stages; e2e always freezes it")
         if self.mse_weight < 0 or self.retrieval_weight < 0:
             raise ValueError(
                 f"loss weights must be >= 0, got mse_weight={self.mse_weight}, retrieval_weight={self.retrieval_weight}"
@@ -277,7 +287,8 @@ def prepare_model_for_stage(model: ClaraForRAG, args: ClaraTrainingArguments) ->
             f"stage {args.stage!r} needs adapters {missing}, which this model lacks (it has {model.adapter_names})"
         )
     model.decoder.set_adapter(model.adapter_names)  # peft makes every active adapter trainable: decide that after
-    model.set_trainable_adapters()
+    trained = TRAINABLE_ADAPTERS_BY_STAGE[config.training_stage]
+    model.set_trainable_adapters([name for name in trained if not (args.freeze_compressor and name == ENCODER_ADAPTER)])
 
 
 def add_query_reasoner(model: ClaraForRAG, init: str = "encoder") -> None:

@@ -268,6 +268,22 @@ def test_memory_rows_stay_frozen_without_optimize_mem_tokens(tiny_llama_dir, tmp
     assert torch.equal(before, model.get_input_embeddings().weight)
 
 
+@pytest.mark.parametrize("stage", ["pretrain", "instruct"])
+def test_freeze_compressor_trains_the_generator_only(tiny_llama_dir, tmp_path, data_files, stage):
+    model = make_tiny_clara(tiny_llama_dir, training_stage="stage1")
+    args = training_args(tmp_path, stage, freeze_compressor=True, max_steps=2)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    ClaraTrainer(model, args, train_dataset=load_clara_jsonl(data_files[stage], stage)).train()
+    after = dict(model.named_parameters())
+    changed = {adapter_of(name) for name, old in before.items() if not torch.equal(old, after[name].detach())}
+    assert changed == {DECODER}  # neither the encoder adapter nor the memory rows moved
+
+
+def test_freeze_compressor_is_refused_in_e2e(tmp_path):
+    with pytest.raises(ValueError, match="freeze_compressor"):
+        training_args(tmp_path, "e2e", freeze_compressor=True)
+
+
 class GradientRecorder(TrainerCallback):
     def __init__(self, model):
         self.model, self.grads = model, None

@@ -5,7 +5,9 @@ pool and a held-out pool; every file below uses only its own pool, and the evalu
 (hotpotqa/musique/2wiki dev) are never read.
 
 Writes into --out-dir:
-  stage1_pretrain.jsonl / stage1_heldout.jsonl   Apple's stage-1 rows (data_type qa), train / held-out documents
+  stage1_pretrain.jsonl / stage1_heldout.jsonl   Apple's stage-1 rows (data_type qa), train / held-out documents;
+                                                 with --reconstruction each training document is also a
+                                                 paraphrase row whose target is the document itself
   stage2_instruct.jsonl                          {question, docs (k: gold + BM25 distractors), answer}
   stage3_e2e.jsonl                               {question, docs (n candidates), gold_answer, pos_index}
   heldout_qa.jsonl                               e2e-format rows over held-out documents (for checks)
@@ -63,6 +65,16 @@ def candidate_rows(rows: list[dict], n_docs: int, seed: int, answer_key: str) ->
     return out
 
 
+def with_reconstruction_rows(rows: list[dict], seed: int) -> list[dict]:
+    """Each document's QA row, then a row asking to restate it (Apple's paraphrase task with the document itself as
+    target: only the memory tokens can inform it), shuffled."""
+    mixed = []
+    for row in rows:
+        mixed += [row, {"data_type": "paraphrase", "answers": row["docs"], "docs": row["docs"]}]
+    random.Random(seed).shuffle(mixed)
+    return mixed
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
@@ -77,12 +89,14 @@ def main() -> None:
     parser.add_argument("--instruct-docs", type=int, default=3, help="documents per stage-2 question")
     parser.add_argument("--e2e-candidates", type=int, default=8, help="candidates per stage-3 question")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reconstruction", action="store_true",
+                        help="stage 1: add a restate-the-document row for every training document")
     args = parser.parse_args()
 
     rows = [json.loads(line) for line in open(args.source, encoding="utf-8")]
     train, heldout = split_documents(rows, args.n_heldout, args.seed)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(args.out_dir / "stage1_pretrain.jsonl", train)
+    write_jsonl(args.out_dir / "stage1_pretrain.jsonl", with_reconstruction_rows(train, args.seed) if args.reconstruction else train)
     write_jsonl(args.out_dir / "stage1_heldout.jsonl", heldout)
     write_jsonl(args.out_dir / "stage2_instruct.jsonl",
                 [{k: r[k] for k in ("question", "docs", "answer")} for r in candidate_rows(train, args.instruct_docs, args.seed, "answer")])
