@@ -94,6 +94,10 @@ class ClaraTrainingArguments(TrainingArguments):
             `pretrain`/`instruct`: keep the encoder adapter and the memory rows frozen, so only the generator trains
             and learns to read a fixed compressor (a warm-up that stops the compressor from collapsing to memory the
             generator can ignore). `e2e` always freezes the compressor.
+        freeze_generator (`bool`, *optional*, defaults to `False`):
+            Keep the decoder adapter frozen in any stage: the compressor (or, in `e2e`, the query reasoner) learns to
+            write memory the generator as it is can read, as ICAE trains its encoder against a frozen decoder. A
+            generator that trains alongside can instead learn to ignore the memory.
         optimize_mem_tokens (`bool`, *optional*):
             Train the memory-token embedding rows with the compressor. Default: the model's setting (`True`).
         decoder_max_length (`int`, *optional*):
@@ -143,6 +147,9 @@ class ClaraTrainingArguments(TrainingArguments):
     freeze_compressor: bool = field(
         default=False, metadata={"help": "pretrain/instruct: train the generator only, on a frozen compressor."}
     )
+    freeze_generator: bool = field(
+        default=False, metadata={"help": "Any stage: keep the decoder adapter frozen; train the compressor/reasoner."}
+    )
     optimize_mem_tokens: bool | None = field(
         default=None, metadata={"help": "Train the memory-token embedding rows with the compressor (default: model's)."}
     )
@@ -170,6 +177,8 @@ class ClaraTrainingArguments(TrainingArguments):
             raise ValueError(f"query_reasoner_init={self.query_reasoner_init!r} is not one of {QUERY_REASONER_INITS}")
         if self.freeze_compressor and self.stage == "e2e":
             raise ValueError("freeze_compressor=True is for the pretrain and instruct stages; e2e always freezes it")
+        if self.freeze_compressor and self.freeze_generator:
+            raise ValueError("freeze_compressor=True and freeze_generator=True together leave nothing to train")
         if self.mse_weight < 0 or self.retrieval_weight < 0:
             raise ValueError(
                 f"loss weights must be >= 0, got mse_weight={self.mse_weight}, retrieval_weight={self.retrieval_weight}"
@@ -288,7 +297,8 @@ def prepare_model_for_stage(model: ClaraForRAG, args: ClaraTrainingArguments) ->
         )
     model.decoder.set_adapter(model.adapter_names)  # peft makes every active adapter trainable: decide that after
     trained = TRAINABLE_ADAPTERS_BY_STAGE[config.training_stage]
-    model.set_trainable_adapters([name for name in trained if not (args.freeze_compressor and name == ENCODER_ADAPTER)])
+    frozen = (ENCODER_ADAPTER,) * args.freeze_compressor + (DECODER_ADAPTER,) * args.freeze_generator
+    model.set_trainable_adapters([name for name in trained if name not in frozen])
 
 
 def add_query_reasoner(model: ClaraForRAG, init: str = "encoder") -> None:

@@ -284,6 +284,23 @@ def test_freeze_compressor_is_refused_in_e2e(tmp_path):
         training_args(tmp_path, "e2e", freeze_compressor=True)
 
 
+@pytest.mark.parametrize("stage, trained", [("pretrain", {ENCODER, None}), ("e2e", {QUERY})])  # None: memory rows
+def test_freeze_generator_trains_the_compressor_or_reasoner_only(tiny_llama_dir, tmp_path, data_files, stage, trained):
+    model = make_tiny_clara(tiny_llama_dir, training_stage="stage1" if stage == "pretrain" else "stage2")
+    args = training_args(tmp_path, stage, freeze_generator=True, max_steps=2, n_candidates=4 if stage == "e2e" else None)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    dataset = load_clara_jsonl(data_files[stage], stage, n_candidates=args.n_candidates)
+    ClaraTrainer(model, args, train_dataset=dataset).train()
+    after = dict(model.named_parameters())
+    changed = {adapter_of(name) for name, old in before.items() if not torch.equal(old, after[name].detach())}
+    assert changed == trained
+
+
+def test_freezing_compressor_and_generator_together_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="nothing to train"):
+        training_args(tmp_path, "pretrain", freeze_compressor=True, freeze_generator=True)
+
+
 class GradientRecorder(TrainerCallback):
     def __init__(self, model):
         self.model, self.grads = model, None
