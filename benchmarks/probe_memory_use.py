@@ -79,11 +79,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", nargs="+", default=["shipped"], help="'embedded' (untrained), 'shipped' or paths")
     parser.add_argument("--data", required=True, help="evaluation JSONL (question, docs, pos_index, answers)")
     parser.add_argument("--n-questions", type=int, default=40)
+    parser.add_argument("--memory-projection", choices=("token_embeddings",), default=None,
+                        help="for 'embedded': build the untrained model with this memory projection")
     parser.add_argument("--target", choices=("answer", "passage"), default="answer",
                         help="score the gold answer, or the reconstruction of the gold passage")
     args = parser.parse_args(argv)
     pairs = probe_pairs(args.data, args.n_questions)
-    results = {name: probe(load_model_for_eval(name).eval(), pairs, args.target) for name in args.model}
+    results = {
+        name: probe(load_model_for_eval(name, memory_projection=args.memory_projection).eval(), pairs, args.target)
+        for name in args.model
+    }
     print(f"{len(pairs)} questions of {args.data}; {args.target} cross-entropy (nats/token), teacher-forced")
     print("| model | CE reading gold | CE reading other | gap (other - gold) | share with gold lower | memory cosine |")
     print("|---|---|---|---|---|---|")

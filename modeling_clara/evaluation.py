@@ -554,13 +554,16 @@ def load_model_for_eval(
     training_stage: str = "stage1_2",
     seed: int = 0,
     device: str | None = None,
+    memory_projection: str | None = None,
 ) -> ClaraForRAG:
-    """`"embedded"`: a fresh CLaRa on the embedded backbone (untrained; `seed` fixes its new token rows); else a
-    saved CLaRa (folder or Hub id, ours or Apple's) loaded with `from_pretrained`."""
+    """`"embedded"`: a fresh CLaRa on the embedded backbone (untrained; `seed` fixes its new token rows;
+    `memory_projection` as in [`ClaraConfig`]); else a saved CLaRa (folder or Hub id, ours or Apple's) loaded with
+    `from_pretrained`."""
     if name == EMBEDDED_BACKBONE:
         torch.manual_seed(seed)
         model = ClaraForRAG.from_backbone(
-            EMBEDDED_BACKBONE, compr_rate=compr_rate, doc_max_length=doc_max_length, training_stage=training_stage
+            EMBEDDED_BACKBONE, compr_rate=compr_rate, doc_max_length=doc_max_length, training_stage=training_stage,
+            memory_projection=memory_projection,
         )
     else:
         model = ClaraForRAG.from_pretrained(name)
