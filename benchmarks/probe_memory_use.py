@@ -20,6 +20,7 @@ import statistics
 import torch
 from tqdm.auto import tqdm
 
+from modeling_clara.configuration_clara import MEMORY_PROJECTIONS
 from modeling_clara.data import ClaraPretrainCollator, make_collator
 from modeling_clara.evaluation import load_eval_data, load_model_for_eval
 from modeling_clara.modeling_clara import cosine_scores
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", nargs="+", default=["shipped"], help="'embedded' (untrained), 'shipped' or paths")
     parser.add_argument("--data", required=True, help="evaluation JSONL (question, docs, pos_index, answers)")
     parser.add_argument("--n-questions", type=int, default=40)
-    parser.add_argument("--memory-projection", choices=("token_embeddings",), default=None,
+    parser.add_argument("--memory-projection", choices=[p for p in MEMORY_PROJECTIONS if p is not None], default=None,
                         help="for 'embedded': build the untrained model with this memory projection")
     parser.add_argument("--target", choices=("answer", "passage"), default="answer",
                         help="score the gold answer, or the reconstruction of the gold passage")

@@ -33,6 +33,7 @@ from transformers import HfArgumentParser, PretrainedConfig, Trainer, TrainingAr
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
+from .configuration_clara import MEMORY_PROJECTIONS
 from .data import DEFAULT_DECODER_MAX_LENGTH, STAGE_NAMES, load_clara_jsonl, make_collator
 from .modeling_clara import (
     APPLE_ADAPTERS_FILE,
@@ -141,7 +142,7 @@ class ClaraTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "Fresh models: 'token_embeddings' feeds the generator token-embedding mixtures (default: raw states).",
-            "choices": ("token_embeddings",),
+            "choices": [projection for projection in MEMORY_PROJECTIONS if projection is not None],
         },
     )
     freeze_compressor: bool = field(

@@ -268,32 +268,29 @@ def test_memory_rows_stay_frozen_without_optimize_mem_tokens(tiny_llama_dir, tmp
     assert torch.equal(before, model.get_input_embeddings().weight)
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "instruct"])
-def test_freeze_compressor_trains_the_generator_only(tiny_llama_dir, tmp_path, data_files, stage):
-    model = make_tiny_clara(tiny_llama_dir, training_stage="stage1")
-    args = training_args(tmp_path, stage, freeze_compressor=True, max_steps=2)
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    ClaraTrainer(model, args, train_dataset=load_clara_jsonl(data_files[stage], stage)).train()
-    after = dict(model.named_parameters())
-    changed = {adapter_of(name) for name, old in before.items() if not torch.equal(old, after[name].detach())}
-    assert changed == {DECODER}  # neither the encoder adapter nor the memory rows moved
-
-
-def test_freeze_compressor_is_refused_in_e2e(tmp_path):
-    with pytest.raises(ValueError, match="freeze_compressor"):
-        training_args(tmp_path, "e2e", freeze_compressor=True)
-
-
-@pytest.mark.parametrize("stage, trained", [("pretrain", {ENCODER, None}), ("e2e", {QUERY})])  # None: memory rows
-def test_freeze_generator_trains_the_compressor_or_reasoner_only(tiny_llama_dir, tmp_path, data_files, stage, trained):
-    model = make_tiny_clara(tiny_llama_dir, training_stage="stage1" if stage == "pretrain" else "stage2")
-    args = training_args(tmp_path, stage, freeze_generator=True, max_steps=2, n_candidates=4 if stage == "e2e" else None)
+@pytest.mark.parametrize(
+    "stage, freeze, trained",
+    [
+        ("pretrain", "freeze_compressor", {DECODER}),  # neither the encoder adapter nor the memory rows moved
+        ("instruct", "freeze_compressor", {DECODER}),
+        ("pretrain", "freeze_generator", {ENCODER, None}),  # None: the memory rows
+        ("e2e", "freeze_generator", {QUERY}),
+    ],
+)
+def test_freezing_one_side_trains_the_rest_only(tiny_llama_dir, tmp_path, data_files, stage, freeze, trained):
+    model = make_tiny_clara(tiny_llama_dir, training_stage="stage2" if stage == "e2e" else "stage1")
+    args = training_args(tmp_path, stage, max_steps=2, n_candidates=4 if stage == "e2e" else None, **{freeze: True})
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     dataset = load_clara_jsonl(data_files[stage], stage, n_candidates=args.n_candidates)
     ClaraTrainer(model, args, train_dataset=dataset).train()
     after = dict(model.named_parameters())
     changed = {adapter_of(name) for name, old in before.items() if not torch.equal(old, after[name].detach())}
     assert changed == trained
+
+
+def test_freeze_compressor_is_refused_in_e2e(tmp_path):
+    with pytest.raises(ValueError, match="freeze_compressor"):
+        training_args(tmp_path, "e2e", freeze_compressor=True)
 
 
 def test_freezing_compressor_and_generator_together_is_refused(tmp_path):
