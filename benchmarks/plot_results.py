@@ -30,7 +30,7 @@ BASELINES = {  # method -> (label, line style)
     "closed_book": ("closed book", (0, (1, 3))),
 }
 BASELINE_COLORS = {"text_rag_minilm": "C1", "text_rag_bm25": "C2", "text_oracle": "C3", "closed_book": "gray"}
-METHOD_LABELS = {"clara": "CLaRa", **{m: label for m, (label, _) in BASELINES.items()}}
+METHOD_LABELS = {"clara": "CLaRa", "clara_wrong_memory": "CLaRa, wrong memory (control)", **{m: label for m, (label, _) in BASELINES.items()}}
 
 
 def load_summaries(folders: list[Path]) -> list[dict]:

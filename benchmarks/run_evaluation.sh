@@ -34,7 +34,7 @@ tag() { case "$1" in embedded:*) echo "embedded-cr${1#embedded:}" ;; *) basename
 first=1
 for model in $MODELS; do
   for k in $TOP_KS; do
-    methods=(clara)
+    methods=(clara clara_wrong_memory)  # the control shows how much of the score comes from reading memory
     [ "$first" = 1 ] && methods+=(closed_book text_rag_bm25 text_rag_minilm text_oracle)
     # shellcheck disable=SC2046
     clara eval $(model_args "$model") "${common[@]}" --method "${methods[@]}" --setting normal oracle --top-k "$k" \

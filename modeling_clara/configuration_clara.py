@@ -60,6 +60,9 @@ class ClaraConfig(PretrainedConfig):
             Temperature of the straight-through top-k on cosine scores (Apple's value).
         mse_weight (`float`, *optional*, defaults to 0.1):
             Weight of the memory/document hidden-state MSE in the compression stages.
+        mse_stop_gradient (`bool`, *optional*, defaults to `False`):
+            Detach the document-side mean in the MSE, so the term moves the memory toward the document and not both
+            toward each other (Apple's MSE lets gradient reach both sides).
         retrieval_weight (`float`, *optional*, defaults to 0.0):
             Weight of the contrastive retrieval loss over `pos_index` in the end-to-end stage (0 = logged only).
         memory_projection (`str`, *optional*):
@@ -95,6 +98,7 @@ class ClaraConfig(PretrainedConfig):
         stage2_retrieval_top_n: int = 1,
         topk_temperature: float = 0.02,
         mse_weight: float = 0.1,
+        mse_stop_gradient: bool = False,
         retrieval_weight: float = 0.0,
         memory_projection: str | None = None,
         base_vocab_size: int | None = None,
@@ -142,6 +146,7 @@ class ClaraConfig(PretrainedConfig):
         self.stage2_retrieval_top_n = stage2_retrieval_top_n
         self.topk_temperature = topk_temperature
         self.mse_weight = mse_weight
+        self.mse_stop_gradient = mse_stop_gradient
         self.retrieval_weight = retrieval_weight
         self.memory_projection = memory_projection
         self.base_vocab_size = base_vocab_size

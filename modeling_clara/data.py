@@ -19,6 +19,8 @@ hold only a [`ClaraProcessor`] and plain values, so they pickle into DataLoader 
 
 import json
 import os
+import random
+import re
 from dataclasses import dataclass
 
 import datasets
@@ -235,6 +237,29 @@ def _texts(record: dict, key: str, where: str) -> list[str]:
         if not value.strip():
             raise ClaraDataError(f"{where}: `{key}[{i}]` is empty or whitespace-only")
     return values
+
+
+def with_channel_rows(dataset: datasets.Dataset, rows_per_row: float, seed: int) -> datasets.Dataset:
+    """`dataset` (pretrain) with `round(rows_per_row * len(dataset))` random-word-list rows added, shuffled.
+
+    Each added row is a paraphrase row whose document and target are the same list of 8-12 words drawn from the
+    vocabulary of the dataset's documents. The language-model prior cannot predict such a list, so only the memory
+    can lower its loss: the rows open the memory channel while real text, which the prior already predicts well,
+    would teach the generator to ignore it (README, "Teaching a small backbone to read its memory").
+    """
+    n_rows = round(rows_per_row * len(dataset))
+    if n_rows == 0:
+        return dataset
+    vocabulary = sorted({word for docs in dataset["docs"] for doc in docs for word in re.findall(r"[A-Za-z]{3,}", doc)})
+    if len(vocabulary) < 12:
+        raise ValueError(f"channel rows need at least 12 distinct words in the documents, found {len(vocabulary)}")
+    rng = random.Random(seed)
+    lists = [" ".join(rng.sample(vocabulary, rng.randint(8, 12))) for _ in range(n_rows)]
+    channel = datasets.Dataset.from_dict(
+        {"task": ["paraphrase"] * n_rows, "questions": [[]] * n_rows, "answers": [[t] for t in lists], "docs": [[t] for t in lists]},
+        features=FEATURES["pretrain"],
+    )
+    return datasets.concatenate_datasets([dataset, channel]).shuffle(seed=seed)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ contributes every `*.jsonl` in this format; training files such as the SCP sampl
 Methods (`--method`), all on the same backbone:
   clara            CLaRa reads k compressed candidates, ranked by its query reasoner (a model without one reads
                    them in the given order).
+  clara_wrong_memory  the control for grounding: CLaRa reads k compressed candidates that are not gold (the first
+                   non-gold ones in the given order). Its gap to `clara` is what reading the memory is worth.
   closed_book      the plain backbone (adapters off), no documents: CLaRa's answer prompt without a Background.
   text_rag_bm25    the plain backbone reads the top-k candidates by BM25 as text in the Background.
   text_rag_minilm  the same, ranked by MiniLM (all-MiniLM-L6-v2).
@@ -40,9 +42,10 @@ from .text_retrieval import load_text_retriever, oracle_candidates
 
 logger = logging.get_logger(__name__)
 
-METHODS = ("clara", "closed_book", "text_rag_bm25", "text_rag_minilm", "text_oracle")
+METHODS = ("clara", "clara_wrong_memory", "closed_book", "text_rag_bm25", "text_rag_minilm", "text_oracle")
 SETTINGS = ("normal", "oracle")
 RANKERS = ("clara", "bm25", "minilm", "given_order")
+CONTROL_RANKERS = ("non_gold",)  # clara_wrong_memory's: not a retriever, so not in `clara eval-retrieval`
 RECALL_KS = (1, 3, 5)
 METRIC_KEYS = ("apple_em", "apple_f1", "apple_cover_em", "em", "f1", "cover_em")
 RANKING_KEYS = tuple(f"recall@{k}" for k in RECALL_KS) + ("gold_read",)
@@ -189,13 +192,10 @@ def text_prompt(model: ClaraForRAG, question: str, passages: list[str]) -> str:
 def generate_text(model: ClaraForRAG, prompts: list[str], max_new_tokens: int, **generate_kwargs) -> list[str]:
     """Greedy answers of the bare backbone (every adapter disabled, re-enabled after) to text prompts."""
     inputs = model.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(model.device)
-    model.decoder.disable_adapters()
-    try:
+    with model.adapters_disabled():
         output = model.decoder.generate(
             **inputs, max_new_tokens=max_new_tokens, **{"do_sample": False, **generate_kwargs}
         )
-    finally:
-        model.decoder.enable_adapters()
     new_tokens = output[:, inputs["input_ids"].shape[1] :]
     return [text.strip() for text in model.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
@@ -226,8 +226,8 @@ class Ranker:
     """Orders each question's candidates: `rank(batch) -> (rankings, scores or None)`, scores aligned with rankings."""
 
     def __init__(self, name: str, model: ClaraForRAG | None = None, compressed: CompressedDocuments | None = None):
-        if name not in RANKERS:
-            raise ValueError(f"unknown ranker {name!r}; choose from {RANKERS}")
+        if name not in RANKERS + CONTROL_RANKERS:
+            raise ValueError(f"unknown ranker {name!r}; choose from {RANKERS + CONTROL_RANKERS}")
         if name == "clara" and (model is None or not model.has_query_reasoner):
             adapters = None if model is None else model.adapter_names
             raise ValueError(f"ranking by CLaRa needs a model with a query reasoner (this one has {adapters})")
@@ -238,6 +238,8 @@ class Ranker:
     def rank(self, batch: list[EvalExample]) -> tuple[list[list[int]], list[list[float]] | None]:
         if self.name == "given_order":
             return [list(range(len(ex.docs))) for ex in batch], None
+        if self.name == "non_gold":
+            return [_non_gold_candidates(ex) for ex in batch], None
         if self.text_retriever is not None:
             return self.text_retriever.rank_batch([ex.question for ex in batch], [ex.docs for ex in batch]), None
         candidates = [self.compressed(ex.docs) for ex in batch]
@@ -245,6 +247,13 @@ class Ranker:
             [ex.question for ex in batch], candidates, k=max(len(ex.docs) for ex in batch)
         )
         return [i.tolist() for i in indices], [[round(v, 6) for v in s.tolist()] for s in scores]
+
+
+def _non_gold_candidates(example: EvalExample) -> list[int]:
+    others = [i for i in range(len(example.docs)) if i not in example.pos_index]
+    if not others:
+        raise ValueError(f"example {example.id!r}: every candidate is gold, so clara_wrong_memory has none to read")
+    return others
 
 
 @dataclass
@@ -256,6 +265,7 @@ class MethodSpec:
 
 METHOD_SPECS = {
     "clara": MethodSpec("clara", "compressed"),
+    "clara_wrong_memory": MethodSpec("non_gold", "compressed", fixed_setting="normal"),
     "closed_book": MethodSpec(None, "nothing", fixed_setting="none"),
     "text_rag_bm25": MethodSpec("bm25", "text"),
     "text_rag_minilm": MethodSpec("minilm", "text"),

@@ -573,6 +573,8 @@ class ClaraForRAG(ClaraPreTrainedModel):
         attended = attention_mask.bool().clone()
         attended[:, -self.n_mem_tokens :] = False
         text_mean = (states * attended.unsqueeze(-1)).sum(dim=1) / attended.sum(dim=1, keepdim=True)
+        if self.config.mse_stop_gradient:
+            text_mean = text_mean.detach()
         mse_loss = F.mse_loss(text_mean, memory.mean(dim=1))  # between hidden states, before any projection
         return self._project_memory(memory), mse_loss
 

@@ -21,20 +21,18 @@ Every `TrainingArguments` option works (`--gradient_accumulation_steps`, `--grad
 """
 
 import argparse
-import copy
 import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field, fields
 
 import torch
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import HfArgumentParser, PretrainedConfig, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from .configuration_clara import MEMORY_PROJECTIONS
-from .data import DEFAULT_DECODER_MAX_LENGTH, STAGE_NAMES, load_clara_jsonl, make_collator
+from .data import DEFAULT_DECODER_MAX_LENGTH, STAGE_NAMES, load_clara_jsonl, make_collator, with_channel_rows
 from .modeling_clara import (
     APPLE_ADAPTERS_FILE,
     DECODER_ADAPTER,
@@ -51,9 +49,21 @@ logger = logging.get_logger(__name__)
 STAGES = {"pretrain": "stage1", "instruct": "stage1_2", "e2e": "stage2"}
 # Apple's scripts (train_pretraining.sh, train_instruction_tuning.sh, train_stage_end_to_end.sh) and train_sft.py.
 STAGE_DEFAULTS = {
-    "pretrain": {"learning_rate": 1e-4, "lr_scheduler_type": "cosine_with_min_lr"},
-    "instruct": {"learning_rate": 1e-4, "lr_scheduler_type": "cosine_with_min_lr"},
-    "e2e": {"learning_rate": 5e-6, "lr_scheduler_type": "constant"},
+    "pretrain": {"learning_rate": 1e-4, "lr_scheduler_type": "cosine_with_min_lr", "mse_weight": 0.1},
+    "instruct": {"learning_rate": 1e-4, "lr_scheduler_type": "cosine_with_min_lr", "mse_weight": 0.1},
+    "e2e": {"learning_rate": 5e-6, "lr_scheduler_type": "constant", "mse_weight": 0.1},
+}
+# Recipes change the defaults above (an explicit argument still wins). "apple" is Apple's, which Apple's checkpoints
+# were trained with; "small" was measured to make a small backbone read its memory on a CPU budget (README, "Teaching
+# a small backbone to read its memory"). `channel_rows`: stage-1 rows of random word lists (doc = target) mixed in
+# per training row: the language-model prior cannot predict them, so from the first step only memory lowers their loss.
+RECIPES = {
+    "apple": {"pretrain": {}, "instruct": {}, "e2e": {}},
+    "small": {
+        "pretrain": {"mse_weight": 0.0, "channel_rows": 0.67, "learning_rate": 5e-4, "lr_scheduler_type": "constant"},
+        "instruct": {"mse_weight": 0.0, "learning_rate": 2e-4, "lr_scheduler_type": "constant"},
+        "e2e": {"learning_rate": 5e-5, "retrieval_weight": 1.0},
+    },
 }
 QUERY_REASONER_INITS = ("encoder", "fresh")
 # Architecture fields: a fresh model takes them, a checkpoint must already have them.
@@ -69,12 +79,22 @@ class ClaraTrainingArguments(TrainingArguments):
         stage (`str`, *optional*, defaults to `"pretrain"`):
             `"pretrain"` (Apple `stage1`), `"instruct"` (`stage1_2`) or `"e2e"` (`stage2`); decides the data format, the
             collator, which adapters train and the loss.
-        mse_weight (`float`, *optional*, defaults to 0.1):
-            Weight of the memory/document MSE in the compression stages (Apple's `--mse_loss`, lambda = 0.1). In `e2e`
-            the compressor is frozen and its MSE only logged.
-        retrieval_weight (`float`, *optional*, defaults to 0.0):
-            `e2e`: weight of the contrastive retrieval loss over `pos_index` (a supervised warm-up; CLaRa itself uses
-            none). Logged in any case.
+        recipe (`str`, *optional*, defaults to `"apple"`):
+            Defaults for the arguments below that are not given: `"apple"` (Apple's scripts) or `"small"` (for small
+            backbones on little compute: no MSE, random-word channel rows in `pretrain`, higher constant learning
+            rates, an InfoNCE warm-up in `e2e`). See `RECIPES`.
+        mse_weight (`float`, *optional*):
+            Weight of the memory/document MSE in the compression stages (Apple's `--mse_loss`, lambda = 0.1; the
+            `small` recipe's 0). In `e2e` the compressor is frozen and its MSE only logged.
+        mse_stop_gradient (`bool`, *optional*, defaults to `False`):
+            Stop the MSE's gradient on the document-side mean, so only the memory moves toward the document (Apple
+            lets both move, which lets them meet at one passage-independent point).
+        channel_rows (`float`, *optional*):
+            `pretrain`: add this many random-word-list rows per training row (doc = target = 8-12 words drawn from the
+            training documents' vocabulary; seeded by `--seed`). Apple: 0; `small`: 0.67.
+        retrieval_weight (`float`, *optional*):
+            `e2e`: weight of the contrastive retrieval loss over `pos_index` (a supervised warm-up, Apple's
+            `stage2_pretrain_retrieval`; Apple's default 0, `small` 1). Logged in any case.
         topk_temperature (`float`, *optional*, defaults to 0.02):
             Temperature of the straight-through top-k on cosine scores (Apple's value).
         query_reasoner_init (`str`, *optional*, defaults to `"encoder"`):
@@ -117,9 +137,21 @@ class ClaraTrainingArguments(TrainingArguments):
         default="pretrain",
         metadata={"help": "CLaRa stage: pretrain (stage1), instruct (stage1_2), e2e (stage2).", "choices": STAGE_NAMES},
     )
-    mse_weight: float = field(default=0.1, metadata={"help": "Weight of the memory/document MSE (compression stages)."})
-    retrieval_weight: float = field(
-        default=0.0, metadata={"help": "e2e: weight of the contrastive retrieval loss over pos_index (0 = logged only)."}
+    recipe: str = field(
+        default="apple",
+        metadata={"help": "Defaults of the arguments not given: apple (Apple's scripts) or small.", "choices": tuple(RECIPES)},
+    )
+    mse_weight: float | None = field(
+        default=None, metadata={"help": "Weight of the memory/document MSE (compression stages; apple 0.1, small 0)."}
+    )
+    mse_stop_gradient: bool = field(
+        default=False, metadata={"help": "No MSE gradient into the document-side mean (only the memory moves)."}
+    )
+    channel_rows: float | None = field(
+        default=None, metadata={"help": "pretrain: random-word-list rows added per training row (apple 0, small 0.67)."}
+    )
+    retrieval_weight: float | None = field(
+        default=None, metadata={"help": "e2e: weight of the InfoNCE retrieval loss over pos_index (apple 0, small 1)."}
     )
     topk_temperature: float = field(default=0.02, metadata={"help": "Temperature of the straight-through top-k."})
     query_reasoner_init: str = field(
@@ -180,17 +212,21 @@ class ClaraTrainingArguments(TrainingArguments):
             raise ValueError("freeze_compressor=True is for the pretrain and instruct stages; e2e always freezes it")
         if self.freeze_compressor and self.freeze_generator:
             raise ValueError("freeze_compressor=True and freeze_generator=True together leave nothing to train")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe={self.recipe!r} is not one of {tuple(RECIPES)}")
+        defaults = {"retrieval_weight": 0.0, "channel_rows": 0.0, **STAGE_DEFAULTS[self.stage]}
+        defaults.update(RECIPES[self.recipe][self.stage])
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.mse_weight < 0 or self.retrieval_weight < 0:
             raise ValueError(
                 f"loss weights must be >= 0, got mse_weight={self.mse_weight}, retrieval_weight={self.retrieval_weight}"
             )
+        if self.channel_rows < 0 or (self.channel_rows and self.stage != "pretrain"):
+            raise ValueError(f"channel_rows={self.channel_rows} must be >= 0, and is for the pretrain stage only")
         if not self.topk_temperature > 0:
             raise ValueError(f"topk_temperature={self.topk_temperature} must be > 0")
-        defaults = STAGE_DEFAULTS[self.stage]
-        if self.learning_rate is None:
-            self.learning_rate = defaults["learning_rate"]
-        if self.lr_scheduler_type is None:
-            self.lr_scheduler_type = defaults["lr_scheduler_type"]
         if self.lr_scheduler_type == "cosine_with_min_lr" and not self.lr_scheduler_kwargs:
             self.lr_scheduler_kwargs = {"min_lr_rate": 0.1}
         if self.decoder_max_length is None:
@@ -246,12 +282,27 @@ def load_model_for_stage(model_name_or_path: str, args: ClaraTrainingArguments) 
         for name, value in architecture.items()
         if getattr(model.config, name) != value
     }
+    if differ and _is_length_curriculum(model.config, architecture):
+        logger.info(f"Length curriculum: same {model.n_mem_tokens} memory tokens, now reading {differ}")
+        return ClaraForRAG.from_pretrained(model_name_or_path, training_stage=stage, **overrides, **architecture)
     if differ:
         raise ValueError(
             f"{model_name_or_path} is a CLaRa checkpoint with its own architecture; these arguments differ from it "
-            f"(given, checkpoint): {differ}. Drop them, or start from a backbone."
+            f"(given, checkpoint): {differ}. Drop them, start from a backbone, or keep doc_max_length // compr_rate "
+            "(a length curriculum)."
         )
     return model
+
+
+def _is_length_curriculum(config, architecture: dict) -> bool:
+    """Whether `architecture` changes only `doc_max_length`/`compr_rate`, keeping `n_mem_tokens`: the memory tokens,
+    their embedding rows and every adapter stay valid, so a model trained on short documents can go on with long
+    ones (a curriculum over document length)."""
+    if not architecture.keys() <= {"doc_max_length", "compr_rate"}:
+        return False
+    doc_max_length = architecture.get("doc_max_length", config.doc_max_length)
+    compr_rate = architecture.get("compr_rate", config.compr_rate)
+    return doc_max_length // compr_rate == config.n_mem_tokens
 
 
 def is_clara_checkpoint(name: str) -> bool:
@@ -282,6 +333,7 @@ def prepare_model_for_stage(model: ClaraForRAG, args: ClaraTrainingArguments) ->
     config = model.config
     config.training_stage = STAGES[args.stage]
     config.mse_weight = args.mse_weight
+    config.mse_stop_gradient = args.mse_stop_gradient
     config.retrieval_weight = args.retrieval_weight
     config.topk_temperature = args.topk_temperature
     if args.generation_top_k is not None:
@@ -296,7 +348,7 @@ def prepare_model_for_stage(model: ClaraForRAG, args: ClaraTrainingArguments) ->
         raise ValueError(
             f"stage {args.stage!r} needs adapters {missing}, which this model lacks (it has {model.adapter_names})"
         )
-    model.decoder.set_adapter(model.adapter_names)  # peft makes every active adapter trainable: decide that after
+    model.set_active_adapters(model.adapter_names)  # peft makes every active adapter trainable: decide that after
     trained = TRAINABLE_ADAPTERS_BY_STAGE[config.training_stage]
     frozen = (ENCODER_ADAPTER,) * args.freeze_compressor + (DECODER_ADAPTER,) * args.freeze_generator
     model.set_trainable_adapters([name for name in trained if name not in frozen])
@@ -309,11 +361,7 @@ def add_query_reasoner(model: ClaraForRAG, init: str = "encoder") -> None:
         raise ValueError(f"init={init!r} is not one of {QUERY_REASONER_INITS}")
     if model.has_query_reasoner:
         raise ValueError(f"the model already has a {QUERY_REASONER_ADAPTER!r}")
-    lora_config = copy.deepcopy(model.decoder.peft_config[ENCODER_ADAPTER])
-    model.decoder.add_adapter(lora_config, adapter_name=QUERY_REASONER_ADAPTER)
-    if init == "encoder":
-        state = get_peft_model_state_dict(model.decoder, adapter_name=ENCODER_ADAPTER, save_embedding_layers=False)
-        set_peft_model_state_dict(model.decoder, state, adapter_name=QUERY_REASONER_ADAPTER)
+    model.add_lora_adapter(QUERY_REASONER_ADAPTER, copy_of=ENCODER_ADAPTER if init == "encoder" else None)
     logger.info(f"Added {QUERY_REASONER_ADAPTER} ({'copy of ' + ENCODER_ADAPTER if init == 'encoder' else 'fresh LoRA'})")
 
 
@@ -442,6 +490,8 @@ def train_clara(script_args: ClaraScriptArguments, args: ClaraTrainingArguments,
     train_dataset = load_clara_jsonl(
         script_args.data, args.stage, n_candidates=args.n_candidates, max_samples=script_args.max_train_samples
     )
+    if args.channel_rows:
+        train_dataset = with_channel_rows(train_dataset, args.channel_rows, args.seed)
     eval_dataset = None
     if script_args.eval_data:
         eval_dataset = load_clara_jsonl(script_args.eval_data, args.stage, n_candidates=args.n_candidates)

@@ -143,6 +143,21 @@ def test_clara_without_query_reasoner_reads_the_given_order(tiny_llama_dir, data
     assert [r["selected"] for r in records] == [[0, 1]] * len(ROWS)
 
 
+def test_wrong_memory_control_reads_only_non_gold_candidates(tiny_clara, data_file, tmp_path):
+    summary = evaluate_file(tiny_clara, data_file, "clara_wrong_memory", "oracle", k=2, max_new_tokens=3,
+                            output_dir=tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "tiny_dev/clara_wrong_memory-normal-k2.jsonl").read_text().splitlines()]
+    assert summary["gold_read"] == 0.0 and summary["setting"] == "normal"  # the oracle setting does not apply
+    expected = [[i for i in range(len(row["docs"])) if i not in row["pos_index"]][:2] for row in ROWS]
+    assert [r["selected"] for r in records] == expected
+
+
+def test_wrong_memory_control_needs_a_non_gold_candidate(tiny_clara, tmp_path):
+    all_gold = write_jsonl(tmp_path / "gold_dev.jsonl", [{**ROWS[0], "pos_index": [0, 1, 2, 3]}])
+    with pytest.raises(ValueError, match="every candidate is gold"):
+        evaluate_file(tiny_clara, all_gold, "clara_wrong_memory", "normal", k=2, max_new_tokens=3, output_dir=tmp_path)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Prompts and the plain backbone
 
@@ -369,15 +384,18 @@ def test_memory_probe_sees_only_the_passage(tiny_llama_dir, data_file, target):
     """The probe's gap comes from the passage read and nothing else: zero when both passages are the same text,
     non-zero for a random model reading different passages."""
     from conftest import make_tiny_clara
+    from modeling_clara.probing import ProbeCase, probe_memory_use
 
     script = load_script("probe_memory_use")
     model = make_tiny_clara(tiny_llama_dir, training_stage="stage1_2").eval()
-    pairs = script.probe_pairs(str(data_file), n_questions=3)
-    assert [p[2] for p in pairs] == [ROWS[i]["docs"][ROWS[i]["pos_index"][0]] for i in range(3)]
-    same = script.probe(model, [(q, a, gold, gold) for q, a, gold, _ in pairs], target)
+    cases = script.probe_cases(str(data_file), n_questions=3, target=target)
+    assert [c.gold for c in cases] == [ROWS[i]["docs"][ROWS[i]["pos_index"][0]] for i in range(3)]
+    expected = [ROWS[i]["answers"][0] if target == "answer" else c.gold for i, c in enumerate(cases)]
+    assert [c.target for c in cases] == expected
+    same = probe_memory_use(model, [ProbeCase(c.question, c.target, c.gold, c.gold) for c in cases], target)
     assert same["gap"] == 0 and same["gold_lower"] == 0
     assert same["memory_cosine"] == pytest.approx(1.0)
-    different = script.probe(model, pairs, target)
+    different = probe_memory_use(model, cases, target)
     assert different["gap"] != 0
     assert different["memory_cosine"] < 0.999
     assert different["gap"] == pytest.approx(different["ce_other"] - different["ce_gold"])

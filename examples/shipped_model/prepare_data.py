@@ -8,6 +8,8 @@ Writes into --out-dir:
   stage1_pretrain.jsonl / stage1_heldout.jsonl   Apple's stage-1 rows (data_type qa), train / held-out documents;
                                                  with --reconstruction each training document is also a
                                                  paraphrase row whose target is the document itself
+  stage1_short.jsonl                             each training document's first 40 words, as doc and target
+                                                 (reconstruction at a short doc_max_length)
   stage2_instruct.jsonl                          {question, docs (k: gold + BM25 distractors), answer}
   stage3_e2e.jsonl                               {question, docs (n candidates), gold_answer, pos_index}
   heldout_qa.jsonl                               e2e-format rows over held-out documents (for checks)
@@ -75,6 +77,16 @@ def with_reconstruction_rows(rows: list[dict], seed: int) -> list[dict]:
     return mixed
 
 
+def short_reconstruction_rows(rows: list[dict], n_words: int) -> list[dict]:
+    """Each document cut to its first `n_words` words, as a paraphrase row whose target is that same text: a
+    reconstruction the compressor sees whole at a short `doc_max_length` (the first rung of a length curriculum)."""
+    out = []
+    for row in rows:
+        text = " ".join(row["docs"][0].split()[:n_words])
+        out.append({"data_type": "paraphrase", "answers": [text], "docs": [text]})
+    return out
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
@@ -91,6 +103,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reconstruction", action="store_true",
                         help="stage 1: add a restate-the-document row for every training document")
+    parser.add_argument("--short-reconstruction-words", type=int, default=40,
+                        help="words per document in stage1_short.jsonl (short reconstruction rows)")
     args = parser.parse_args()
 
     rows = [json.loads(line) for line in open(args.source, encoding="utf-8")]
@@ -98,6 +112,7 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(args.out_dir / "stage1_pretrain.jsonl", with_reconstruction_rows(train, args.seed) if args.reconstruction else train)
     write_jsonl(args.out_dir / "stage1_heldout.jsonl", heldout)
+    write_jsonl(args.out_dir / "stage1_short.jsonl", short_reconstruction_rows(train, args.short_reconstruction_words))
     write_jsonl(args.out_dir / "stage2_instruct.jsonl",
                 [{k: r[k] for k in ("question", "docs", "answer")} for r in candidate_rows(train, args.instruct_docs, args.seed, "answer")])
     write_jsonl(args.out_dir / "stage3_e2e.jsonl", candidate_rows(train, args.e2e_candidates, args.seed + 1, "gold_answer"))

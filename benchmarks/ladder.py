@@ -1,0 +1,226 @@
+"""The learnability ladder: can a recipe teach the embedded backbone to read its memory, from easy to real text?
+
+Each rung trains a fresh CLaRa on the embedded SmolLM2-135M with `clara train` (one arm = one set of arguments) and
+then probes held-out rows with `modeling_clara.probing`: the target's cross-entropy reading its own passage's memory
+(`ce_gold`) and another passage's (`ce_other`).
+
+| rung | task | stage | passes when |
+|---|---|---|---|
+| 1 | code word: doc "The code word is W." -> target W (8 single-token words) | pretrain | ce_gold < floor / 2 |
+| 2 | which of several facts: 2-4 facts "X's A is V." -> question "What is X's A?" -> V | instruct | ce_gold < floor / 2 |
+| 3a / 3b / 3c | real SCP passages, reconstruction (+ QA rows at 3c): doc 64 CR 4, 128 CR 8, 256 CR 16 | pretrain | passage gap >= 0.5 |
+
+The floor of rungs 1-2 is the best cross-entropy without memory: the value is one of K equally likely single tokens,
+so `ln K` spread over the target's tokens. Rung 3's reference is the prior (`ce_other`). Rungs 3a-3c keep 16 memory
+tokens, so one model can climb them in order (a length curriculum: `clara train` accepts a checkpoint with a new
+`doc_max_length`/`compr_rate` when `doc_max_length // compr_rate` stays the same).
+
+    python benchmarks/ladder.py --rungs 1 2 --arms apple mse0            # ~10 min per arm and rung on 2 cores
+    python benchmarks/ladder.py --rungs 3a --arms small --max-steps 300  # ~35 min
+
+Results are appended to `<out>/results.jsonl` (a finished rung/arm is not run again) and printed as a table.
+"""
+
+import argparse
+import json
+import math
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from modeling_clara import ClaraForRAG
+from modeling_clara.modeling_clara import resolve_embedded_backbone
+from modeling_clara.probing import ProbeCase, make_probe_collator, probe_memory_use
+from modeling_clara.training import parse_train_args, train_clara
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "shipped_model"))
+from prepare_data import DEFAULT_SOURCE, short_reconstruction_rows, split_documents  # noqa: E402
+
+# Arms differ only in what they name; every arm trains with the same optimiser settings (COMMON_ARGS).
+ARMS = {
+    "apple": [],  # Apple's loss: CE + 0.1 * MSE
+    "mse0": ["--mse_weight", "0"],
+    "mse_stopgrad": ["--mse_stop_gradient", "true"],  # 0.1 * MSE, no gradient into the document-side mean
+    "small": ["--recipe", "small"],  # the small recipe: no MSE, random-word channel rows (pretrain)
+}
+COMMON_ARGS = [
+    "--lora_r", "8", "--per_device_train_batch_size", "4", "--learning_rate", "5e-4", "--lr_scheduler_type", "constant",
+    "--logging_steps", "10", "--save_strategy", "no", "--disable_tqdm", "true", "--dataloader_pin_memory", "false",
+]
+# Every code word and value is one token of the embedded tokenizer with and without a leading space, so the floor
+# is exactly ln K over the target's tokens.
+CODE_WORDS = ("apple", "river", "water", "stone", "house", "music", "paper", "light")
+NAMES = ("Anna", "Ben", "Clara", "David", "Emma", "Felix", "Grace", "Henry", "Iris", "Jack", "Kate", "Leo")
+ATTRIBUTES = {
+    "color": ("green", "blue", "black", "white", "brown", "red", "gray", "orange"),
+    "animal": ("horse", "cat", "dog", "bird", "fish", "mouse", "lion", "bear"),
+    "thing": ("ship", "train", "car", "door", "window", "table", "chair", "book"),
+}
+
+
+@dataclass
+class Rung:
+    name: str
+    stage: str
+    doc_max_length: int
+    compr_rate: int
+    max_steps: int
+    train_rows: list[dict]
+    cases: list[ProbeCase]
+    target: str  # probe target: "passage" or "answer"
+    n_choices: int | None = None  # rungs 1-2: equally likely single-token values (the floor)
+    answer_cases: list[ProbeCase] = field(default_factory=list)  # rung 3: QA probe besides reconstruction
+
+
+def code_word_rung(rng: random.Random) -> Rung:
+    rows = [{"data_type": "paraphrase", "answers": [w], "docs": [f"The code word is {w}."]} for w in CODE_WORDS] * 40
+    rng.shuffle(rows)
+    docs = [f"The code word is {w}." for w in CODE_WORDS]
+    cases = [ProbeCase("", w, docs[i], docs[(i + 1) % len(docs)]) for i, w in enumerate(CODE_WORDS)]
+    return Rung("1", "pretrain", 16, 4, 150, rows, cases, "passage", n_choices=len(CODE_WORDS))
+
+
+def fact_passage(rng: random.Random) -> tuple[str, str, str]:
+    """(passage, question, answer): 2-4 facts about distinct (name, attribute) pairs; the question asks one."""
+    pairs = rng.sample([(n, a) for n in NAMES for a in ATTRIBUTES], rng.randint(2, 4))
+    facts = [(name, attribute, rng.choice(ATTRIBUTES[attribute])) for name, attribute in pairs]
+    name, attribute, value = rng.choice(facts)
+    return " ".join(f"{n}'s {a} is {v}." for n, a, v in facts), f"What is {name}'s {attribute}?", value
+
+
+def facts_rung(rng: random.Random) -> Rung:
+    rows = [dict(zip(("docs", "question", "answer"), fact_passage(rng))) for _ in range(480)]
+    rows = [{**row, "docs": [row["docs"]]} for row in rows]
+    heldout = [fact_passage(rng) for _ in range(41)]
+    cases = [ProbeCase(q, a, passage, heldout[i + 1][0]) for i, (passage, q, a) in enumerate(heldout[:-1])]
+    return Rung("2", "instruct", 32, 4, 200, rows, cases, "answer", n_choices=len(next(iter(ATTRIBUTES.values()))))
+
+
+def passages_rung(name: str, doc_max_length: int, compr_rate: int, n_words: int | None, max_steps: int) -> Rung:
+    """Real passages of Apple's SCP sample (the shipped model's split): reconstruction rows of the first `n_words`
+    words (whole passages and their QA rows when `n_words` is None); probed on 24 held-out passages."""
+    source = [json.loads(line) for line in open(DEFAULT_SOURCE, encoding="utf-8")]
+    train, heldout = split_documents(source, n_heldout=100, seed=0)
+    if n_words is None:
+        rows = train + [{"data_type": "paraphrase", "answers": r["docs"], "docs": r["docs"]} for r in train]
+        texts = [r["docs"][0] for r in heldout]
+    else:
+        rows = short_reconstruction_rows(train, n_words)
+        texts = [r["answers"][0] for r in short_reconstruction_rows(heldout, n_words)]
+    random.Random(0).shuffle(rows)
+    cases = [ProbeCase("", texts[i], texts[i], texts[i + 1]) for i in range(24)]
+    answer_cases = [
+        ProbeCase(r["question"][0], r["answers"][0], texts[i], texts[i + 1])
+        for i, r in enumerate(heldout[:24])
+        if r["answers"][0] in texts[i]  # only questions the compressed part of the passage answers
+    ]
+    return Rung(name, "pretrain", doc_max_length, compr_rate, max_steps, rows, cases, "passage",
+                answer_cases=answer_cases)
+
+
+def build_rung(name: str, max_steps: int | None) -> Rung:
+    rng = random.Random(0)
+    rung = {
+        "1": lambda: code_word_rung(rng),
+        "2": lambda: facts_rung(rng),
+        "3a": lambda: passages_rung("3a", 64, 4, 40, 300),
+        "3b": lambda: passages_rung("3b", 128, 8, 80, 300),
+        "3c": lambda: passages_rung("3c", 256, 16, None, 300),
+    }[name]()
+    if max_steps is not None:
+        rung.max_steps = max_steps
+    return rung
+
+
+def no_memory_floor(model: ClaraForRAG, rung: Rung) -> float | None:
+    """`ln K` over the mean number of target tokens of the probe cases (rungs with K single-token values)."""
+    if rung.n_choices is None:
+        return None
+    collator = make_probe_collator(model, rung.target)
+    n_tokens = []
+    for case in rung.cases:
+        if rung.target == "answer":
+            row = {"question": case.question, "docs": [case.gold], "answer": case.target}
+        else:
+            row = {"task": "paraphrase", "questions": [], "answers": [case.target], "docs": [case.gold]}
+        n_tokens.append((collator([row])["labels"] != -100).sum().item())
+    return math.log(rung.n_choices) / (sum(n_tokens) / len(n_tokens))
+
+
+class StopBelowCE(TrainerCallback):
+    """Stop once a logged training CE is below `threshold`: the rung is learned, more steps only cost time."""
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and logs.get("ce_loss", math.inf) < self.threshold:
+            control.should_training_stop = True
+
+
+def run_arm(rung: Rung, arm: str, out: Path, seed: int) -> dict:
+    run_dir = out / f"rung{rung.name}-{arm}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = run_dir / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rung.train_rows), encoding="utf-8")
+    argv = [
+        "--stage", rung.stage, "--model", "embedded", "--data", str(data), "--output_dir", str(run_dir / "model"),
+        "--doc_max_length", str(rung.doc_max_length), "--compr_rate", str(rung.compr_rate),
+        "--max_steps", str(rung.max_steps), "--seed", str(seed), *COMMON_ARGS, *ARMS[arm],
+    ]
+    script_args, args = parse_train_args(argv)
+    model = ClaraForRAG.from_backbone("embedded", doc_max_length=rung.doc_max_length, compr_rate=rung.compr_rate)
+    floor = no_memory_floor(model, rung)
+    del model
+    callbacks = [StopBelowCE(floor / 4)] if floor is not None else []
+    train = train_clara(script_args, args, callbacks=callbacks)
+    model = ClaraForRAG.from_pretrained(run_dir / "model")
+    result = {"rung": rung.name, "arm": arm, "seed": seed, "floor": floor, "steps": train["global_step"],
+              "train_runtime_s": train["train_runtime"], **probe_memory_use(model, rung.cases, rung.target)}
+    if rung.answer_cases:
+        answer = probe_memory_use(model, rung.answer_cases, "answer")
+        result.update({"answer_gap": answer["gap"], "answer_ce_gold": answer["ce_gold"], "n_answer": len(rung.answer_cases)})
+    result["passed"] = result["ce_gold"] < floor / 2 if floor is not None else result["gap"] >= 0.5
+    return result
+
+
+def print_table(results: list[dict]) -> None:
+    print("| rung | arm | steps | time (min) | no-memory floor | CE own memory | CE other memory | gap | answer gap | "
+          "memory cosine | passed |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        floor = f"{r['floor']:.3f}" if r["floor"] is not None else f"(prior {r['ce_other']:.3f})"
+        answer = f"{r['answer_gap']:+.3f} (n={r['n_answer']})" if "answer_gap" in r else ""
+        print(f"| {r['rung']} | {r['arm']} | {r['steps']} | {r['train_runtime_s'] / 60:.1f} | {floor} | "
+              f"{r['ce_gold']:.3f} | {r['ce_other']:.3f} | {r['gap']:+.3f} | {answer} | {r['memory_cosine']:.3f} | "
+              f"{'yes' if r['passed'] else 'no'} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rungs", nargs="+", default=["1", "2"], choices=("1", "2", "3a", "3b", "3c"))
+    parser.add_argument("--arms", nargs="+", default=["apple", "mse0"], choices=tuple(ARMS))
+    parser.add_argument("--max-steps", type=int, default=None, help="override every rung's step budget")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("runs/ladder"))
+    args = parser.parse_args(argv)
+    resolve_embedded_backbone()
+    results_file = args.out / "results.jsonl"
+    done = [json.loads(line) for line in results_file.open()] if results_file.exists() else []
+    for rung_name in args.rungs:
+        rung = build_rung(rung_name, args.max_steps)
+        for arm in args.arms:
+            if any(r["rung"] == rung_name and r["arm"] == arm and r["seed"] == args.seed for r in done):
+                continue
+            result = run_arm(rung, arm, args.out, args.seed)
+            done.append(result)
+            with results_file.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+    print_table([r for r in done if r["rung"] in args.rungs and r["arm"] in args.arms])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Training recipes: `--recipe small`'s defaults, random-word channel rows, the MSE stop-gradient, and the length
+curriculum (a checkpoint goes on with longer documents when its memory-token count stays the same)."""
+
+import re
+
+import datasets
+import pytest
+import torch
+
+from conftest import make_tiny_clara
+from modeling_clara.data import FEATURES, with_channel_rows
+from modeling_clara.training import ClaraTrainingArguments, load_model_for_stage, prepare_model_for_stage
+from test_training import batch_for, pretrain_rows, training_args
+
+
+def test_small_recipe_changes_only_the_defaults(tmp_path):
+    small = ClaraTrainingArguments(output_dir=str(tmp_path), stage="pretrain", recipe="small")
+    assert (small.mse_weight, small.channel_rows, small.learning_rate, small.lr_scheduler_type) == (0.0, 0.67, 5e-4, "constant")
+    explicit = ClaraTrainingArguments(output_dir=str(tmp_path), stage="pretrain", recipe="small", mse_weight=0.1,
+                                      channel_rows=0.0, learning_rate=1e-4)
+    assert (explicit.mse_weight, explicit.channel_rows, explicit.learning_rate) == (0.1, 0.0, 1e-4)
+    e2e = ClaraTrainingArguments(output_dir=str(tmp_path), stage="e2e", recipe="small")
+    assert (e2e.retrieval_weight, e2e.learning_rate) == (1.0, 5e-5)
+    apple = ClaraTrainingArguments(output_dir=str(tmp_path), stage="e2e")
+    assert (apple.recipe, apple.retrieval_weight, apple.mse_weight, apple.channel_rows) == ("apple", 0.0, 0.1, 0.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"recipe": "large"}, "recipe='large'"),
+        ({"stage": "instruct", "channel_rows": 0.5}, "pretrain stage only"),
+        ({"channel_rows": -1.0}, "channel_rows=-1.0"),
+    ],
+)
+def test_bad_recipe_arguments_are_refused(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ClaraTrainingArguments(output_dir=str(tmp_path), **kwargs)
+
+
+def pretrain_dataset(docs: list[str]) -> datasets.Dataset:
+    rows = {"task": ["paraphrase"] * len(docs), "questions": [[]] * len(docs), "answers": [[d] for d in docs],
+            "docs": [[d] for d in docs]}
+    return datasets.Dataset.from_dict(rows, features=FEATURES["pretrain"])
+
+
+def test_channel_rows_are_word_lists_of_the_documents_vocabulary():
+    docs = [f"Passage {i} tells of {w} and mountains, rivers, valleys, forests, meadows."
+            for i, w in enumerate(["Paris", "Rome", "Berlin", "Oslo", "Lima", "Quito"])]
+    mixed = with_channel_rows(pretrain_dataset(docs), rows_per_row=2.0, seed=3)
+    assert len(mixed) == 18
+    vocabulary = {w for d in docs for w in re.findall(r"[A-Za-z]{3,}", d)}
+    channel = [row for row in mixed if row["docs"][0] not in docs]
+    assert len(channel) == 12
+    for row in channel:
+        assert row["task"] == "paraphrase" and row["answers"] == row["docs"]  # reconstruct the list itself
+        words = row["docs"][0].split()
+        assert 8 <= len(words) <= 12 and set(words) <= vocabulary and len(set(words)) == len(words)
+    assert [row["docs"] for row in with_channel_rows(pretrain_dataset(docs), 2.0, seed=3)] == mixed["docs"]
+    assert mixed["docs"][:6] != [[d] for d in docs]  # shuffled in, not appended
+    assert with_channel_rows(pretrain_dataset(docs), 0.0, seed=3)["docs"] == [[d] for d in docs]
+
+
+def test_channel_rows_need_a_vocabulary():
+    with pytest.raises(ValueError, match="at least 12 distinct words"):
+        with_channel_rows(pretrain_dataset(["The code word is apple."]), 1.0, seed=0)
+
+
+def test_mse_stop_gradient_keeps_the_value_and_changes_the_gradient(tiny_llama_dir, tmp_path):
+    grads, values = [], []
+    for stop in (False, True):
+        model = make_tiny_clara(tiny_llama_dir, training_stage="stage1")
+        prepare_model_for_stage(model, training_args(tmp_path, "pretrain", mse_stop_gradient=stop))
+        assert model.config.mse_stop_gradient is stop  # saved with the model
+        model.eval()  # no dropout: both runs see the same states
+        outputs = model(**batch_for(model, "pretrain", pretrain_rows(2), tmp_path))
+        outputs.mse_loss.backward()
+        values.append(outputs.mse_loss.item())
+        grads.append(torch.cat([p.grad.flatten() for n, p in model.named_parameters() if "lora_A.encoder" in n]))
+    assert values[0] == pytest.approx(values[1])
+    assert not torch.allclose(grads[0], grads[1])
+
+
+def test_length_curriculum_keeps_memory_tokens_and_weights(tiny_llama_dir, tmp_path):
+    saved = make_tiny_clara(tiny_llama_dir, training_stage="stage1")  # doc_max_length 32, compr_rate 8: 4 memory tokens
+    saved.save_pretrained(tmp_path / "short")
+    longer = load_model_for_stage(str(tmp_path / "short"), training_args(tmp_path, "pretrain", doc_max_length=64,
+                                                                         compr_rate=16))
+    assert (longer.config.doc_max_length, longer.config.compr_rate, longer.n_mem_tokens) == (64, 16, 4)
+    assert (saved.processor.encoder_length, longer.processor.encoder_length) == (32 + 3 + 4, 64 + 3 + 4)
+    saved_weights = dict(saved.named_parameters())
+    for name, parameter in longer.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(parameter, saved_weights[name], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="keep doc_max_length // compr_rate"):
+        load_model_for_stage(str(tmp_path / "short"), training_args(tmp_path, "pretrain", doc_max_length=64))
