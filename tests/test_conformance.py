@@ -57,11 +57,11 @@ def test_adapters_in_effect_after_loading(models, name):
     assert sorted(model.adapter_names) == sorted(load["adapter_keys_after_from_pretrained"])
     saved = torch.load(CONFORMANCE_DIR / name / "adapters.pth", weights_only=True)
     for adapter, equal in load["adapter_weights_equal_checkpoint"].items():
-        ours = model.decoder.get_adapter_state_dict(adapter)
+        ours = model.adapter_state_dict(adapter)
         lora = {k: v for k, v in saved[adapter].items() if "lora_" in k}
         assert all(torch.equal(ours[k], v) for k, v in lora.items()) == equal, adapter
     for adapter, all_zero in load["adapter_lora_B_all_zero"].items():
-        b_weights = [v for k, v in model.decoder.get_adapter_state_dict(adapter).items() if "lora_B" in k]
+        b_weights = [v for k, v in model.adapter_state_dict(adapter).items() if "lora_B" in k]
         assert all(not w.any() for w in b_weights) == all_zero, adapter
     assert str(model.dtype).removeprefix("torch.") == load["decoder_dtype"]
 
@@ -178,7 +178,7 @@ def test_default_loading_reads_every_adapter():
     recorded = EXPECTED["checkpoints"]["instruct"]["generate_from_text_with_pure_inference_true"]
     model = ClaraForRAG.from_pretrained(str(CONFORMANCE_DIR / "instruct"))
     saved = torch.load(CONFORMANCE_DIR / "instruct" / "adapters.pth", weights_only=True)["decoder_adapter"]
-    ours = model.decoder.get_adapter_state_dict("decoder_adapter")
+    ours = model.adapter_state_dict("decoder_adapter")
     assert all(torch.equal(ours[k], v) for k, v in saved.items() if "lora_" in k)
     call = INPUTS["calls"]["text"]
     assert model.generate_from_text(call["questions"], call["documents"], max_new_tokens=12) == recorded["decoded"]

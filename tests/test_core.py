@@ -61,10 +61,10 @@ def test_adapters_give_different_states(tiny_clara):
 
 def test_adapter_context_restores_active_and_trainable(tiny_clara):
     tiny_clara.set_trainable_adapters(["query_reasoner_adapter", "decoder_adapter"])
-    tiny_clara.decoder.set_adapter("decoder_adapter")
+    tiny_clara.set_active_adapters(["decoder_adapter"])
     with tiny_clara.adapter("encoder_adapter"):
-        assert tiny_clara.decoder.active_adapters() == ["encoder_adapter"]
-    assert tiny_clara.decoder.active_adapters() == ["decoder_adapter"]
+        assert tiny_clara.active_adapter_names == ["encoder_adapter"]
+    assert tiny_clara.active_adapter_names == ["decoder_adapter"]
     trainable = {n.split(".lora_")[1].split(".")[1] for n, p in tiny_clara.decoder.named_parameters() if p.requires_grad and "lora_" in n}
     assert trainable == {"query_reasoner_adapter", "decoder_adapter"}
     with pytest.raises(ValueError, match="adapter 'nope'"):

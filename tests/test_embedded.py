@@ -33,12 +33,10 @@ def test_embedded_tokenizer_and_shapes(embedded_clara):
 def test_plain_backbone_is_a_real_instruct_model(embedded_clara):
     tokenizer = embedded_clara.tokenizer
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-    embedded_clara.decoder.disable_adapters()
-    try:
+    # return_dict explicitly: transformers 4 returns ids by default, 5 a BatchEncoding.
+    input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with embedded_clara.adapters_disabled():
         output = embedded_clara.decoder.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=12)
-    finally:
-        embedded_clara.decoder.enable_adapters()
     assert "Paris" in tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
 
 
