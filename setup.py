@@ -2,6 +2,11 @@
 
 from setuptools import find_packages, setup
 
+# The tested ranges (README, "Supported stacks"): transformers 4.56-4.57 (the pinned stack, requirements/constraints.txt,
+# on which Apple's reference outputs were recorded) and 5.19-5.24 (requirements/constraints-transformers5.txt). 5.0-5.18
+# have not been run; 5.25 does not install (it needs a `kernels` release that is not published).
+UNTESTED_TRANSFORMERS = [f"!=5.{minor}.*" for minor in range(19)]
+
 setup(
     name="clara-hf",
     version="0.1.0",
@@ -14,13 +19,13 @@ setup(
     package_data={"modeling_clara": ["metrics/*/*.py", "metrics/*/*.md", "shipped/*.jsonl", "shipped/*/*"]},
     install_requires=[
         "torch>=2.4",
-        # Tested with 4.56.2, the version Apple's reference outputs were recorded with (tests/test_conformance.py).
-        "transformers>=4.56,<4.58",
-        "peft>=0.17,<0.18",
-        "accelerate>=1.0",
-        "datasets>=3.0",
+        "transformers" + ",".join([">=4.56", "<5.25", *UNTESTED_TRANSFORMERS]),
+        # Adapters go through peft's own API, since transformers 5's PEFT integration refuses peft < 0.22.
+        "peft>=0.17,<0.22",
+        "accelerate>=1.0,<2",
+        "datasets>=3.0,<6",
         "safetensors>=0.4",
-        "huggingface_hub>=0.34,<1.0",
+        "huggingface_hub>=0.34,<3",
         "jinja2",
         "tqdm",
         "requests",  # the OpenAI-compatible synthesis generator
