@@ -161,6 +161,27 @@ class StopBelowCE(TrainerCallback):
             control.should_training_stop = True
 
 
+def probe_rung(model: ClaraForRAG, rung: Rung) -> dict:
+    """Probe results of a trained model on the rung's held-out cases, and whether it passes."""
+    floor = no_memory_floor(model, rung)
+    result = {"floor": floor, **probe_memory_use(model, rung.cases, rung.target)}
+    if rung.answer_cases:
+        answer = probe_memory_use(model, rung.answer_cases, "answer")
+        result.update({"answer_gap": answer["gap"], "answer_ce_gold": answer["ce_gold"], "n_answer": len(rung.answer_cases)})
+    result["passed"] = result["ce_gold"] < floor / 2 if floor is not None else result["gap"] >= 0.5
+    return result
+
+
+def probe_trained(rung: Rung, arm: str, trained: Path, seed: int) -> dict:
+    """A model trained elsewhere with this rung's data and arm (e.g. stage 1 of the shipped model, which is rung 3a's
+    `small` arm), probed as the rung probes its own runs."""
+    state = json.loads((trained / "trainer_state.json").read_text())
+    runtime = next(e["train_runtime"] for e in reversed(state["log_history"]) if "train_runtime" in e)
+    model = ClaraForRAG.from_pretrained(trained)
+    return {"rung": rung.name, "arm": arm, "seed": seed, "steps": state["global_step"], "train_runtime_s": runtime,
+            "trained": str(trained), **probe_rung(model, rung)}
+
+
 def run_arm(rung: Rung, arm: str, out: Path, seed: int) -> dict:
     run_dir = out / f"rung{rung.name}-{arm}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -178,13 +199,8 @@ def run_arm(rung: Rung, arm: str, out: Path, seed: int) -> dict:
     callbacks = [StopBelowCE(floor / 4)] if floor is not None else []
     train = train_clara(script_args, args, callbacks=callbacks)
     model = ClaraForRAG.from_pretrained(run_dir / "model")
-    result = {"rung": rung.name, "arm": arm, "seed": seed, "floor": floor, "steps": train["global_step"],
-              "train_runtime_s": train["train_runtime"], **probe_memory_use(model, rung.cases, rung.target)}
-    if rung.answer_cases:
-        answer = probe_memory_use(model, rung.answer_cases, "answer")
-        result.update({"answer_gap": answer["gap"], "answer_ce_gold": answer["ce_gold"], "n_answer": len(rung.answer_cases)})
-    result["passed"] = result["ce_gold"] < floor / 2 if floor is not None else result["gap"] >= 0.5
-    return result
+    return {"rung": rung.name, "arm": arm, "seed": seed, "steps": train["global_step"],
+            "train_runtime_s": train["train_runtime"], **probe_rung(model, rung)}
 
 
 def print_table(results: list[dict]) -> None:
@@ -206,7 +222,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="override every rung's step budget")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/ladder"))
+    parser.add_argument("--trained", type=Path, default=None,
+                        help="probe this finished `clara train` output as the (single) rung and arm instead of training")
     args = parser.parse_args(argv)
+    if args.trained is not None and len(args.rungs) * len(args.arms) != 1:
+        parser.error("--trained probes one run: give one rung and one arm")
     resolve_embedded_backbone()
     results_file = args.out / "results.jsonl"
     done = [json.loads(line) for line in results_file.open()] if results_file.exists() else []
@@ -215,7 +235,10 @@ def main(argv: list[str] | None = None) -> None:
         for arm in args.arms:
             if any(r["rung"] == rung_name and r["arm"] == arm and r["seed"] == args.seed for r in done):
                 continue
-            result = run_arm(rung, arm, args.out, args.seed)
+            if args.trained is not None:
+                result = probe_trained(rung, arm, args.trained, args.seed)
+            else:
+                result = run_arm(rung, arm, args.out, args.seed)
             done.append(result)
             with results_file.open("a") as f:
                 f.write(json.dumps(result) + "\n")

@@ -282,9 +282,10 @@ def load_model_for_stage(model_name_or_path: str, args: ClaraTrainingArguments) 
         for name, value in architecture.items()
         if getattr(model.config, name) != value
     }
-    if differ and _is_length_curriculum(model.config, architecture):
+    changed = {name: architecture[name] for name in differ}
+    if differ and _is_length_curriculum(model.config, changed):
         logger.info(f"Length curriculum: same {model.n_mem_tokens} memory tokens, now reading {differ}")
-        return ClaraForRAG.from_pretrained(model_name_or_path, training_stage=stage, **overrides, **architecture)
+        return ClaraForRAG.from_pretrained(model_name_or_path, training_stage=stage, **overrides, **changed)
     if differ:
         raise ValueError(
             f"{model_name_or_path} is a CLaRa checkpoint with its own architecture; these arguments differ from it "
@@ -294,14 +295,14 @@ def load_model_for_stage(model_name_or_path: str, args: ClaraTrainingArguments) 
     return model
 
 
-def _is_length_curriculum(config, architecture: dict) -> bool:
-    """Whether `architecture` changes only `doc_max_length`/`compr_rate`, keeping `n_mem_tokens`: the memory tokens,
+def _is_length_curriculum(config, changed: dict) -> bool:
+    """Whether the `changed` architecture fields are only `doc_max_length`/`compr_rate`, keeping `n_mem_tokens`: the memory tokens,
     their embedding rows and every adapter stay valid, so a model trained on short documents can go on with long
     ones (a curriculum over document length)."""
-    if not architecture.keys() <= {"doc_max_length", "compr_rate"}:
+    if not changed.keys() <= {"doc_max_length", "compr_rate"}:
         return False
-    doc_max_length = architecture.get("doc_max_length", config.doc_max_length)
-    compr_rate = architecture.get("compr_rate", config.compr_rate)
+    doc_max_length = changed.get("doc_max_length", config.doc_max_length)
+    compr_rate = changed.get("compr_rate", config.compr_rate)
     return doc_max_length // compr_rate == config.n_mem_tokens
 
 

@@ -85,7 +85,7 @@ def test_length_curriculum_keeps_memory_tokens_and_weights(tiny_llama_dir, tmp_p
     saved = make_tiny_clara(tiny_llama_dir, training_stage="stage1")  # doc_max_length 32, compr_rate 8: 4 memory tokens
     saved.save_pretrained(tmp_path / "short")
     longer = load_model_for_stage(str(tmp_path / "short"), training_args(tmp_path, "pretrain", doc_max_length=64,
-                                                                         compr_rate=16))
+                                                                         compr_rate=16, lora_r=4))  # lora_r unchanged
     assert (longer.config.doc_max_length, longer.config.compr_rate, longer.n_mem_tokens) == (64, 16, 4)
     assert (saved.processor.encoder_length, longer.processor.encoder_length) == (32 + 3 + 4, 64 + 3 + 4)
     saved_weights = dict(saved.named_parameters())
