@@ -284,6 +284,9 @@ EMBEDDED_TOKENIZER_COMPONENTS = {
         ],
     },
 }
+# What a causal LM takes. `PreTrainedTokenizerFast` of transformers 4 would also return `token_type_ids` (the named
+# Llama/GPT-2 classes do not), which `generate` rejects.
+CAUSAL_LM_INPUT_NAMES = ["input_ids", "attention_mask"]
 EMBEDDED_BPE_OPTIONS = {"fuse_unk": True, "byte_fallback": True, "continuing_subword_prefix": None, "end_of_word_suffix": None}
 
 
@@ -313,6 +316,7 @@ def _embedded_tokenizer(package_dir: str, eos_token_id: int) -> PreTrainedTokeni
         unk_token=unk,
         chat_template=converted.chat_template,
         model_max_length=converted.model_max_length,
+        model_input_names=CAUSAL_LM_INPUT_NAMES,
     )
 
 
@@ -325,7 +329,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     folder without tokenizer.json) goes through `AutoTokenizer`.
     """
     if os.path.isfile(os.path.join(name_or_path, "tokenizer.json")):
-        return PreTrainedTokenizerFast.from_pretrained(name_or_path)
+        return PreTrainedTokenizerFast.from_pretrained(name_or_path, model_input_names=CAUSAL_LM_INPUT_NAMES)
     return AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
 
 
@@ -347,7 +351,8 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, save_directory: str | os.
         del tokenizer_config["extra_special_tokens"]
     for key in ("additional_special_tokens", "backend", "is_local", "local_files_only"):  # the last three: 5's
         tokenizer_config.pop(key, None)
-    tokenizer_config.update(tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=False)
+    tokenizer_config.update(tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=False,
+                            model_input_names=list(tokenizer.model_input_names))
     if additional := additional_special_tokens(tokenizer):
         tokenizer_config["additional_special_tokens"] = additional
     with open(path, "w", encoding="utf-8") as f:
@@ -1384,15 +1389,16 @@ class ClaraForRAG(ClaraPreTrainedModel):
             with torch.no_grad():
                 weight[base:] = rows[key].to(weight.dtype)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **layer_options):
         # Non-reentrant checkpointing: the encoder's inputs are token ids, and reentrant checkpointing would
         # drop the gradients of the LoRA weights inside checkpointed layers.
         # One backbone runs under several adapters per step (encoder, then decoder); a layer recomputed in backward
         # must run under the adapters it ran with in forward, whichever is active when backward reaches it.
+        # `layer_options`: transformers 5's Trainer passes `every_n_layers` and `offload` through here; 4 passes none.
         kwargs = {"use_reentrant": False, "context_fn": self._checkpoint_contexts, **(gradient_checkpointing_kwargs or {})}
         if kwargs["use_reentrant"]:
             raise ValueError("ClaraForRAG needs non-reentrant gradient checkpointing (use_reentrant=False)")
-        self.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **layer_options)
 
     def _checkpoint_contexts(self):
         """`torch.utils.checkpoint` context_fn: nothing in forward; the forward-time adapters during recomputation."""

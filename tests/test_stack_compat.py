@@ -109,6 +109,8 @@ def test_saved_tokenizer_config_is_readable_by_both_stacks(tiny_clara, tmp_path)
     assert "<ENC>" in tokenizer_config["additional_special_tokens"]
     assert not isinstance(tokenizer_config.get("extra_special_tokens"), list)  # 4 cannot read the list form
     assert tokenizer_config["clean_up_tokenization_spaces"] is False
+    assert tokenizer_config["model_input_names"] == ["input_ids", "attention_mask"]  # no token_type_ids for generate
+    assert "token_type_ids" not in load_tokenizer(str(tmp_path))("Hello")
 
 
 def test_saved_tokenizers_encode_and_decode_as_recorded(tiny_clara, embedded_backbone_dir, tmp_path):
