@@ -1,5 +1,6 @@
-"""Integration: the CLaRa shipped in modeling_clara/shipped loads offline and answers from passages it compresses
-better than the same architecture untrained."""
+"""Integration: the CLaRa shipped in modeling_clara/shipped loads offline, answers from passages it compresses better
+than the same architecture untrained and retrieves the gold passage with its query reasoner. Whether it reads its
+memory (a wrong passage's memory must cost F1) is checked too, as a strict xfail until a retrained model passes."""
 
 import json
 from pathlib import Path
@@ -43,8 +44,9 @@ def bundled_questions() -> list[tuple[str, str, str]]:
     return [(passage, q, a) for passage in corpus for q, a in qa[passage]]
 
 
-def answer_f1s(model: ClaraForRAG, questions: list[tuple[str, str, str]]) -> list[float]:
-    embeds = model.compress([passage for passage, _, _ in questions])
+def answer_f1s(model: ClaraForRAG, questions: list[tuple[str, str, str]], passages: list[str] | None = None) -> list[float]:
+    """Token F1 of each answer, reading the question's own passage or, given `passages`, that passage instead."""
+    embeds = model.compress(passages or [passage for passage, _, _ in questions])
     answers = model.answer([q for _, q, _ in questions], list(embeds.unsqueeze(1)), max_new_tokens=24)
     return [score_example(prediction, [gold])["f1"] for prediction, (_, _, gold) in zip(answers, questions)]
 
@@ -76,3 +78,33 @@ def test_shipped_query_reasoner_finds_passages_in_the_bundled_index(shipped, bun
     found = [passage in result.texts for (passage, _, _), result in zip(bundled_questions, results)]
     chance = 10 / len(index)
     assert sum(found) / len(found) > 2 * chance, found
+
+
+def wrong_passages(questions: list[tuple[str, str, str]]) -> list[str]:
+    """For each question a bundled passage that is not its own: the next document's."""
+    documents = list(dict.fromkeys(passage for passage, _, _ in questions))
+    return [documents[(documents.index(passage) + 1) % len(documents)] for passage, _, _ in questions]
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped model does not read its memory yet: F1 0.142 reading the gold "
+                   "passage vs 0.145 reading another (issue 17); strict, so a model that passes must drop this mark")
+def test_shipped_answers_from_its_memory(shipped, bundled_questions):
+    """Grounding: the same questions answered reading their own passage and reading another one."""
+    gold = answer_f1s(shipped, bundled_questions)
+    wrong = answer_f1s(shipped, bundled_questions, wrong_passages(bundled_questions))
+    mean_gold, mean_wrong = sum(gold) / len(gold), sum(wrong) / len(wrong)
+    assert mean_gold - mean_wrong >= 0.10, (mean_gold, mean_wrong)
+
+
+def test_shipped_query_reasoner_ranks_the_gold_passage_first(shipped, bundled_questions):
+    """Among 4 candidates (the gold passage and the next three bundled ones), the gold one comes first for at least
+    half of the questions (chance: a quarter)."""
+    documents = list(dict.fromkeys(passage for passage, _, _ in bundled_questions))
+    memory = shipped.compress(documents)
+    firsts = []
+    for passage, question, _ in bundled_questions:
+        i = documents.index(passage)
+        candidates = [(i + offset) % len(documents) for offset in range(4)]  # gold first in the list, ranked below
+        _, ranked = shipped.retrieve(question, memory[candidates], k=4)
+        firsts.append(ranked[0].item() == 0)
+    assert sum(firsts) / len(firsts) >= 0.5, firsts
