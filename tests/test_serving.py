@@ -222,7 +222,7 @@ def running_server(*arguments: str, startup_timeout: float = 300):
     finally:
         process.terminate()
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=120)  # a vLLM engine shuts its child processes down first
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()

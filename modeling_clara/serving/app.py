@@ -197,6 +197,7 @@ def create_app(engine: ClaraServingEngine, settings: ServeSettings, backend: str
         for batcher in batchers.values():
             await batcher.stop()
         executor.shutdown(wait=True, cancel_futures=True)
+        engine.generator.close()
 
     app = FastAPI(title="CLaRa", lifespan=lifespan)
     app.add_exception_handler(RequestValidationError, _validation_error_response)

@@ -65,6 +65,9 @@ class Generator(Protocol):
 
     def generate(self, questions: list[str], memories: list[torch.Tensor], max_new_tokens: int) -> list[str]: ...
 
+    def close(self) -> None:
+        """Release what the generator started (engine processes)."""
+
 
 class TransformersGenerator:
     """Generation with the model's own `answer` (transformers `generate`, greedy)."""
@@ -79,6 +82,9 @@ class TransformersGenerator:
         # the documents were already chosen per request.
         k = max(len(memory) for memory in memories)
         return self.model.answer(questions, memories, k=k, max_new_tokens=max_new_tokens)
+
+    def close(self) -> None:
+        pass  # runs in this process: nothing to release
 
 
 class ClaraServingEngine:
@@ -162,9 +168,8 @@ class ClaraServingEngine:
         chosen = {}
         to_rank = [p for p, memory in zip(positions, memories) if self.model.has_query_reasoner and len(memory) > requests[p].k]
         memory_of = dict(zip(positions, memories))
-        for p in positions:
-            order = list(range(len(memory_of[p])))
-            chosen[p] = (memory_of[p], [Hit(str(j), None, requests[p].documents[j]) for j in order])
+        for p in positions:  # read in order, unscored
+            chosen[p] = (memory_of[p], [Hit(str(j), None, text) for j, text in enumerate(requests[p].documents)])
         for k, group in _group_by([requests[p] for p in to_rank], lambda r: r.k).items():
             ranked = [to_rank[g] for g in group]
             scores, indices = self.model.retrieve([requests[p].question for p in ranked], [memory_of[p] for p in ranked], k=k)

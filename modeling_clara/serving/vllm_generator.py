@@ -73,6 +73,12 @@ class VllmGenerator:
         tokenizer = self.model.tokenizer
         return [tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True).strip() for out in outputs]
 
+    def close(self) -> None:
+        # vLLM's engine core is a child process: shut it down with the server rather than leave it to interpreter exit.
+        self.llm.llm_engine.engine_core.shutdown()
+        if self._export_dir is not None:
+            self._export_dir.cleanup()
+
 
 @torch.no_grad()
 def prompt_embeddings(model: ClaraForRAG, questions: list[str], memories: list[torch.Tensor]) -> list[torch.Tensor]:
