@@ -33,7 +33,7 @@ from transformers import TrainerCallback
 
 from modeling_clara import ClaraForRAG
 from modeling_clara.modeling_clara import resolve_embedded_backbone
-from modeling_clara.probing import ProbeCase, make_probe_collator, probe_memory_use
+from modeling_clara.probing import ProbeCase, make_probe_collator, probe_memory_use, probe_row
 from modeling_clara.training import parse_train_args, train_clara
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "shipped_model"))
@@ -140,13 +140,10 @@ def no_memory_floor(model: ClaraForRAG, rung: Rung) -> float | None:
     if rung.n_choices is None:
         return None
     collator = make_probe_collator(model, rung.target)
-    n_tokens = []
-    for case in rung.cases:
-        if rung.target == "answer":
-            row = {"question": case.question, "docs": [case.gold], "answer": case.target}
-        else:
-            row = {"task": "paraphrase", "questions": [], "answers": [case.target], "docs": [case.gold]}
-        n_tokens.append((collator([row])["labels"] != -100).sum().item())
+    n_tokens = [
+        (collator([probe_row(collator, case.question, case.target, case.gold)])["labels"] != -100).sum().item()
+        for case in rung.cases
+    ]
     return math.log(rung.n_choices) / (sum(n_tokens) / len(n_tokens))
 
 

@@ -41,14 +41,17 @@ def make_probe_collator(model: ClaraForRAG, target: str):
     return make_collator("pretrain", model.processor, top_k=1, paraphrase_instruction=0)
 
 
+def probe_row(collator, question: str, target: str, passage: str) -> dict:
+    """The dataset row that `collator` (from [`make_probe_collator`]) turns into `target` read from `passage`."""
+    if isinstance(collator, ClaraPretrainCollator):
+        return {"task": "paraphrase", "questions": [], "answers": [target], "docs": [passage]}
+    return {"question": question, "docs": [passage], "answer": target}
+
+
 @torch.no_grad()
 def target_loss(model: ClaraForRAG, collator, question: str, target: str, passage: str) -> float:
     """Mean cross-entropy (nats per target token) of `target` with `passage`'s memory in the prompt."""
-    if isinstance(collator, ClaraPretrainCollator):
-        row = {"task": "paraphrase", "questions": [], "answers": [target], "docs": [passage]}
-    else:
-        row = {"question": question, "docs": [passage], "answer": target}
-    batch = {name: value.to(model.device) for name, value in collator([row]).items()}
+    batch = {name: value.to(model.device) for name, value in collator([probe_row(collator, question, target, passage)]).items()}
     return model(**batch).ce_loss.item()
 
 
@@ -83,4 +86,6 @@ def probe_memory_use(model: ClaraForRAG, cases: list[ProbeCase], target: str) ->
     }
 
 
-__all__ = ["PROBE_TARGETS", "ProbeCase", "make_probe_collator", "memory_cosine", "probe_memory_use", "target_loss"]
+__all__ = [
+    "PROBE_TARGETS", "ProbeCase", "make_probe_collator", "memory_cosine", "probe_memory_use", "probe_row", "target_loss",
+]
