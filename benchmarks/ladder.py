@@ -173,7 +173,8 @@ def probe_trained(rung: Rung, arm: str, trained: Path, seed: int) -> dict:
     """A model trained elsewhere with this rung's data and arm (e.g. stage 1 of the shipped model, which is rung 3a's
     `small` arm), probed as the rung probes its own runs."""
     state = json.loads((trained / "trainer_state.json").read_text())
-    runtime = next(e["train_runtime"] for e in reversed(state["log_history"]) if "train_runtime" in e)
+    # A finished run logs its runtime; a checkpoint taken mid-run (`checkpoint-N`) has none.
+    runtime = next((e["train_runtime"] for e in reversed(state["log_history"]) if "train_runtime" in e), None)
     model = ClaraForRAG.from_pretrained(trained)
     return {"rung": rung.name, "arm": arm, "seed": seed, "steps": state["global_step"], "train_runtime_s": runtime,
             "trained": str(trained), **probe_rung(model, rung)}
@@ -207,7 +208,8 @@ def print_table(results: list[dict]) -> None:
     for r in results:
         floor = f"{r['floor']:.3f}" if r["floor"] is not None else f"(prior {r['ce_other']:.3f})"
         answer = f"{r['answer_gap']:+.3f} (n={r['n_answer']})" if "answer_gap" in r else ""
-        print(f"| {r['rung']} | {r['arm']} | {r['steps']} | {r['train_runtime_s'] / 60:.1f} | {floor} | "
+        minutes = f"{r['train_runtime_s'] / 60:.1f}" if r["train_runtime_s"] is not None else "(checkpoint)"
+        print(f"| {r['rung']} | {r['arm']} | {r['steps']} | {minutes} | {floor} | "
               f"{r['ce_gold']:.3f} | {r['ce_other']:.3f} | {r['gap']:+.3f} | {answer} | {r['memory_cosine']:.3f} | "
               f"{'yes' if r['passed'] else 'no'} |")
 
