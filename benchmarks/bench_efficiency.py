@@ -28,8 +28,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from modeling_clara import ClaraForRAG
+from modeling_clara.backbone import resolve_backbone_path
 from modeling_clara.evaluation import load_eval_data, text_prompt, truncate_passage
-from modeling_clara.modeling_clara import resolve_backbone_path
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hotpotqa_dev.jsonl"
 TEXT = "text"

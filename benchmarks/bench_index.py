@@ -49,8 +49,8 @@ def plain_forward(model: ClaraForRAG, texts: list[str], batch_size: int) -> None
     """The bare backbone over exactly the encoder inputs `compress` reads (same ids, same padding)."""
     with model.adapters_disabled():
         for start in range(0, len(texts), batch_size):
-            inputs = model._encoder_inputs(texts[start : start + batch_size], "documents")
-            model.decoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            inputs, _ = model.processor.encode_documents(texts[start : start + batch_size])
+            model.decoder(**{name: tensor.to(model.device) for name, tensor in inputs.items()})
 
 
 def bench_build(args: argparse.Namespace) -> None:

@@ -19,8 +19,8 @@ import torch
 from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
 from modeling_clara import ClaraForRAG
+from modeling_clara.backbone import resolve_embedded_backbone
 from modeling_clara.convert_apple import clara_to_apple
-from modeling_clara.modeling_clara import resolve_embedded_backbone
 
 MISTRAL_7B_BF16_GB = 14.48  # 7.24B parameters x 2 bytes
 

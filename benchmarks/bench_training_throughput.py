@@ -4,8 +4,8 @@ Both sides run forward + backward + AdamW step over the same number of token pos
 so machine noise hits both alike:
 
 - CLaRa (stage 1, as `ClaraTrainer` runs it): the encoder adapter compresses each document (`doc_max_length + 3 +
-  n_mem` positions), the decoder adapter reads the memory tokens and is trained on the QA target; loss CE + 0.1 MSE;
-  encoder + decoder LoRA and the memory rows of the embedding matrix train.
+  n_mem` positions), the decoder adapter reads the memory tokens and is trained on the QA target; the model's loss
+  (CE + 0.1 MSE); encoder + decoder LoRA and the memory rows of the embedding matrix train.
 - Plain LoRA (peft on the bare backbone, same LoRA config): the document followed by the same chat conversation as
   text, cut or padded to exactly the CLaRa step's encoder + decoder positions; loss CE on every token.
 
@@ -23,8 +23,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from modeling_clara import ClaraForRAG
+from modeling_clara.backbone import resolve_backbone_path
 from modeling_clara.data import load_clara_jsonl, make_collator
-from modeling_clara.modeling_clara import resolve_backbone_path
 from modeling_clara.training import ClaraTrainingArguments, prepare_model_for_stage
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "clara_pretrain_sample.jsonl"
@@ -45,10 +45,9 @@ def plain_batch(clara_batch: dict, rows: list[dict], processor) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids.masked_fill(attention_mask == 0, -100)}
 
 
-def timed_step(model, optimizer, batch: dict, loss_fn) -> float:
+def timed_step(model, optimizer, batch: dict) -> float:
     start = time.perf_counter()
-    loss = loss_fn(model(**batch))
-    loss.backward()
+    model(**batch).loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - start
@@ -69,7 +68,7 @@ def main() -> None:
                                       training_stage="stage1")
     prepare_model_for_stage(clara, ClaraTrainingArguments(output_dir="unused", stage="pretrain", report_to="none"))
     clara.train()
-    lora = clara.decoder.peft_config["encoder_adapter"]
+    lora = clara.lora_config
     plain = get_peft_model(
         AutoModelForCausalLM.from_pretrained(resolve_backbone_path(args.backbone)),
         LoraConfig(task_type="CAUSAL_LM", r=lora.r, lora_alpha=lora.lora_alpha, target_modules="all-linear",
@@ -80,7 +79,6 @@ def main() -> None:
         "clara": torch.optim.AdamW([p for p in clara.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0),
         "plain": torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0),
     }
-    losses = {"clara": lambda out: out.ce_loss + 0.1 * out.mse_loss, "plain": lambda out: out.loss}
     models = {"clara": clara, "plain": plain}
 
     dataset = load_clara_jsonl(args.data, "pretrain", max_samples=args.batch_size * (args.rounds + 1))
@@ -96,7 +94,7 @@ def main() -> None:
     seconds = {name: [] for name in models}
     for round_index, batch in enumerate(batches):
         for name in models:  # interleaved: both sides see the same machine state
-            elapsed = timed_step(models[name], optimizers[name], batch[name], losses[name])
+            elapsed = timed_step(models[name], optimizers[name], batch[name])
             if round_index:  # the first step of each side is warm-up
                 seconds[name].append(elapsed)
     rates = {name: statistics.median(t / s for t, s in zip(tokens[name][1:], seconds[name])) for name in models}

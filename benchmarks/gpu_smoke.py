@@ -20,8 +20,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_clara import ClaraForRAG
-from modeling_clara.modeling_clara import load_tokenizer, resolve_embedded_backbone, save_tokenizer
-from modeling_clara.training import parse_train_args, train_clara
+from modeling_clara.backbone import resolve_embedded_backbone
+from modeling_clara.processing_clara import load_tokenizer, save_tokenizer
+from modeling_clara.cli.train import parse_train_args
+from modeling_clara.training import train_clara
 
 DOCS = ["Paris is the capital of France.", "The Seine flows through Paris.", "Kilimanjaro is in Tanzania."]
 QUESTION = "Which river flows through Paris?"

@@ -32,9 +32,10 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from modeling_clara import ClaraForRAG
-from modeling_clara.modeling_clara import resolve_embedded_backbone
+from modeling_clara.backbone import resolve_embedded_backbone
 from modeling_clara.probing import ProbeCase, make_probe_collator, probe_memory_use, probe_row
-from modeling_clara.training import parse_train_args, train_clara
+from modeling_clara.cli.train import parse_train_args
+from modeling_clara.training import train_clara
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "shipped_model"))
 from prepare_data import DEFAULT_SOURCE, short_reconstruction_rows, split_documents  # noqa: E402
@@ -180,25 +181,41 @@ def probe_trained(rung: Rung, arm: str, trained: Path, seed: int) -> dict:
             "trained": str(trained), **probe_rung(model, rung)}
 
 
-def run_arm(rung: Rung, arm: str, out: Path, seed: int) -> dict:
-    run_dir = out / f"rung{rung.name}-{arm}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    data = run_dir / "train.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rung.train_rows), encoding="utf-8")
+def train_stage(rung: Rung, stage: str, rows: list[dict], model: str, run_dir: Path, arm: str, seed: int,
+                callbacks: list) -> dict:
+    """One `clara train` run of the rung's arm on `rows`, from `model`, into `run_dir`/`stage`."""
+    data = run_dir / f"{stage}.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     argv = [
-        "--stage", rung.stage, "--model", "embedded", "--data", str(data), "--output_dir", str(run_dir / "model"),
+        "--stage", stage, "--model", model, "--data", str(data), "--output_dir", str(run_dir / stage),
         "--doc_max_length", str(rung.doc_max_length), "--compr_rate", str(rung.compr_rate),
         "--max_steps", str(rung.max_steps), "--seed", str(seed), *COMMON_ARGS, *ARMS[arm],
     ]
-    script_args, args = parse_train_args(argv)
+    return train_clara(*parse_train_args(argv), callbacks=callbacks)
+
+
+def reconstruction_rows(rows: list[dict]) -> list[dict]:
+    """Stage-1 rows whose target is the document itself, for each instruct row's documents."""
+    return [{"data_type": "paraphrase", "answers": [doc], "docs": [doc]} for row in rows for doc in row["docs"]]
+
+
+def run_arm(rung: Rung, arm: str, out: Path, seed: int) -> dict:
+    run_dir = out / f"rung{rung.name}-{arm}"
+    run_dir.mkdir(parents=True, exist_ok=True)
     model = ClaraForRAG.from_backbone("embedded", doc_max_length=rung.doc_max_length, compr_rate=rung.compr_rate)
     floor = no_memory_floor(model, rung)
     del model
     callbacks = [StopBelowCE(floor / 4)] if floor is not None else []
-    train = train_clara(script_args, args, callbacks=callbacks)
-    model = ClaraForRAG.from_pretrained(run_dir / "model")
-    return {"rung": rung.name, "arm": arm, "seed": seed, "steps": train["global_step"],
-            "train_runtime_s": train["train_runtime"], **probe_rung(model, rung)}
+    source, steps, runtime = "embedded", 0, 0.0
+    if arm == "small" and rung.stage == "instruct":
+        # The small recipe is a pipeline: stage 1 (reconstruction + channel rows) opens the memory, then instruction
+        # tuning trains the generator on a frozen compressor (RECIPES["small"]["instruct"]).
+        opened = train_stage(rung, "pretrain", reconstruction_rows(rung.train_rows), source, run_dir, arm, seed, [])
+        source, steps, runtime = str(run_dir / "pretrain"), opened["global_step"], opened["train_runtime"]
+    train = train_stage(rung, rung.stage, rung.train_rows, source, run_dir, arm, seed, callbacks)
+    model = ClaraForRAG.from_pretrained(run_dir / rung.stage)
+    return {"rung": rung.name, "arm": arm, "seed": seed, "steps": steps + train["global_step"],
+            "train_runtime_s": runtime + train["train_runtime"], **probe_rung(model, rung)}
 
 
 def print_table(results: list[dict]) -> None:

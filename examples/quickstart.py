@@ -16,7 +16,7 @@ import os
 from transformers.utils import logging
 
 from modeling_clara import ClaraForRAG, ClaraIndex
-from modeling_clara.modeling_clara import SHIPPED_CORPUS_FILE
+from modeling_clara.checkpoints import SHIPPED_CORPUS_FILE
 
 logger = logging.get_logger(__name__)
 

@@ -3,7 +3,8 @@
 from transformers import AutoConfig, AutoModel
 
 from .configuration_clara import ClaraConfig
-from .modeling_clara import ClaraForRAG, ClaraOutput, ClaraPreTrainedModel, ClaraProcessor, differentiable_topk
+from .modeling_clara import ClaraForRAG, ClaraOutput, ClaraPreTrainedModel, differentiable_topk
+from .processing_clara import ClaraProcessor
 
 
 def __getattr__(name):

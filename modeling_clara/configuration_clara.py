@@ -1,13 +1,86 @@
-"""Configuration of CLaRa, with the field names of Apple's released `config.json` so those load unchanged."""
+"""Configuration of CLaRa, with the field names of Apple's released `config.json` so those load unchanged, and the
+table of Apple's training stages that every other module reads (the adapters each stage has and trains, how Apple's
+loading treats them, and the `clara train --stage` name and script defaults of the stages trained here)."""
+
+from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-# Apple's training stages: stage1 = salient compressor pretraining, stage1_2 = instruction tuning,
-# stage2 = end to end (query reasoner + generator), stage2_reasoning = generator only on compressed docs.
-TRAINING_STAGES = ("stage1", "stage1_2", "stage2", "stage2_reasoning", "stage2_pretrain_retrieval")
+ENCODER_ADAPTER = "encoder_adapter"
+QUERY_REASONER_ADAPTER = "query_reasoner_adapter"
+DECODER_ADAPTER = "decoder_adapter"
+
+
+@dataclass(frozen=True)
+class ClaraStage:
+    """One of Apple's training stages and everything that depends on it.
+
+    Args:
+        training_stage (`str`): Apple's name, as `ClaraConfig.training_stage` and Apple's `config.json` hold it.
+        adapters (`tuple[str]`): Adapters a fresh model of this stage gets, in Apple's creation order.
+        trainable (`tuple[str]`): Adapters this stage trains.
+        skipped_by_apple_loading (`tuple[str]`): Adapters Apple's plain `from_pretrained` (`pure_inference=False`)
+            leaves out; see `ClaraForRAG.from_pretrained(adapter_loading="training_stage")`.
+        name (`str`, *optional*): This package's name for the stage (`clara train --stage`,
+            `ClaraTrainingArguments.stage`); `None` for stages that load but do not train here.
+        learning_rate (`float`, *optional*), lr_scheduler_type (`str`, *optional*), decoder_max_length (`int`,
+            *optional*): Defaults of Apple's script for the stage (`scripts/train_*.sh`; `--max_len`).
+    """
+
+    training_stage: str
+    adapters: tuple[str, ...]
+    trainable: tuple[str, ...]
+    skipped_by_apple_loading: tuple[str, ...] = ()
+    name: str | None = None
+    learning_rate: float | None = None
+    lr_scheduler_type: str | None = None
+    decoder_max_length: int | None = None
+
+
+# The one stage table, keyed by Apple's names: stage1 = salient compressor pretraining, stage1_2 = instruction
+# tuning, stage2 = end to end (query reasoner + generator), stage2_reasoning = generator only on compressed documents,
+# stage2_pretrain_retrieval = query reasoner only, on the retrieval loss.
+STAGES = {
+    stage.training_stage: stage
+    for stage in (
+        ClaraStage(
+            "stage1", adapters=(DECODER_ADAPTER, ENCODER_ADAPTER), trainable=(ENCODER_ADAPTER, DECODER_ADAPTER),
+            skipped_by_apple_loading=(QUERY_REASONER_ADAPTER,),
+            name="pretrain", learning_rate=1e-4, lr_scheduler_type="cosine_with_min_lr", decoder_max_length=2048,
+        ),
+        ClaraStage(
+            "stage1_2", adapters=(ENCODER_ADAPTER, DECODER_ADAPTER), trainable=(ENCODER_ADAPTER, DECODER_ADAPTER),
+            skipped_by_apple_loading=(QUERY_REASONER_ADAPTER, DECODER_ADAPTER),
+            name="instruct", learning_rate=1e-4, lr_scheduler_type="cosine_with_min_lr", decoder_max_length=2048,
+        ),
+        ClaraStage(
+            "stage2", adapters=(DECODER_ADAPTER, ENCODER_ADAPTER, QUERY_REASONER_ADAPTER),
+            trainable=(QUERY_REASONER_ADAPTER, DECODER_ADAPTER),
+            name="e2e", learning_rate=5e-6, lr_scheduler_type="constant", decoder_max_length=1024,
+        ),
+        ClaraStage(
+            "stage2_reasoning", adapters=(DECODER_ADAPTER, ENCODER_ADAPTER), trainable=(DECODER_ADAPTER,),
+            skipped_by_apple_loading=(DECODER_ADAPTER,),
+        ),
+        ClaraStage(
+            "stage2_pretrain_retrieval", adapters=(DECODER_ADAPTER, ENCODER_ADAPTER, QUERY_REASONER_ADAPTER),
+            trainable=(QUERY_REASONER_ADAPTER,),
+        ),
+    )
+}
+TRAINING_STAGES = tuple(STAGES)
+# The stages `clara train` runs, by this package's names: pretrain (stage1), instruct (stage1_2), e2e (stage2).
+STAGES_BY_NAME = {stage.name: stage for stage in STAGES.values() if stage.name is not None}
+STAGE_NAMES = tuple(STAGES_BY_NAME)
+
+# Loss weights of Apple's recipe (the MSE's lambda = 0.1; no retrieval term). `ClaraForRAG.forward` weighs the terms
+# with the config's values; training arguments only set those.
+DEFAULT_MSE_WEIGHT = 0.1
+DEFAULT_RETRIEVAL_WEIGHT = 0.0
+
 QUANTIZATIONS = ("no", "int4", "int8")
 # How memory states enter the generator: None = as they are (Apple), or as token-embedding mixtures.
 MEMORY_PROJECTIONS = (None, "token_embeddings")
@@ -44,8 +117,8 @@ class ClaraConfig(PretrainedConfig):
         optimize_mem_tokens (`bool`, *optional*, defaults to `True`):
             Train the memory-token embedding rows (and only those rows of the embedding matrix).
         training_stage (`str`, *optional*, defaults to `"stage1_2"`):
-            One of `stage1`, `stage1_2`, `stage2`, `stage2_reasoning`, `stage2_pretrain_retrieval`. Decides which
-            adapters a fresh model has and which ones train.
+            One of `stage1`, `stage1_2`, `stage2`, `stage2_reasoning`, `stage2_pretrain_retrieval` (see `STAGES`).
+            Decides which adapters a fresh model has and which ones train.
         training_form (`str`, *optional*, defaults to `"both_separately"`):
             Kept for Apple compatibility; `"compressor"` detaches the compressed embeddings before the generator.
         max_new_tokens (`int`, *optional*, defaults to 128):
@@ -59,7 +132,7 @@ class ClaraConfig(PretrainedConfig):
         topk_temperature (`float`, *optional*, defaults to 0.02):
             Temperature of the straight-through top-k on cosine scores (Apple's value).
         mse_weight (`float`, *optional*, defaults to 0.1):
-            Weight of the memory/document hidden-state MSE in the compression stages.
+            Weight of the memory/document hidden-state MSE in the loss while the compressor trains.
         mse_stop_gradient (`bool`, *optional*, defaults to `False`):
             Detach the document-side mean in the MSE, so the term moves the memory toward the document and not both
             toward each other (Apple's MSE lets gradient reach both sides).
@@ -97,9 +170,9 @@ class ClaraConfig(PretrainedConfig):
         pure_inference: bool = False,
         stage2_retrieval_top_n: int = 1,
         topk_temperature: float = 0.02,
-        mse_weight: float = 0.1,
+        mse_weight: float = DEFAULT_MSE_WEIGHT,
         mse_stop_gradient: bool = False,
-        retrieval_weight: float = 0.0,
+        retrieval_weight: float = DEFAULT_RETRIEVAL_WEIGHT,
         memory_projection: str | None = None,
         base_vocab_size: int | None = None,
         **kwargs,

@@ -5,7 +5,6 @@ full resized `embed_tokens` / `lm_head`), both pickles. Ours hold `model.safeten
 the added-token rows; the other rows are the backbone's own, which `apple_to_clara` checks before dropping them.
 """
 
-import argparse
 import json
 import os
 
@@ -13,7 +12,9 @@ import torch
 from peft import get_peft_model_state_dict
 from transformers.utils import logging
 
-from .modeling_clara import APPLE_ADAPTERS_FILE, APPLE_EMBEDDINGS_FILE, ClaraForRAG, load_backbone, resolve_backbone_path
+from .backbone import load_backbone, resolve_backbone_path
+from .checkpoints import APPLE_ADAPTERS_FILE, APPLE_EMBEDDINGS_FILE
+from .modeling_clara import ClaraForRAG
 
 logger = logging.get_logger(__name__)
 
@@ -38,7 +39,7 @@ def _check_original_rows_unchanged(model: ClaraForRAG) -> None:
     reference = load_backbone(resolve_backbone_path(model.config.decoder_model_name), model.config)
     base = model.config.base_vocab_size
     pairs = [(model.decoder.get_input_embeddings(), reference.get_input_embeddings())]
-    if not model._embeddings_tied():
+    if not model.tied_embeddings:
         pairs.append((model.decoder.get_output_embeddings(), reference.get_output_embeddings()))
     for converted, original in pairs:
         if not torch.equal(converted.weight[:base], original.weight[:base].to(converted.weight.dtype)):
@@ -72,30 +73,6 @@ def clara_to_apple(model_dir: str, output_dir: str, **overrides) -> ClaraForRAG:
     model.tokenizer.save_pretrained(output_dir)
     logger.info(f"Converted {model_dir} -> {output_dir} in Apple's format")
     return model
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "convert",
-        help="convert Apple's CLaRa folders to this package's safetensors format, or back",
-        description="Lossless conversion between Apple's released format (adapters.pth + "
-        "decoder_first_last_layers.pth) and this package's format (model.safetensors).",
-    )
-    parser.add_argument("direction", choices=("apple-to-hf", "hf-to-apple"))
-    parser.add_argument("source", help="checkpoint folder (or Hub id) to read")
-    parser.add_argument("output_dir", help="folder to write")
-    parser.add_argument(
-        "--decoder-model-name", help="backbone to use instead of the config's decoder_model_name (e.g. a local copy)"
-    )
-    parser.set_defaults(func=_run_convert)
-
-
-def _run_convert(args: argparse.Namespace) -> int:
-    overrides = {"decoder_model_name": args.decoder_model_name} if args.decoder_model_name else {}
-    convert = apple_to_clara if args.direction == "apple-to-hf" else clara_to_apple
-    convert(args.source, args.output_dir, **overrides)
-    print(f"wrote {args.output_dir}")
-    return 0
 
 
 __all__ = ["apple_to_clara", "clara_to_apple"]

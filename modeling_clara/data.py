@@ -17,7 +17,6 @@ Rows are checked when the file is read; a bad row is a [`ClaraDataError`] naming
 hold only a [`ClaraProcessor`] and plain values, so they pickle into DataLoader workers (`dataloader_num_workers > 0`).
 """
 
-import json
 import os
 import random
 import re
@@ -27,14 +26,13 @@ import datasets
 import torch
 from transformers.utils import logging
 
-from .modeling_clara import ClaraProcessor
+from .configuration_clara import STAGE_NAMES, STAGES_BY_NAME
+from .jsonl import ClaraDataError, read_jsonl
+from .processing_clara import ClaraProcessor
 
 logger = logging.get_logger(__name__)
 
-STAGE_NAMES = ("pretrain", "instruct", "e2e")
 PRETRAIN_TASKS = ("qa", "paraphrase")
-# Apple's decoder max lengths: 2048 in the compression stages, 1024 end to end (scripts/*.sh `--max_len`).
-DEFAULT_DECODER_MAX_LENGTH = {"pretrain": 2048, "instruct": 2048, "e2e": 1024}
 
 FEATURES = {
     "pretrain": datasets.Features(
@@ -61,21 +59,6 @@ FEATURES = {
         }
     ),
 }
-
-
-class ClaraDataError(ValueError):
-    """A training file that does not hold the expected format; the message names file and line."""
-
-
-def parse_json_object(line: str, where: str) -> dict:
-    """One JSONL line as a dict; anything else is a `ClaraDataError` naming `where` (file:line)."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ClaraDataError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-    if not isinstance(record, dict):
-        raise ClaraDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    return record
 
 
 def load_clara_jsonl(
@@ -129,27 +112,22 @@ def _generate_rows(path: str, stage: str, n_candidates: int | None, max_samples:
     check = {"pretrain": _check_pretrain_row, "instruct": _check_instruct_row, "e2e": _check_e2e_row}[stage]
     first_count = None  # e2e: candidates per row must agree unless n_candidates trims them
     n_rows = 0
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if max_samples is not None and n_rows >= max_samples:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            row = check(parse_json_object(line, where), where)
-            if stage == "e2e":
-                if n_candidates is not None:
-                    row = _trim_candidates(row, n_candidates, where)
-                elif first_count is None:
-                    first_count = (len(row["docs"]), line_number)
-                elif len(row["docs"]) != first_count[0]:
-                    raise ClaraDataError(
-                        f"{where}: {len(row['docs'])} candidate docs, but line {first_count[1]} has {first_count[0]}; "
-                        "end-to-end batches need the same number per example: pass n_candidates (--n_candidates) "
-                        "to trim every row to that many"
-                    )
-            n_rows += 1
-            yield row
+    for line_number, record in read_jsonl(path, max_samples):
+        where = f"{path}:{line_number}"
+        row = check(record, where)
+        if stage == "e2e":
+            if n_candidates is not None:
+                row = _trim_candidates(row, n_candidates, where)
+            elif first_count is None:
+                first_count = (len(row["docs"]), line_number)
+            elif len(row["docs"]) != first_count[0]:
+                raise ClaraDataError(
+                    f"{where}: {len(row['docs'])} candidate docs, but line {first_count[1]} has {first_count[0]}; "
+                    "end-to-end batches need the same number per example: pass n_candidates (--n_candidates) "
+                    "to trim every row to that many"
+                )
+        n_rows += 1
+        yield row
     if n_rows == 0:
         raise ClaraDataError(f"{path}: no rows")
 
@@ -180,19 +158,27 @@ def _check_instruct_row(record: dict, where: str) -> dict:
 
 
 def _check_e2e_row(record: dict, where: str) -> dict:
+    return {**check_e2e_candidates(record, where), "answer": _answer(record, where)}
+
+
+def check_e2e_candidates(record: dict, where: str) -> dict:
+    """`question`, `docs` and `pos_index` (sorted, without repeats) of an end-to-end row, checked.
+
+    Training and evaluation read these alike; each reads the answer fields it needs (one target for training, the
+    accepted answers for evaluation). A bad field is a `ClaraDataError` naming `where` (file:line).
+    """
+    question = record.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise ClaraDataError(f"{where}: `question` must be a non-empty str, got {question!r:.80}")
     docs = _texts(record, "docs", where)
     pos_index = record.get("pos_index", [])
-    if not isinstance(pos_index, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in pos_index):
-        raise ClaraDataError(f"{where}: `pos_index` must be a list of int, got {pos_index!r:.80}")
-    bad = [i for i in pos_index if not 0 <= i < len(docs)]
-    if bad:
-        raise ClaraDataError(f"{where}: pos_index {bad} out of range for {len(docs)} docs")
-    return {
-        "question": _text(record, "question", where),
-        "docs": docs,
-        "answer": _answer(record, where),
-        "pos_index": sorted(set(pos_index)),
-    }
+    if not isinstance(pos_index, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(docs) for i in pos_index
+    ):
+        raise ClaraDataError(
+            f"{where}: `pos_index` must list indices into `docs` (0..{len(docs) - 1}), got {pos_index!r:.80}"
+        )
+    return {"question": question, "docs": docs, "pos_index": sorted(set(pos_index))}
 
 
 def _trim_candidates(row: dict, n_candidates: int, where: str) -> dict:
@@ -410,7 +396,7 @@ def make_collator(
     """The collator of `stage` (`"pretrain"`, `"instruct"` or `"e2e"`); `max_length` defaults to Apple's per stage."""
     if stage not in STAGE_NAMES:
         raise ValueError(f"stage={stage!r} is not one of {STAGE_NAMES}")
-    max_length = DEFAULT_DECODER_MAX_LENGTH[stage] if max_length is None else max_length
+    max_length = STAGES_BY_NAME[stage].decoder_max_length if max_length is None else max_length
     if stage == "pretrain":
         return ClaraPretrainCollator(processor, max_length, **kwargs)
     cls = ClaraInstructCollator if stage == "instruct" else ClaraE2ECollator
@@ -423,6 +409,7 @@ __all__ = [
     "ClaraE2ECollator",
     "ClaraInstructCollator",
     "ClaraPretrainCollator",
+    "check_e2e_candidates",
     "load_clara_jsonl",
     "make_collator",
 ]

@@ -24,7 +24,6 @@ batch: rerunning a command skips the examples already there (a run with other se
 error). Each run also writes `<run>.summary.json` and `.summary.md`; `<output-dir>/summary.md` collects them all.
 """
 
-import argparse
 import json
 import os
 import time
@@ -34,10 +33,13 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from .configuration_clara import TRAINING_STAGES
-from .data import parse_json_object
+from .backbone import EMBEDDED_BACKBONE
+from .data import check_e2e_candidates
+from .generation import generate_completions
+from .jsonl import append_jsonl, read_for_resume, read_jsonl, record_settings, write_text_atomic
 from .metrics.clara_qa.clara_qa import recall_at_k, score_example
-from .modeling_clara import EMBEDDED_BACKBONE, SYSTEM_PROMPT_ANSWER, ClaraForRAG
+from .modeling_clara import ClaraForRAG
+from .processing_clara import SYSTEM_PROMPT_ANSWER, check_positive
 from .text_retrieval import load_text_retriever, oracle_candidates
 
 logger = logging.get_logger(__name__)
@@ -76,34 +78,19 @@ def load_eval_data(path: str | os.PathLike, limit: int | None = None) -> list[Ev
         matches examples by id).
     """
     examples, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if limit is not None and len(examples) >= limit:
-                break
-            if not line.strip():
-                continue
-            example = _parse_row(line, path, line_number)
-            if example.id in seen:
-                raise ValueError(f"{path}:{line_number}: id {example.id!r} repeats line {seen[example.id]}")
-            seen[example.id] = line_number
-            examples.append(example)
+    for line_number, record in read_jsonl(path, limit):
+        example = _parse_row(record, f"{path}:{line_number}", line_number)
+        if example.id in seen:
+            raise ValueError(f"{path}:{line_number}: id {example.id!r} repeats line {seen[example.id]}")
+        seen[example.id] = line_number
+        examples.append(example)
     if not examples:
         raise ValueError(f"{path} holds no examples")
     return examples
 
 
-def _parse_row(line: str, path, line_number: int) -> EvalExample:
-    where = f"{path}:{line_number}"
-    row = parse_json_object(line, where)
-    question, docs, pos_index = row.get("question"), row.get("docs"), row.get("pos_index", [])
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError(f"{where}: `question` must be a non-empty str, got {question!r:.80}")
-    if not isinstance(docs, list) or not docs or not all(isinstance(d, str) and d.strip() for d in docs):
-        raise ValueError(f"{where}: `docs` must be a non-empty list of non-empty str, got {docs!r:.80}")
-    if not isinstance(pos_index, list) or not all(
-        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(docs) for i in pos_index
-    ):
-        raise ValueError(f"{where}: `pos_index` must list indices into `docs` (0..{len(docs) - 1}), got {pos_index!r}")
+def _parse_row(row: dict, where: str, line_number: int) -> EvalExample:
+    candidates = check_e2e_candidates(row, where)
     gold, answers = row.get("gold_answer"), row.get("answers")
     if answers is None:
         answers = [gold] if gold is not None else []
@@ -116,7 +103,7 @@ def _parse_row(line: str, path, line_number: int) -> EvalExample:
     example_id = row.get("id", f"line-{line_number}")
     if not isinstance(example_id, (str, int)) or isinstance(example_id, bool):
         raise ValueError(f"{where}: `id` must be a str or int, got {example_id!r:.80}")
-    return EvalExample(str(example_id), question, docs, sorted(set(pos_index)), answers)
+    return EvalExample(str(example_id), candidates["question"], candidates["docs"], candidates["pos_index"], answers)
 
 
 def is_eval_file(path: str | os.PathLike) -> bool:
@@ -185,19 +172,13 @@ def text_prompt(model: ClaraForRAG, question: str, passages: list[str]) -> str:
     user = f"Question:{question}"
     if passages:
         user = "Background:\n" + "\n".join(passages) + "\n\n" + user
-    return model.processor._apply_chat_template(SYSTEM_PROMPT_ANSWER, user, None)[0]
+    return model.processor.apply_chat_template(SYSTEM_PROMPT_ANSWER, user)[0]
 
 
-@torch.no_grad()
 def generate_text(model: ClaraForRAG, prompts: list[str], max_new_tokens: int, **generate_kwargs) -> list[str]:
     """Greedy answers of the bare backbone (every adapter disabled, re-enabled after) to text prompts."""
-    inputs = model.tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt").to(model.device)
     with model.adapters_disabled():
-        output = model.decoder.generate(
-            **inputs, max_new_tokens=max_new_tokens, **{"do_sample": False, **generate_kwargs}
-        )
-    new_tokens = output[:, inputs["input_ids"].shape[1] :]
-    return [text.strip() for text in model.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        return generate_completions(model.decoder, model.tokenizer, prompts, max_new_tokens, **generate_kwargs)
 
 
 def count_tokens(tokenizer, prompts: list[str]) -> list[int]:
@@ -338,60 +319,31 @@ class EvalMethod:
 def run_resumable(
     examples: list[EvalExample], path: Path, config: dict, run_batch, batch_size: int, desc: str
 ) -> list[dict]:
-    """Run `run_batch(batch) -> records` over the examples not yet in the JSONL at `path`; append and flush each batch.
+    """Run `run_batch(batch) -> records` over the examples not yet in the JSONL at `path`; append and sync each batch.
 
     `config` is stored next to the predictions (`<path>.config.json`); resuming with a different one raises.
     Returns the records of all `examples`, in order.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    config_path = path.with_suffix(".config.json")
-    if config_path.exists():
-        saved = json.loads(config_path.read_text())
-        if saved != config:
-            changed = sorted(key for key in saved.keys() | config.keys() if saved.get(key) != config.get(key))
-            raise ValueError(
-                f"{path} holds predictions of another run (differs in {changed}: {[saved.get(c) for c in changed]} "
-                f"vs {[config.get(c) for c in changed]}); use another --output-dir or delete it to start over"
-            )
-    else:
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
-    done = read_records(path)
+    record_settings(
+        path.with_suffix(".config.json"), config,
+        conflict=f"{path} holds predictions of another run",
+        advice="use another --output-dir or delete it to start over",
+    )
+    done = {record["id"]: record for record in read_for_resume(path)}
     todo = [ex for ex in examples if ex.id not in done]
     if len(todo) < len(examples):
         logger.info(f"{path}: {len(examples) - len(todo)} of {len(examples)} examples already done, resuming")
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-    with open(path, "a", encoding="utf-8") as out:
+    with open(path, "ab") as out:
         for batch in logging.tqdm(batches, desc=desc, unit="batch", disable=not batches):
             start = time.perf_counter()
             records = run_batch(batch)
             seconds = (time.perf_counter() - start) / len(batch)
-            for example, record in zip(batch, records):
-                record = {"id": example.id, **record, "seconds": round(seconds, 4)}
-                done[example.id] = record
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            out.flush()
+            records = [{"id": ex.id, **record, "seconds": round(seconds, 4)} for ex, record in zip(batch, records)]
+            done.update((record["id"], record) for record in records)
+            append_jsonl(out, records)
     return [done[ex.id] for ex in examples]
-
-
-def read_records(path: Path) -> dict[str, dict]:
-    """Records by id; a last line cut by a kill mid-write is removed from the file (that example runs again)."""
-    done = {}
-    if not path.exists():
-        return done
-    raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        complete = raw[: raw.rfind(b"\n") + 1]
-        logger.warning(f"{path}: dropping an incomplete last line (an interrupted write)")
-        path.write_bytes(complete)
-        raw = complete
-    for line_number, line in enumerate(raw.decode("utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: corrupt predictions line ({error})") from error
-            done[record["id"]] = record
-    return done
 
 
 def score_record(example: EvalExample, result: dict) -> dict:
@@ -443,8 +395,7 @@ def evaluate_file(
     """
     if setting not in SETTINGS:
         raise ValueError(f"setting={setting!r} is not one of {SETTINGS}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    check_positive("k", k)
     runner = method if isinstance(method, EvalMethod) else EvalMethod(method, model)
     setting = runner.setting(setting)
     examples = load_eval_data(data, limit)
@@ -469,8 +420,8 @@ def evaluate_file(
         model=model_name if runner.spec.reads == "compressed" else config["backbone"], max_new_tokens=max_new_tokens,
         data=str(data),
     )
-    (out_dir / f"{name}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out_dir / f"{name}.summary.md").write_text(markdown_table([summary]))
+    write_text_atomic(out_dir / f"{name}.summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out_dir / f"{name}.summary.md", markdown_table([summary]))
     return summary
 
 
@@ -508,7 +459,7 @@ def evaluate_retrieval(
         model=config.get("model"), data=str(data),
     )
     summary.pop("gold_read", None)
-    (out_dir / f"retrieval-{ranker.name}.summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out_dir / f"retrieval-{ranker.name}.summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -554,7 +505,7 @@ def collect_summaries(output_dir: str | os.PathLike) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Command line
+# Models
 
 
 def load_model_for_eval(
@@ -584,89 +535,6 @@ def load_model_for_eval(
 def default_output_dir(model: ClaraForRAG, name: str) -> str:
     tag = f"embedded-cr{model.config.compr_rate}" if name == EMBEDDED_BACKBONE else Path(name.rstrip("/")).name
     return str(Path("eval_results") / tag)
-
-
-def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument("--model", required=required, help="'embedded' (a fresh, untrained CLaRa on the embedded "
-                        "backbone) or a saved CLaRa: folder or Hub id, ours or Apple's")
-    parser.add_argument("--data", required=True, nargs="+", help="end-to-end JSONL files or folders of them")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N examples of each file")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--output-dir", default=None, help="default: eval_results/<model name>")
-    group = parser.add_argument_group("--model embedded only")
-    group.add_argument("--compr-rate", type=int, default=16)
-    group.add_argument("--doc-max-length", type=int, default=256)
-    group.add_argument("--training-stage", default="stage1_2", choices=TRAINING_STAGES,
-                       help="decides the adapters; stage2 adds a (fresh) query reasoner")
-    group.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "eval", help="answer quality of CLaRa and its baselines (EM / F1 / Cover-EM, Recall@k)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_model_arguments(parser)
-    parser.add_argument("--method", nargs="+", default=["clara"], choices=METHODS)
-    parser.add_argument("--setting", nargs="+", default=["normal"], choices=SETTINGS)
-    parser.add_argument("--top-k", type=int, default=5, help="documents read per question")
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    parser.set_defaults(func=_run_eval)
-
-    retrieval = subparsers.add_parser(
-        "eval-retrieval", help="Recall@1/3/5 of CLaRa's query reasoner, MiniLM and BM25 on the same candidates",
-        description="Rank each question's candidates with each ranker and report Recall@1/3/5 against `pos_index`. "
-        "Rankers: clara (the query reasoner; needs a model that has one, e.g. --training-stage stage2 for "
-        "'embedded'), bm25, minilm, given_order (the file's order; the data files are shuffled, so it is chance).",
-    )
-    _add_model_arguments(retrieval, required=False)
-    retrieval.add_argument("--ranker", nargs="+", default=list(RANKERS), choices=RANKERS)
-    retrieval.set_defaults(func=_run_eval_retrieval)
-
-
-def _run_eval(args: argparse.Namespace) -> int:
-    files = expand_data_paths(args.data)
-    model = load_model_for_eval(
-        args.model, args.compr_rate, args.doc_max_length, args.training_stage, args.seed, args.device
-    )
-    output_dir = args.output_dir or default_output_dir(model, args.model)
-    compressed = CompressedDocuments(model)
-    methods = [EvalMethod(name, model, compressed) for name in dict.fromkeys(args.method)]
-    summaries, done = [], set()
-    for data in files:
-        for method in methods:
-            for setting in dict.fromkeys(args.setting):
-                if (data, method.name, method.setting(setting)) in done:  # closed_book / text_oracle: once
-                    continue
-                done.add((data, method.name, method.setting(setting)))
-                summaries.append(evaluate_file(
-                    model, data, method, setting, args.top_k, args.limit, args.batch_size, args.max_new_tokens,
-                    output_dir, model_name=args.model,
-                ))
-    (Path(output_dir) / "summary.md").write_text(markdown_table(collect_summaries(output_dir)))
-    print(markdown_table(summaries))
-    return 0
-
-
-def _run_eval_retrieval(args: argparse.Namespace) -> int:
-    files = expand_data_paths(args.data)
-    model = None
-    if "clara" in args.ranker:
-        if args.model is None:
-            raise SystemExit("--ranker clara needs --model")
-        model = load_model_for_eval(
-            args.model, args.compr_rate, args.doc_max_length, args.training_stage, args.seed, args.device
-        )
-    output_dir = args.output_dir or (default_output_dir(model, args.model) if model else "eval_results/retrieval")
-    rankers = [Ranker(name, model) for name in dict.fromkeys(args.ranker)]
-    summaries = [
-        evaluate_retrieval(data, ranker, model, args.limit, args.batch_size, output_dir, model_name=args.model)
-        for data in files
-        for ranker in rankers
-    ]
-    print(markdown_table(summaries))
-    return 0
 
 
 __all__ = [

@@ -15,7 +15,6 @@ previous index loadable. Shards are read lazily with `safetensors.safe_open` (me
 them chunk by chunk and only the rows asked for are materialised.
 """
 
-import argparse
 import hashlib
 import json
 import math
@@ -34,7 +33,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.utils import logging
 
-from .modeling_clara import ENCODER_ADAPTER, ClaraForRAG, _check_positive, _check_texts, cosine_scores
+from .configuration_clara import ENCODER_ADAPTER
+from .jsonl import write_text_atomic
+from .modeling_clara import ClaraForRAG, cosine_scores
+from .processing_clara import check_positive, check_texts
 
 logger = logging.get_logger(__name__)
 
@@ -77,14 +79,14 @@ def read_corpus(corpus, first_id: int = 0) -> datasets.Dataset:
             raise FileNotFoundError(f"corpus file not found: {path}")
         corpus = datasets.load_dataset("json", data_files=str(path), split="train")
     if isinstance(corpus, list):
-        texts = _check_texts(corpus, "corpus")
+        texts = check_texts(corpus, "corpus")
         return datasets.Dataset.from_dict({"id": [str(first_id + i) for i in range(len(texts))], "text": texts})
     if not isinstance(corpus, datasets.Dataset):
         raise TypeError(f"corpus must be a list of str, a datasets.Dataset or a JSONL path, got {type(corpus).__name__}")
     text_column = next((c for c in ("text", "contents") if c in corpus.column_names), None)
     if text_column is None:
         raise ValueError(f"corpus needs a `text` (or `contents`) column; it has {corpus.column_names}")
-    texts = _check_texts(list(corpus[text_column]), f"corpus[{text_column!r}]")
+    texts = check_texts(list(corpus[text_column]), f"corpus[{text_column!r}]")
     if "id" in corpus.column_names:
         ids = [str(i) for i in corpus["id"]]
         repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
@@ -182,15 +184,6 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The index
 
@@ -226,12 +219,12 @@ class ClaraIndex:
                 `torchrun`, each process compresses every n-th shard and the main process merges them (needs
                 `output_dir` on a filesystem all processes share).
         """
-        _check_positive("batch_size", batch_size)
-        _check_positive("shard_size", shard_size)
+        check_positive("batch_size", batch_size)
+        check_positive("shard_size", shard_size)
         documents = read_corpus(corpus)
         fingerprint = compressor_fingerprint(model)
         spans = [(start, min(start + shard_size, len(documents))) for start in range(0, len(documents), shard_size)]
-        state = _distributed_state()
+        state = distributed_state()
         if output_dir is None:
             if state.num_processes > 1:
                 raise ValueError("a data-parallel build needs output_dir (a folder every process can write)")
@@ -277,7 +270,7 @@ class ClaraIndex:
             logger.warning(f"{build_dir}: an interrupted build of another corpus or model; starting over")
             shutil.rmtree(build_dir)
         build_dir.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(plan_path, json.dumps(plan, indent=2))
+        write_text_atomic(plan_path, json.dumps(plan, indent=2))
 
     def add(self, corpus, batch_size: int = 8) -> None:
         """Compress and append documents (ids must be new); a FAISS index gets the new vectors too."""
@@ -317,8 +310,8 @@ class ClaraIndex:
         and CLaRa's exact cosine re-scores them. `k` larger than the documents returns all of them.
         """
         single = isinstance(questions, str)
-        _check_positive("k", k)
-        _check_positive("rerank_factor", rerank_factor)
+        check_positive("k", k)
+        check_positive("rerank_factor", rerank_factor)
         model = self._require_model("search")
         if not model.has_query_reasoner:
             raise ValueError(
@@ -331,8 +324,8 @@ class ClaraIndex:
     def search_embeddings(self, query_reps: torch.Tensor, k: int = 10, rerank_factor: int = DEFAULT_RERANK_FACTOR
                           ) -> list[SearchResult]:
         """`search` for query embeddings already computed (`model.encode_queries`: `(n, n_mem * hidden)`)."""
-        _check_positive("k", k)
-        _check_positive("rerank_factor", rerank_factor)
+        check_positive("k", k)
+        check_positive("rerank_factor", rerank_factor)
         n_mem, hidden = self._embedding_shape()
         if query_reps.dim() != 2 or query_reps.shape[1] != n_mem * hidden:
             raise ValueError(f"query_reps has shape {tuple(query_reps.shape)}; expected (n, {n_mem * hidden})")
@@ -466,8 +459,8 @@ class ClaraIndex:
             "deleted": sorted(self.deleted),
             "faiss": self.faiss_options,
         }
-        _write_text_atomic(target / METADATA_FILE, json.dumps(metadata, indent=2))
-        _write_text_atomic(root / CURRENT_FILE, version + "\n")  # the switch: everything before it is invisible
+        write_text_atomic(target / METADATA_FILE, json.dumps(metadata, indent=2))
+        write_text_atomic(root / CURRENT_FILE, version + "\n")  # the switch: everything before it is invisible
         for stale in root.glob("v-*"):
             if stale.name not in (version,) and stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
@@ -532,7 +525,7 @@ class ClaraIndex:
         return [self._position_of[i] for i in ids]
 
 
-def _distributed_state() -> PartialState:
+def distributed_state() -> PartialState:
     # Without an accelerator, accelerate forms a process group only when asked for CPU (gloo): otherwise every
     # process launched by `accelerate launch` / `torchrun` would believe it is alone and build everything.
     return PartialState(cpu=not torch.accelerator.is_available())
@@ -556,114 +549,3 @@ def _current_version(root: Path) -> str | None:
     if not (root / version).is_dir():
         raise ValueError(f"{current} names {version!r}, which is missing from {root}")
     return version
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    index = subparsers.add_parser("index", help="build, extend and search a compressed corpus index")
-    commands = index.add_subparsers(dest="index_command", required=True)
-
-    build = commands.add_parser("build", help="compress a corpus into an index (resumable; data-parallel under "
-                                "accelerate launch / torchrun)")
-    build.add_argument("--model", required=True, help="a saved CLaRa (folder or Hub id, ours or Apple's)")
-    build.add_argument("--corpus", required=True, help="JSONL with `text` (or `contents`) and optional `id` per line")
-    build.add_argument("--out", required=True, help="index folder")
-    build.add_argument("--batch-size", type=int, default=8)
-    build.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
-    build.add_argument("--faiss", choices=FAISS_KINDS, default=None, help="also build an approximate FAISS index")
-    build.add_argument("--pooled", action="store_true", help="FAISS over mean-pooled memory tokens")
-    build.set_defaults(func=_run_build)
-
-    search = commands.add_parser("search", help="top-k documents of a question")
-    _add_query_arguments(search)
-    search.add_argument("-k", "--top-k", type=int, default=10)
-    search.set_defaults(func=_run_search)
-
-    add = commands.add_parser("add", help="compress and add documents to an index")
-    add.add_argument("index")
-    add.add_argument("--corpus", required=True)
-    add.add_argument("--model", default=None, help="default: the model recorded in the index")
-    add.add_argument("--batch-size", type=int, default=8)
-    add.set_defaults(func=_run_add)
-
-    delete = commands.add_parser("delete", help="remove documents from an index by id")
-    delete.add_argument("index")
-    delete.add_argument("ids", nargs="+")
-    delete.set_defaults(func=_run_delete)
-
-    ask = subparsers.add_parser("ask", help="answer a question from an index: retrieve, then generate")
-    ask.add_argument("--index", required=True)
-    ask.add_argument("question")
-    ask.add_argument("--model", default=None, help="default: the model recorded in the index")
-    ask.add_argument("-k", "--top-k", type=int, default=None, help="documents read (default: generation_top_k)")
-    ask.add_argument("--max-new-tokens", type=int, default=None)
-    ask.set_defaults(func=_run_ask)
-
-
-def _add_query_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("index")
-    parser.add_argument("question")
-    parser.add_argument("--model", default=None, help="default: the model recorded in the index")
-
-
-def _open_index(path: str, model_name: str | None) -> ClaraIndex:
-    index = ClaraIndex.load(path)
-    name = model_name or index.model_name
-    if not name:
-        raise SystemExit(f"{path} records no model; pass --model")
-    index.attach_model(ClaraForRAG.from_pretrained(name))
-    return index
-
-
-def _run_build(args: argparse.Namespace) -> int:
-    model = ClaraForRAG.from_pretrained(args.model)
-    index = ClaraIndex.build(model, args.corpus, args.batch_size, args.shard_size, output_dir=args.out)
-    if args.faiss and _distributed_state().is_main_process:
-        index.build_faiss(args.faiss, pooled=args.pooled)
-        index.save(args.out)
-    print(f"{args.out}: {len(index)} documents, {index.fingerprint['n_mem_tokens']} memory tokens each")
-    return 0
-
-
-def _run_search(args: argparse.Namespace) -> int:
-    result = _open_index(args.index, args.model).search(args.question, k=args.top_k)
-    for rank, (doc_id, score, text) in enumerate(zip(result.ids, result.scores, result.texts), start=1):
-        print(f"{rank:>3}. [{doc_id}] {score:.4f}  {_preview(text)}")
-    return 0
-
-
-def _run_add(args: argparse.Namespace) -> int:
-    index = _open_index(args.index, args.model)
-    before = len(index)
-    index.add(args.corpus, batch_size=args.batch_size)
-    index.save(args.index)
-    print(f"{args.index}: {before} -> {len(index)} documents")
-    return 0
-
-
-def _run_delete(args: argparse.Namespace) -> int:
-    index = ClaraIndex.load(args.index)
-    index.delete(args.ids)
-    index.save(args.index)
-    print(f"{args.index}: deleted {len(args.ids)}, {len(index)} documents left")
-    return 0
-
-
-def _run_ask(args: argparse.Namespace) -> int:
-    index = _open_index(args.index, args.model)
-    out = index.model.answer(args.question, index=index, k=args.top_k, return_dict=True,
-                             max_new_tokens=args.max_new_tokens)
-    print("Retrieved:")
-    texts = index.texts(out["doc_indices"])
-    for rank, (doc_id, score, text) in enumerate(zip(out["doc_indices"], out["scores"], texts), start=1):
-        print(f"{rank:>3}. [{doc_id}] {score:.4f}  {_preview(text)}")
-    print(f"Answer: {out['answer']}")
-    return 0
-
-
-def _preview(text: str, width: int = 160) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 3] + "..."

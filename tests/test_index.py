@@ -184,18 +184,19 @@ import modeling_clara.index as index_module
 model = ClaraForRAG.from_pretrained(sys.argv[1])
 index = ClaraIndex.load(sys.argv[2], model=model)
 index.add(["A new document that the killed save must not publish."])
-write = index_module._write_text_atomic
+write = index_module.write_text_atomic
 
 def write_then_die(path, text):
     if path.name == index_module.CURRENT_FILE:  # everything of the new version is written; die before the switch
         os.kill(os.getpid(), signal.SIGKILL)
     write(path, text)
 
-index_module._write_text_atomic = write_then_die
+index_module.write_text_atomic = write_then_die
 index.save(sys.argv[2])
 """
 
 
+@pytest.mark.slow
 def test_a_save_killed_before_it_completes_leaves_the_previous_index(saved_model_dir, model, corpus, tmp_path):
     ClaraIndex.build(model, corpus).save(tmp_path / "idx")
     before = ClaraIndex.load(tmp_path / "idx", model=model).search("Who?", k=5)
@@ -228,6 +229,7 @@ ClaraIndex.build(model, sys.argv[2], shard_size=3, output_dir=sys.argv[3])
 """
 
 
+@pytest.mark.slow
 def test_a_killed_build_resumes_after_the_last_finished_shard(saved_model_dir, model, corpus, tmp_path, monkeypatch):
     corpus_path = tmp_path / "corpus.jsonl"
     corpus_path.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus))
@@ -247,6 +249,7 @@ def test_a_killed_build_resumes_after_the_last_finished_shard(saved_model_dir, m
     torch.testing.assert_close(resumed.embeddings(positions), compress(corpus), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_data_parallel_build_with_two_processes(saved_model_dir, model, corpus, tmp_path):
     corpus_path = tmp_path / "corpus.jsonl"
     corpus_path.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(corpus)))

@@ -23,6 +23,15 @@ def test_small_recipe_changes_only_the_defaults(tmp_path):
     assert (e2e.retrieval_weight, e2e.learning_rate) == (1.0, 5e-5)
     apple = ClaraTrainingArguments(output_dir=str(tmp_path), stage="e2e")
     assert (apple.recipe, apple.retrieval_weight, apple.mse_weight, apple.channel_rows) == ("apple", 0.0, 0.1, 0.0)
+    instruct = ClaraTrainingArguments(output_dir=str(tmp_path), stage="instruct", recipe="small")
+    assert (instruct.freeze_compressor, instruct.mse_weight, instruct.learning_rate) == (True, 0.0, 2e-4)
+    # An explicit frozen generator (or an explicit False) wins over the recipe's frozen compressor.
+    generator_frozen = ClaraTrainingArguments(output_dir=str(tmp_path), stage="instruct", recipe="small",
+                                              freeze_generator=True)
+    assert (generator_frozen.freeze_compressor, generator_frozen.freeze_generator) == (False, True)
+    unfrozen = ClaraTrainingArguments(output_dir=str(tmp_path), stage="instruct", recipe="small", freeze_compressor=False)
+    assert unfrozen.freeze_compressor is False
+    assert ClaraTrainingArguments(output_dir=str(tmp_path), stage="instruct").freeze_compressor is False
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ requests = pytest.importorskip("requests")
 from safetensors.torch import load as load_safetensors  # noqa: E402
 
 from modeling_clara import ClaraForRAG, ClaraIndex  # noqa: E402
-from modeling_clara.modeling_clara import SHIPPED_CORPUS_FILE  # noqa: E402
+from modeling_clara.checkpoints import SHIPPED_CORPUS_FILE  # noqa: E402
 from modeling_clara.serving.batching import DynamicBatcher, QueueFullError  # noqa: E402
 from modeling_clara.serving.engine import AnswerRequest, ClaraServingEngine, RequestError  # noqa: E402
 
@@ -384,6 +384,7 @@ def test_a_full_queue_is_503_with_retry_after_and_a_timeout_cancels(saved_model_
         assert requests.post(f"{url}/v1/search", json={"question": "q"}, timeout=60).status_code == 400
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_shipped_model_serves_its_bundled_corpus(tmp_path):
     corpus = tmp_path / "corpus.jsonl"

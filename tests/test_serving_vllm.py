@@ -9,7 +9,8 @@ import torch
 from conftest import make_tiny_clara
 from transformers import AutoModelForCausalLM
 
-from modeling_clara.modeling_clara import DECODER_ADAPTER, SHIPPED_CORPUS_FILE
+from modeling_clara.checkpoints import SHIPPED_CORPUS_FILE
+from modeling_clara.configuration_clara import DECODER_ADAPTER
 from modeling_clara.serving.engine import TransformersGenerator
 from modeling_clara.serving.vllm_generator import export_backbone, export_decoder_adapter, prompt_embeddings
 

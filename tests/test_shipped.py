@@ -12,9 +12,9 @@ from transformers import AutoModel
 
 from modeling_clara import ClaraForRAG, ClaraIndex
 from modeling_clara.metrics.clara_qa.clara_qa import score_example
-from modeling_clara.modeling_clara import SHIPPED_CORPUS_FILE, SHIPPED_MODEL_DIR
+from modeling_clara.checkpoints import SHIPPED_CORPUS_FILE, SHIPPED_MODEL_DIR
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 N_DOCUMENTS = 20  # bundled passages asked about, two questions each
 

@@ -18,7 +18,8 @@ from transformers import AutoModel, LlamaForCausalLM
 
 from conftest import CONFORMANCE_DIR, make_tiny_clara
 from modeling_clara import ClaraForRAG
-from modeling_clara.modeling_clara import SHIPPED_MODEL_DIR, load_tokenizer
+from modeling_clara.checkpoints import SHIPPED_MODEL_DIR
+from modeling_clara.processing_clara import load_tokenizer
 from stack_worker import DOCS, QUESTION, TOKENIZER_STRINGS, outputs, tokenizer_view
 
 WORKER = Path(__file__).with_name("stack_worker.py")
@@ -91,7 +92,7 @@ def test_add_lora_adapter_fresh_copy_and_errors(tiny_llama_dir):
 def test_adapters_disabled_runs_the_bare_backbone_and_restores_flags(tiny_clara, tiny_llama_dir):
     tiny_clara.set_trainable_adapters(["decoder_adapter"])
     trainable = {n for n, p in tiny_clara.named_parameters() if p.requires_grad}
-    input_ids = torch.tensor([[1, 19556, 905, 28, 7042]])
+    input_ids = tiny_clara.tokenizer("Paris is a city", return_tensors="pt").input_ids
     plain = LlamaForCausalLM.from_pretrained(tiny_llama_dir).model(input_ids=input_ids).last_hidden_state
     with torch.no_grad(), tiny_clara.adapters_disabled():
         bare = tiny_clara.decoder.get_decoder()(input_ids=input_ids).last_hidden_state
@@ -113,8 +114,10 @@ def test_saved_tokenizer_config_is_readable_by_both_stacks(tiny_clara, tmp_path)
     assert "token_type_ids" not in load_tokenizer(str(tmp_path))("Hello")
 
 
-def test_saved_tokenizers_encode_and_decode_as_recorded(tiny_clara, embedded_backbone_dir, tmp_path):
-    tiny_clara.save_pretrained(tmp_path)
+@pytest.mark.slow
+@pytest.mark.integration
+def test_saved_tokenizers_encode_and_decode_as_recorded(tiny_smollm2_llama_dir, embedded_backbone_dir, tmp_path):
+    make_tiny_clara(tiny_smollm2_llama_dir).save_pretrained(tmp_path)  # the ids recorded are SmolLM2's
     assert_tokenizer_as_recorded(tokenizer_view(embedded_backbone_dir), with_clara_tokens=False)
     for path in (tmp_path, SHIPPED_MODEL_DIR):
         view = tokenizer_view(str(path))
@@ -185,6 +188,7 @@ def test_checkpoint_saved_on_the_other_stack_loads_here_with_remote_code(saved_t
 
 
 @needs_other_stack
+@pytest.mark.slow
 @pytest.mark.integration
 def test_embedded_backbone_converts_identically_on_the_other_stack(tmp_path):
     run_worker(OTHER_PYTHON, "embedded", str(tmp_path / "there.pt"), cwd=tmp_path)

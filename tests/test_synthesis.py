@@ -277,6 +277,7 @@ def test_resuming_with_other_settings_or_over_a_foreign_file_is_refused(stub_ser
     assert users_file.read_text() == '{"something": "a user saved"}\n'
 
 
+@pytest.mark.slow
 def test_cli_run_killed_and_rerun_writes_every_row_once(stub_server, stub_corpus, tmp_path):
     _StubHandler.delay = 0.05  # slow enough to kill the run part-way
     out = tmp_path / "o.jsonl"
@@ -314,6 +315,7 @@ def test_local_generator_batches_like_single_prompts(tiny_llama_dir):
     assert batched == singles
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_embedded_generator_writes_valid_stage1_rows(tmp_path):
     example = json.loads((DATA_DIR / "hotpotqa_dev.jsonl").open().readline())

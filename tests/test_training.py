@@ -18,7 +18,7 @@ from conftest import make_tiny_clara
 from modeling_clara import ClaraForRAG, cli
 from modeling_clara.data import load_clara_jsonl, make_collator
 from modeling_clara.metrics.clara_qa.clara_qa import score_example
-from modeling_clara.modeling_clara import (
+from modeling_clara.processing_clara import (
     PARAPHRASE_INSTRUCTIONS,
     SYSTEM_PROMPT_ANSWER,
     SYSTEM_PROMPT_PARAPHRASE,
@@ -288,6 +288,17 @@ def test_freezing_one_side_trains_the_rest_only(tiny_llama_dir, tmp_path, data_f
     assert changed == trained
 
 
+@pytest.mark.parametrize("freeze, with_mse", [(None, True), ("freeze_compressor", False)])
+def test_the_trainer_minimises_the_models_loss(tiny_llama_dir, tmp_path, freeze, with_mse):
+    """One owner of the loss: `compute_loss` returns `outputs.loss`, whose MSE term is there only while the compressor
+    trains (a frozen compressor's MSE is logged, not added)."""
+    model = make_tiny_clara(tiny_llama_dir, training_stage="stage1")
+    trainer = ClaraTrainer(model, training_args(tmp_path, "pretrain", **({freeze: True} if freeze else {})))
+    loss, outputs = trainer.compute_loss(model, batch_for(model, "pretrain", pretrain_rows(1), tmp_path), return_outputs=True)
+    assert loss is outputs.loss and outputs.mse_loss is not None
+    torch.testing.assert_close(loss, outputs.ce_loss + 0.1 * outputs.mse_loss if with_mse else outputs.ce_loss)
+
+
 def test_freeze_compressor_is_refused_in_e2e(tmp_path):
     with pytest.raises(ValueError, match="freeze_compressor"):
         training_args(tmp_path, "e2e", freeze_compressor=True)
@@ -403,7 +414,8 @@ KILLED_RUN = textwrap.dedent(
     """
     import os, signal, sys
     from transformers import TrainerCallback
-    from modeling_clara.training import parse_train_args, train_clara
+    from modeling_clara.cli.train import parse_train_args
+    from modeling_clara.training import train_clara
 
     class KillAtStep(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -420,6 +432,7 @@ def subprocess_env() -> dict:
             "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_DIR)}
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_loses_no_step(tiny_llama_dir, tmp_path, data_files):
     make_tiny_clara(tiny_llama_dir, training_stage="stage1_2").save_pretrained(tmp_path / "start")
     argv = ["--stage", "instruct", "--model", str(tmp_path / "start"), "--data", data_files["instruct"],
@@ -445,6 +458,7 @@ def test_resume_after_a_kill_loses_no_step(tiny_llama_dir, tmp_path, data_files)
         torch.testing.assert_close(resumed[key], value, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes(tiny_llama_dir, tmp_path, data_files):
     make_tiny_clara(tiny_llama_dir, training_stage="stage1_2").save_pretrained(tmp_path / "start")
     output = tmp_path / "ddp"
@@ -460,6 +474,7 @@ def test_torchrun_two_cpu_processes(tiny_llama_dir, tmp_path, data_files):
     assert ClaraForRAG.from_pretrained(str(output)).config.training_stage == "stage1_2"
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_cli_on_the_embedded_backbone(tmp_path, data_files, embedded_backbone_dir):
     run_cli(["--stage", "pretrain", "--model", "embedded", "--data", data_files["pretrain"], "--output_dir",
@@ -503,6 +518,7 @@ def answer_f1(prediction: str, answers: list[str]) -> float:
     return score_example(prediction, answers)["f1"]
 
 
+@pytest.mark.slow
 def test_overfit_instruct_to_answer_f1_one_and_save_load_keeps_eval_loss(tmp_path):
     rows = instruct_rows(len(WORDS))
     backbone = word_level_backbone(tmp_path / "word_llama", [json.dumps(row) for row in rows])
@@ -531,6 +547,7 @@ def test_overfit_instruct_to_answer_f1_one_and_save_load_keeps_eval_loss(tmp_pat
     assert reloaded_loss == pytest.approx(eval_loss, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_overfit_to_answers_only_the_compressed_document_holds(tmp_path):
     """One question for every row; the answer is only in the document. Fitting it proves the answer loss trains the
     compressor and the decoder to pass content through the memory tokens (not to map questions to answers)."""

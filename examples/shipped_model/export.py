@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from modeling_clara import ClaraForRAG
-from modeling_clara.modeling_clara import SHIPPED_CORPUS_FILE, SHIPPED_MODEL_DIR, WEIGHTS_FILE
+from modeling_clara.checkpoints import SHIPPED_CORPUS_FILE, SHIPPED_MODEL_DIR, WEIGHTS_FILE
 
 
 def store_in_fp16(weights_file: Path) -> None:

@@ -1,4 +1,4 @@
-"""Serving CLaRa over HTTP: `clara serve` (see `modeling_clara/serve.py`).
+"""Serving CLaRa over HTTP: `clara serve` (see `modeling_clara/cli/serve.py`).
 
 - `batching.py`: `DynamicBatcher`, which groups concurrent requests into one model call, bounded and cancellable.
 - `engine.py`: `ClaraServingEngine`, the batch functions (compress, search, answer) on the model's public methods.

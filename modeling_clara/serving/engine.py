@@ -15,7 +15,8 @@ import torch
 from transformers.utils import logging
 
 from ..index import ClaraIndex
-from ..modeling_clara import MAX_PROMPT_TOKENS, ClaraForRAG
+from ..modeling_clara import ClaraForRAG
+from ..processing_clara import MAX_PROMPT_TOKENS
 
 logger = logging.get_logger(__name__)
 

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import save_file
 from transformers.utils import logging
 
-from ..modeling_clara import DECODER_ADAPTER, ClaraForRAG
+from ..configuration_clara import DECODER_ADAPTER
+from ..modeling_clara import ClaraForRAG
 
 logger = logging.get_logger(__name__)
 
@@ -126,7 +127,7 @@ def export_decoder_adapter(model: ClaraForRAG, directory: Path) -> Path:
     """Write the decoder adapter in PEFT's format (`adapter_config.json`, `adapter_model.safetensors`)."""
     directory.mkdir(parents=True, exist_ok=True)
     weights = {f"base_model.model.{k}": v.detach().contiguous() for k, v in model.adapter_state_dict(DECODER_ADAPTER).items()}
-    lora = model.decoder.peft_config[DECODER_ADAPTER]
+    lora = model.lora_config
     targets = sorted({key.split(".lora_")[0].rsplit(".", 1)[-1] for key in weights})
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.r, "lora_alpha": lora.lora_alpha,

@@ -1,7 +1,7 @@
 """`clara serve`: CLaRa over HTTP with dynamic batching (FastAPI + uvicorn, `pip install "clara-hf[serve]"`).
 
 The server lives in `modeling_clara/serving/`; this module only parses the command line and starts it. fastapi,
-uvicorn and vLLM are imported inside the command, so `clara --help` works without the extras.
+uvicorn and vLLM are imported when the server starts, so `clara serve --help` works without the extras.
 """
 
 import argparse
@@ -10,13 +10,18 @@ from pathlib import Path
 
 from transformers.utils import logging
 
+from ..checkpoints import SHIPPED_CORPUS_FILE
+from ..index import ClaraIndex
+from ..modeling_clara import ClaraForRAG
+from ..serving.engine import ClaraServingEngine, TransformersGenerator
+
 logger = logging.get_logger(__name__)
 
 BACKENDS = ("transformers", "vllm")
 
 
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    serve = subparsers.add_parser("serve", help="serve search, answer and compress over HTTP with dynamic batching")
+def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> None:
+    serve = subparsers.add_parser(name, help=help)
     serve.add_argument("--model", required=True, help="a saved CLaRa (folder, Hub id or `shipped`)")
     serve.add_argument("--index", default=None, help="a ClaraIndex folder: /v1/search, and /v1/answer without documents")
     serve.add_argument("--corpus", default=None,
@@ -35,18 +40,13 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     serve.add_argument("--vllm-arg", action="append", default=[], metavar="KEY=VALUE",
                        help="passed to vllm.LLM (values parsed as JSON when they are), e.g. tensor_parallel_size=4")
-    serve.set_defaults(func=_run_serve)
+    serve.set_defaults(run=run)
 
 
-def _run_serve(args: argparse.Namespace) -> int:
-    try:
-        import uvicorn
+def run(args: argparse.Namespace) -> int:
+    import uvicorn  # the serve extra; `clara` names it when it is missing
 
-        from .serving.app import ServeSettings, create_app
-    except ImportError as error:
-        raise SystemExit(f'clara serve needs the serve extra: pip install "clara-hf[serve]" ({error})') from error
-    from .modeling_clara import ClaraForRAG
-    from .serving.engine import ClaraServingEngine
+    from ..serving.app import ServeSettings, create_app
 
     model = ClaraForRAG.from_pretrained(args.model)
     index = _open_index(model, args.index, args.corpus)
@@ -61,9 +61,6 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _open_index(model, index_dir: str | None, corpus: str | None):
-    from .index import ClaraIndex
-    from .modeling_clara import SHIPPED_CORPUS_FILE
-
     if corpus == "shipped":
         corpus = SHIPPED_CORPUS_FILE
     if index_dir is not None and (corpus is None or (Path(index_dir) / "CURRENT").exists()):
@@ -80,13 +77,11 @@ def _open_index(model, index_dir: str | None, corpus: str | None):
 
 
 def _make_generator(backend: str, model, vllm_args: dict):
-    from .serving.engine import TransformersGenerator
-
     if backend == "transformers":
         if vllm_args:
             raise SystemExit("--vllm-arg needs --backend vllm")
         return TransformersGenerator(model)
-    from .serving.vllm_generator import VllmGenerator
+    from ..serving.vllm_generator import VllmGenerator
 
     return VllmGenerator(model, **vllm_args)
 

@@ -1,0 +1,25 @@
+"""`clara ask --index DIR QUESTION`: retrieve from a `ClaraIndex`, then answer from the retrieved documents."""
+
+import argparse
+
+from .index import open_index, print_hits
+
+
+def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> None:
+    ask = subparsers.add_parser(name, help=help)
+    ask.add_argument("--index", required=True)
+    ask.add_argument("question")
+    ask.add_argument("--model", default=None, help="default: the model recorded in the index")
+    ask.add_argument("-k", "--top-k", type=int, default=None, help="documents read (default: generation_top_k)")
+    ask.add_argument("--max-new-tokens", type=int, default=None)
+    ask.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    index = open_index(args.index, args.model)
+    out = index.model.answer(args.question, index=index, k=args.top_k, return_dict=True,
+                             max_new_tokens=args.max_new_tokens)
+    print("Retrieved:")
+    print_hits(out["doc_indices"], out["scores"], index.texts(out["doc_indices"]))
+    print(f"Answer: {out['answer']}")
+    return 0
