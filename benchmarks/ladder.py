@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.trained is not None and len(args.rungs) * len(args.arms) != 1:
         parser.error("--trained probes one run: give one rung and one arm")
     resolve_embedded_backbone()
+    args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "results.jsonl"
     done = [json.loads(line) for line in results_file.open()] if results_file.exists() else []
     for rung_name in args.rungs:

@@ -146,17 +146,18 @@ def test_apple_backbone_tokenizer_loads_as_recorded():
 
 
 @pytest.fixture(scope="module")
-def saved_here(tiny_llama_dir, tmp_path_factory):
+def saved_here(tiny_smollm2_llama_dir, tmp_path_factory):
+    # The SmolLM2 tokenizer: the tokenizer checks compare with the ids recorded for it.
     path = tmp_path_factory.mktemp("saved_here")
-    model = make_tiny_clara(tiny_llama_dir, seed=3)
+    model = make_tiny_clara(tiny_smollm2_llama_dir, seed=3)
     model.save_pretrained(path / "clara")
     return path / "clara", outputs(model)
 
 
 @pytest.fixture(scope="module")
-def saved_there(tiny_llama_dir, tmp_path_factory):
+def saved_there(tiny_smollm2_llama_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("saved_there")
-    run_worker(OTHER_PYTHON, "save", str(tiny_llama_dir), str(path / "clara"), str(path / "saved.pt"), cwd=path)
+    run_worker(OTHER_PYTHON, "save", str(tiny_smollm2_llama_dir), str(path / "clara"), str(path / "saved.pt"), cwd=path)
     return path / "clara", torch.load(path / "saved.pt", weights_only=True)
 
 

@@ -48,9 +48,10 @@ run_stage "$OUT/stage1b" --stage pretrain --model "$OUT/stage1a" --data "$OUT/da
   --doc_max_length 256 --compr_rate 16 --per_device_train_batch_size 2 --gradient_accumulation_steps 2 --max_steps "$(steps 60)" \
   --save_steps "$(steps 20)"
 
-# Stage 2 (instruction tuning): question + [gold, BM25 distractor] in random order -> answer. The compressor is
-# frozen: answer loss alone would let it collapse to one memory for every document (rung 2 of the ladder), so only
-# the generator learns to answer from the memory stage 1 taught it to write.
+# Stage 2 (instruction tuning): question + [gold, BM25 distractor] in random order -> answer. The recipe freezes the
+# compressor here (--freeze_compressor is its default, spelled out): answer loss alone would let it collapse to one
+# memory for every document (rung 2 of the ladder), so only the generator learns to answer from the memory stage 1
+# taught the compressor to write.
 run_stage "$OUT/stage2" --stage instruct --model "$OUT/stage1b" --data "$OUT/data/stage2_instruct.jsonl" \
   --freeze_compressor --generation_top_k 2 --per_device_train_batch_size 4 --max_steps "$(steps 60)" \
   --save_steps "$(steps 20)"
