@@ -50,8 +50,12 @@ def start_server(args, port: int, index_dir: str) -> subprocess.Popen:
     command = [args.python, "-m", "modeling_clara.cli", "serve", "--model", args.model, "--corpus", args.corpus,
                "--index", index_dir, "--host", HOST, "--port", str(port), "--backend", args.backend,
                "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
-               "--max-queue", str(max(args.requests, 256))]
+               "--max-queue", str(max(args.requests, 256)), "--request-timeout", str(args.request_timeout)]
+    if args.server_cpus is not None:  # keep the clients' threads off the cores the model computes on
+        command = ["taskset", "-c", args.server_cpus, *command]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO_DIR)}
+    if args.server_threads is not None:
+        env["OMP_NUM_THREADS"] = str(args.server_threads)
     return subprocess.Popen(command, env=env)
 
 
@@ -114,6 +118,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--request-timeout", type=float, default=60.0, help="the server's --request-timeout")
+    parser.add_argument("--server-cpus", default=None, help="pin the server to these cores (taskset -c), e.g. 1")
+    parser.add_argument("--server-threads", type=int, default=None, help="OMP_NUM_THREADS of the server")
     parser.add_argument("--startup-timeout", type=float, default=900)
     args = parser.parse_args()
     if not 0 < args.requests <= 2000 or not 0 < args.sequential_requests <= 2000:
@@ -127,21 +134,25 @@ def main() -> None:
             wait_until_healthy(url, process, args.startup_timeout)
             run_phase(url, questions(4), 1, args.max_new_tokens)  # warm-up: first calls allocate and compile
             before = batch_sizes(url)
+            load_before = os.getloadavg()  # other work on the machine slows both phases; reported with the numbers
             sequential = run_phase(url, questions(args.sequential_requests), 1, args.max_new_tokens)
             concurrent = run_phase(url, questions(args.requests), args.clients, args.max_new_tokens)
             after = batch_sizes(url)
+            load_after = os.getloadavg()
         finally:
             process.terminate()
             process.wait(timeout=60)
-    report(args, sequential, concurrent, before, after)
+    report(args, sequential, concurrent, before, after, (load_before, load_after))
 
 
-def report(args, sequential: dict, concurrent: dict, before: dict, after: dict) -> None:
+def report(args, sequential: dict, concurrent: dict, before: dict, after: dict, loads: tuple) -> None:
     batches = after["batches"] - before["batches"] - sequential["requests"]  # sequential requests ran alone
     batched = after["requests"] - before["requests"] - sequential["requests"]
     lines = [
         f"backend {args.backend}, model {args.model}, max_new_tokens {args.max_new_tokens}, "
-        f"max_batch_size {args.max_batch_size}, max_wait_ms {args.max_wait_ms}",
+        f"max_batch_size {args.max_batch_size}, max_wait_ms {args.max_wait_ms}, server cpus {args.server_cpus or 'all'}, "
+        f"server threads {args.server_threads or 'default'}; load average (1, 5, 15 min) before "
+        f"{', '.join(f'{x:.2f}' for x in loads[0])}, after {', '.join(f'{x:.2f}' for x in loads[1])}",
         f"sequential: {sequential['requests']} requests, {sequential['throughput']:.2f} req/s, "
         f"p50 {sequential['p50'] * 1000:.0f} ms, p99 {sequential['p99'] * 1000:.0f} ms, errors {sequential['errors']}",
         f"{args.clients} clients: {concurrent['requests']} requests, {concurrent['throughput']:.2f} req/s "

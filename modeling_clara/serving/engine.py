@@ -5,8 +5,13 @@ model would reject (a prompt too long for the generator, a search without an ind
 its result, so the rest of its batch still runs. Answers are chosen per request by the rule `model.answer`
 applies (retrieve the top `k` when the model has a query reasoner and more than `k` candidates, otherwise read the
 documents in order), so a batched request answers exactly as it would alone.
+
+Two shortcuts make a batch cheap without changing what it computes (beyond float rounding): questions are encoded
+without the padding the encoder layout would give them (`encode_questions`), and the generator runs the start that
+every answer prompt shares once, not once per request (`TransformersGenerator`).
 """
 
+import copy
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Protocol
@@ -14,8 +19,9 @@ from typing import Protocol
 import torch
 from transformers.utils import logging
 
+from ..configuration_clara import DECODER_ADAPTER, QUERY_REASONER_ADAPTER
 from ..index import ClaraIndex
-from ..modeling_clara import ClaraForRAG
+from ..modeling_clara import ClaraForRAG, cosine_scores
 from ..processing_clara import MAX_PROMPT_TOKENS
 
 logger = logging.get_logger(__name__)
@@ -71,21 +77,89 @@ class Generator(Protocol):
 
 
 class TransformersGenerator:
-    """Generation with the model's own `answer` (transformers `generate`, greedy)."""
+    """Greedy generation with transformers `generate`: a whole batch in one call, the shared prompt start run once.
+
+    Every answer prompt starts with the same tokens, the chat template's system turn up to the first document slot
+    (37 of the shipped model's 93 prompt tokens with 2 documents). Their keys and values are computed once, at the
+    first call, and each batch starts from a copy of that cache, so prefill (compute-bound on CPU: it grows with
+    the tokens of the whole batch) runs only the rest of each prompt. Rows are laid out as shared start, left
+    padding, rest of the prompt: the start stays at positions 0..P-1 in every row, and `generate` numbers each
+    row's positions from its attention mask, so every token sits where it would in `answer`'s left-padded prompt.
+    """
 
     name = "transformers"
 
     def __init__(self, model: ClaraForRAG):
         self.model = model
+        self._prefix_ids: list[int] | None = None
+        self._prefix_cache = None  # the shared start's keys and values, for a batch of one
 
+    @torch.no_grad()
     def generate(self, questions: list[str], memories: list[torch.Tensor], max_new_tokens: int) -> list[str]:
-        # k as large as the largest memory, so `answer` reads every given document in order and retrieves nothing:
-        # the documents were already chosen per request.
-        k = max(len(memory) for memory in memories)
-        return self.model.answer(questions, memories, k=k, max_new_tokens=max_new_tokens)
+        model = self.model
+        prompts = [model.processor.build_prompt(len(m), task="answer", question=q)[0] for q, m in zip(questions, memories)]
+        prefix, cache = self._shared_start()
+        input_ids, attention_mask = self._layout_after(prefix, model.tokenizer(prompts, add_special_tokens=False)["input_ids"])
+        memory = torch.cat(memories).to(model.device)  # (total docs, n_mem, hidden), in request order
+        inputs_embeds = model._replace_memory_embeddings(input_ids, memory, [len(m) for m in memories])
+        cache = copy.deepcopy(cache)
+        cache.batch_repeat_interleave(len(prompts))
+        with model.adapter(DECODER_ADAPTER):
+            output_ids = model.decoder.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                                past_key_values=cache, do_sample=False, max_new_tokens=max_new_tokens)
+        return [text.strip() for text in model.tokenizer.batch_decode(output_ids, skip_special_tokens=True)]
+
+    def _shared_start(self) -> tuple[list[int], object]:
+        """The tokens every answer prompt starts with, and their cache (computed on the first call)."""
+        if self._prefix_cache is None:
+            model = self.model
+            prompt = model.processor.build_prompt(1, task="answer", question="")[0]
+            ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            self._prefix_ids = ids[: ids.index(model.processor.mem_token_ids[0])]
+            prefix = torch.tensor([self._prefix_ids], device=model.device)
+            with model.adapter(DECODER_ADAPTER):
+                self._prefix_cache = model.decoder(input_ids=prefix, use_cache=True).past_key_values
+        return self._prefix_ids, self._prefix_cache
+
+    def _layout_after(self, prefix: list[int], prompts_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(input_ids, attention_mask)` of shape `(n, seq)`: the shared start, left padding, the rest of each prompt."""
+        if any(ids[: len(prefix)] != prefix for ids in prompts_ids):
+            raise RuntimeError("an answer prompt does not start with the shared start of the prompt template")
+        rest = self.model.tokenizer.pad({"input_ids": [ids[len(prefix) :] for ids in prompts_ids]}, padding="longest",
+                                        return_tensors="pt")
+        n = len(prompts_ids)
+        start = torch.tensor(prefix).expand(n, -1)
+        input_ids = torch.cat([start, rest["input_ids"]], dim=1)
+        attention_mask = torch.cat([torch.ones_like(start), rest["attention_mask"]], dim=1)
+        return input_ids.to(self.model.device), attention_mask.to(self.model.device)
 
     def close(self) -> None:
         pass  # runs in this process: nothing to release
+
+
+@torch.no_grad()
+def encode_questions(model: ClaraForRAG, questions: list[str]) -> torch.Tensor:
+    """`model.encode_queries(questions)`, `(n, n_mem * hidden)`, without running the padding.
+
+    The encoder layout left-pads every text to `doc_max_length + 3` tokens (259 for the shipped model) before the
+    memory tokens; a question is about 15 of them, so a query-reasoner pass spends 8x its compute on padding that the
+    attention mask hides. Columns that are padding in every row are dropped and the kept ones keep their positions
+    (explicit `position_ids`), so any backbone computes what it would with the padding, up to float rounding.
+    """
+    inputs, n_truncated = model.processor.encode_documents(questions)
+    if n_truncated:
+        logger.warning(f"{n_truncated} of {len(questions)} questions are longer than "
+                       f"doc_max_length={model.config.doc_max_length} tokens and were truncated")
+    attention_mask = inputs["attention_mask"]
+    first = int(attention_mask.argmax(dim=1).min())  # the first column any row attends to
+    positions = torch.arange(first, attention_mask.shape[1]).expand(len(questions), -1)
+    with model.adapter(QUERY_REASONER_ADAPTER):
+        states = model.decoder.get_decoder()(
+            input_ids=inputs["input_ids"][:, first:].to(model.device),
+            attention_mask=attention_mask[:, first:].to(model.device),
+            position_ids=positions.to(model.device),
+        ).last_hidden_state
+    return model._project_memory(states[:, -model.n_mem_tokens :]).flatten(start_dim=1)
 
 
 class ClaraServingEngine:
@@ -114,10 +188,14 @@ class ClaraServingEngine:
             return [problem] * len(requests)
         results: list = [None] * len(requests)
         for k, positions in _group_by(requests, lambda r: r.k).items():
-            found = self.index.search([requests[i].question for i in positions], k=k)
+            found = self._search([requests[i].question for i in positions], k)
             for i, result in zip(positions, found):
                 results[i] = [Hit(doc_id, score, text) for doc_id, score, text in zip(result.ids, result.scores, result.texts)]
         return results
+
+    def _search(self, questions: list[str], k: int) -> list:
+        """`index.search(questions, k)`, with the questions encoded without their padding."""
+        return self.index.search_embeddings(encode_questions(self.model, questions), k=k)
 
     def search_problem(self) -> RequestError | None:
         """Why this server cannot search (no index, no query reasoner), or `None`."""
@@ -173,15 +251,16 @@ class ClaraServingEngine:
             chosen[p] = (memory_of[p], [Hit(str(j), None, text) for j, text in enumerate(requests[p].documents)])
         for k, group in _group_by([requests[p] for p in to_rank], lambda r: r.k).items():
             ranked = [to_rank[g] for g in group]
-            scores, indices = self.model.retrieve([requests[p].question for p in ranked], [memory_of[p] for p in ranked], k=k)
-            for p, s, idx in zip(ranked, scores, indices):
-                idx = idx.tolist()
-                hits = [Hit(str(j), score, requests[p].documents[j]) for j, score in zip(idx, s.tolist())]
+            query_reps = encode_questions(self.model, [requests[p].question for p in ranked])
+            for p, query in zip(ranked, query_reps):
+                top = _top_k(query, memory_of[p], k)  # as `model.retrieve` ranks
+                idx = top.indices.tolist()
+                hits = [Hit(str(j), score, requests[p].documents[j]) for j, score in zip(idx, top.values.tolist())]
                 chosen[p] = (memory_of[p][idx], hits)
         return chosen
 
     def _choose_from_index(self, positions: list[int], requests, k: int) -> dict:
-        found = self.index.search([requests[p].question for p in positions], k=k)
+        found = self._search([requests[p].question for p in positions], k)
         return {
             p: (self.index.embeddings(result.positions), [Hit(i, s, t) for i, s, t in zip(result.ids, result.scores, result.texts)])
             for p, result in zip(positions, found)
@@ -195,6 +274,12 @@ class ClaraServingEngine:
             return None
         return RequestError("question", f"the prompt with {n_docs} documents has {n_tokens} tokens, more than the "
                             f"generator's {MAX_PROMPT_TOKENS}; shorten the question or lower k")
+
+
+def _top_k(query: torch.Tensor, candidates: torch.Tensor, k: int):
+    """The top `k` of `candidates` `(n, n_mem, hidden)` by cosine to one query `(n_mem * hidden,)`, best first."""
+    scores = cosine_scores(query.unsqueeze(0), candidates.to(query.device).unsqueeze(0))[0]
+    return scores.topk(min(k, len(scores)))
 
 
 def _group_by(items: list, key) -> dict:
