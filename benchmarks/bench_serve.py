@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def run_phase(url: str, batch: list[str], clients: int, max_new_tokens: int) -> 
     latencies = sorted(latency for latency, _ in results)
     return {"requests": len(batch), "seconds": seconds, "throughput": len(batch) / seconds,
             "p50": statistics.median(latencies), "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-            "errors": sum(status != 200 for _, status in results)}
+            "errors": dict(Counter(status for _, status in results if status != 200))}  # status -> count; 0: no response
 
 
 def batch_sizes(url: str) -> dict:
@@ -154,14 +155,19 @@ def report(args, sequential: dict, concurrent: dict, before: dict, after: dict, 
         f"server threads {args.server_threads or 'default'}; load average (1, 5, 15 min) before "
         f"{', '.join(f'{x:.2f}' for x in loads[0])}, after {', '.join(f'{x:.2f}' for x in loads[1])}",
         f"sequential: {sequential['requests']} requests, {sequential['throughput']:.2f} req/s, "
-        f"p50 {sequential['p50'] * 1000:.0f} ms, p99 {sequential['p99'] * 1000:.0f} ms, errors {sequential['errors']}",
+        f"p50 {sequential['p50'] * 1000:.0f} ms, p99 {sequential['p99'] * 1000:.0f} ms, errors {_errors(sequential)}",
         f"{args.clients} clients: {concurrent['requests']} requests, {concurrent['throughput']:.2f} req/s "
         f"({concurrent['throughput'] / sequential['throughput']:.2f}x sequential), p50 {concurrent['p50'] * 1000:.0f} ms, "
-        f"p99 {concurrent['p99'] * 1000:.0f} ms, errors {concurrent['errors']}",
+        f"p99 {concurrent['p99'] * 1000:.0f} ms, errors {_errors(concurrent)}",
         f"answer batches in the concurrent phase: {batches:.0f}, mean size {batched / max(batches, 1):.2f}; "
         f"cumulative size histogram (all phases) {after['cumulative_buckets']}",
     ]
     print("\n".join(lines))
+
+
+def _errors(phase: dict) -> str:
+    total = sum(phase["errors"].values())
+    return f"{total} {phase['errors']}" if total else "0"
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from safetensors.torch import load as load_safetensors  # noqa: E402
 from modeling_clara import ClaraForRAG, ClaraIndex  # noqa: E402
 from modeling_clara.checkpoints import SHIPPED_CORPUS_FILE  # noqa: E402
 from modeling_clara.serving.batching import DynamicBatcher, QueueFullError  # noqa: E402
-from modeling_clara.serving.engine import AnswerRequest, ClaraServingEngine, RequestError  # noqa: E402
+from modeling_clara.serving.engine import AnswerRequest, ClaraServingEngine, RequestError, encode_questions  # noqa: E402
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 CORPUS = [
@@ -111,6 +112,14 @@ def test_engine_batch_equals_single_requests_and_model_answer(engine, model):
         assert result.answer == expected["answer"]
 
 
+def test_questions_encode_without_padding_as_with_it(model):
+    # The server drops the columns every question pads; the kept tokens keep their positions, so nothing else changes.
+    questions = QUESTIONS[:1] + ["a much longer question about the rivers and mountains of " * 3]
+    full = model.encode_queries(questions)
+    torch.testing.assert_close(encode_questions(model, questions), full, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(encode_questions(model, questions[:1]), full[:1], atol=1e-5, rtol=1e-4)
+
+
 def test_engine_isolates_a_request_the_generator_would_refuse(engine):
     too_long = AnswerRequest("why " * 1100, CORPUS[:1], k=2, max_new_tokens=6)
     good = AnswerRequest(QUESTIONS[0], CORPUS[:1], k=2, max_new_tokens=6)
@@ -146,6 +155,34 @@ def test_batcher_groups_by_key_up_to_the_max_batch_size():
     assert run_async(scenario()) == [2 * i for i in range(10)]
     assert sorted(len(b) for b in seen) == [1, 1, 4, 4]  # 5 even and 5 odd items, batches of at most 4
     assert all(len({item % 2 for item in batch}) == 1 for batch in seen)
+
+
+def test_batcher_waits_after_a_batch_for_its_clients_to_come_back():
+    # A request that queued while a batch ran must not start alone the moment that batch ends: the clients it
+    # answered send their next requests just after, within max_wait, and all run as one batch.
+    seen, release = [], threading.Event()
+
+    def slow_double(items):
+        seen.append(list(items))
+        release.wait(timeout=30)
+        return [2 * item for item in items]
+
+    async def scenario():
+        batcher = DynamicBatcher("test", slow_double, ThreadPoolExecutor(1), max_batch_size=4, max_wait_s=0.5, max_queue=100)
+        batcher.start()
+        first = [asyncio.create_task(batcher.submit(i)) for i in range(3)]
+        while not seen:  # the first batch is running
+            await asyncio.sleep(0.01)
+        straggler = asyncio.create_task(batcher.submit(3))
+        await asyncio.sleep(0.6)  # the straggler's own max_wait is over while the first batch still runs
+        release.set()
+        answered = await asyncio.gather(*first)
+        results = await asyncio.gather(straggler, *(batcher.submit(i) for i in range(4, 7)))  # the clients return
+        await batcher.stop()
+        return answered + results
+
+    assert run_async(scenario()) == [2 * i for i in range(7)]
+    assert seen == [[0, 1, 2], [3, 4, 5, 6]]
 
 
 def test_batcher_isolates_a_failing_item_and_refuses_past_max_queue():

@@ -1,8 +1,8 @@
 """Dynamic batching: concurrent requests wait briefly in a bounded queue and run as one model call.
 
 A request joins the queue of its operation. The worker takes the oldest request, waits until `max_batch_size`
-requests with the same key are queued or the oldest has waited `max_wait_s`, and runs them as one call of
-`run_batch` on the model's executor (one thread: the model switches adapters and is not thread-safe). The queue
+requests with the same key are queued or `max_wait_s` has passed, both since the oldest arrived and since the
+previous batch finished, and runs them as one call of `run_batch` on the model's executor (one thread: the model switches adapters and is not thread-safe). The queue
 is bounded (`QueueFullError` instead of growing memory), and a request that times out or whose client goes away
 leaves the queue before it costs any model time.
 """
@@ -48,7 +48,8 @@ class DynamicBatcher:
         run_batch: The blocking batch function; runs on `executor`.
         executor: Where model work runs; share one single-thread executor between all batchers of a model.
         max_batch_size: Requests per call at most.
-        max_wait_s: How long the oldest queued request waits for others before its batch runs.
+        max_wait_s: How long the oldest queued request waits for others before its batch runs; counted from the end
+            of the previous batch when that is later (see `_next_batch`).
         max_queue: Requests waiting (not yet running) at most; one more is a `QueueFullError`.
         on_batch: Called with `(operation, batch_size, seconds)` after each call (metrics).
     """
@@ -65,6 +66,7 @@ class DynamicBatcher:
         self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._seconds_per_batch = 1.0  # running estimate for Retry-After
+        self._last_batch_done = -math.inf
 
     @property
     def queue_depth(self) -> int:
@@ -123,7 +125,11 @@ class DynamicBatcher:
             self._arrived.clear()
             await self._arrived.wait()
         first = self._pending[0]
-        deadline = first.enqueued_at + self.max_wait_s
+        # Clients whose requests the previous batch answered send their next ones only once its results are out; a
+        # request that queued while it ran would otherwise start alone just before they return, and they would wait
+        # for it (with 16 closed-loop clients: batches of 15 and 1, alternating). So the window also opens when the
+        # previous batch finishes.
+        deadline = max(first.enqueued_at, self._last_batch_done) + self.max_wait_s
         while self._count(first.key) < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
             self._arrived.clear()
             try:
@@ -144,7 +150,8 @@ class DynamicBatcher:
         started = time.monotonic()
         items = [entry.item for entry in batch]
         outcomes = await asyncio.get_running_loop().run_in_executor(self.executor, self._run_isolated, items)
-        seconds = time.monotonic() - started
+        self._last_batch_done = time.monotonic()
+        seconds = self._last_batch_done - started
         self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * seconds
         if self.on_batch is not None:
             self.on_batch(self.operation, len(batch), seconds)
