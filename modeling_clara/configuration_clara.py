@@ -138,6 +138,12 @@ class ClaraConfig(PretrainedConfig):
             toward each other (Apple's MSE lets gradient reach both sides).
         retrieval_weight (`float`, *optional*, defaults to 0.0):
             Weight of the contrastive retrieval loss over `pos_index` in the end-to-end stage (0 = logged only).
+        memory_contrast_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the memory-contrast hinge on compression batches (0 = off, Apple's objective): each example's
+            target should cost at least `memory_contrast_margin` nats per token less from its own memory than from
+            another example's. One more generator pass per step.
+        memory_contrast_margin (`float`, *optional*, defaults to 1.0):
+            That margin, in nats per target token.
         memory_projection (`str`, *optional*):
             How the compressor's memory states become generator inputs (and retrieval vectors). `None` (Apple's
             CLaRa, the default): the last-layer states as they are. `"token_embeddings"` (this package's option for
@@ -173,6 +179,8 @@ class ClaraConfig(PretrainedConfig):
         mse_weight: float = DEFAULT_MSE_WEIGHT,
         mse_stop_gradient: bool = False,
         retrieval_weight: float = DEFAULT_RETRIEVAL_WEIGHT,
+        memory_contrast_weight: float = 0.0,
+        memory_contrast_margin: float = 1.0,
         memory_projection: str | None = None,
         base_vocab_size: int | None = None,
         **kwargs,
@@ -221,6 +229,8 @@ class ClaraConfig(PretrainedConfig):
         self.mse_weight = mse_weight
         self.mse_stop_gradient = mse_stop_gradient
         self.retrieval_weight = retrieval_weight
+        self.memory_contrast_weight = memory_contrast_weight
+        self.memory_contrast_margin = memory_contrast_margin
         self.memory_projection = memory_projection
         self.base_vocab_size = base_vocab_size
         super().__init__(**kwargs)

@@ -63,13 +63,17 @@ class ClaraOutput(ModelOutput):
         loss (`torch.FloatTensor`, *optional*):
             The training objective, which the Trainer minimises as it is: `ce_loss`, plus `config.mse_weight *
             mse_loss` on compression batches while the compressor trains, plus `config.retrieval_weight *
-            retrieval_loss` on end-to-end batches with positives.
+            retrieval_loss` on end-to-end batches with positives, plus `config.memory_contrast_weight *
+            memory_contrast_loss` on compression batches when that weight is set.
         ce_loss (`torch.FloatTensor`, *optional*):
             Cross-entropy of the generator on the target tokens (labels != -100).
         mse_loss (`torch.FloatTensor`, *optional*):
             MSE between the mean last-layer state of the document tokens and of the memory tokens.
         retrieval_loss (`torch.FloatTensor`, *optional*):
             Multi-positive InfoNCE of the query reasoner's cosine scores over the gold candidates.
+        memory_contrast_loss (`torch.FloatTensor`, *optional*):
+            Hinge `max(0, margin + CE(own memory) - CE(another example's memory))`, averaged over the examples
+            (compression batches with `config.memory_contrast_weight > 0`).
         logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`, *optional*):
             Generator logits.
         topk_indices (`torch.LongTensor` of shape `(batch_size, k)`, *optional*):
@@ -82,6 +86,7 @@ class ClaraOutput(ModelOutput):
     ce_loss: torch.FloatTensor | None = None
     mse_loss: torch.FloatTensor | None = None
     retrieval_loss: torch.FloatTensor | None = None
+    memory_contrast_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     topk_indices: torch.LongTensor | None = None
     retrieval_scores: torch.FloatTensor | None = None
@@ -129,6 +134,14 @@ def cosine_scores(query_reps: torch.Tensor, doc_embeds: torch.Tensor) -> torch.T
     query = F.normalize(query_reps, dim=-1, p=2).unsqueeze(1).float()
     docs = F.normalize(docs, dim=-1, p=2).float()
     return torch.bmm(query, docs.transpose(1, 2)).squeeze(1)
+
+
+def per_example_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over each example's target tokens (labels != -100): `(batch,)`."""
+    shifted_logits, shifted_labels = logits[:, :-1].float(), labels[:, 1:]
+    token_ce = F.cross_entropy(shifted_logits.transpose(1, 2), shifted_labels, ignore_index=-100, reduction="none")
+    n_targets = (shifted_labels != -100).sum(dim=1).clamp(min=1)
+    return token_ce.sum(dim=1) / n_targets
 
 
 def contrastive_retrieval_loss(scores: torch.Tensor, positive_mask: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -675,7 +688,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
             [`ClaraOutput`].
         """
         batch_size = dec_input_ids.shape[0]
-        mse_loss = retrieval_loss = topk_indices = scores = None
+        mse_loss = retrieval_loss = memory_contrast_loss = topk_indices = scores = None
         end_to_end = query_input_ids is not None
         if end_to_end:
             if candidate_embeds is None:
@@ -700,18 +713,42 @@ class ClaraForRAG(ClaraPreTrainedModel):
         inputs_embeds = self._replace_memory_embeddings(dec_input_ids, doc_embeds, docs_per_example)
         with self.adapter(DECODER_ADAPTER):
             decoded = self.decoder(inputs_embeds=inputs_embeds, attention_mask=dec_attention_mask, labels=labels)
-        loss = self._combine_losses(decoded.loss, None if end_to_end else mse_loss, retrieval_loss)
+        if self.config.memory_contrast_weight and labels is not None and not end_to_end:
+            memory_contrast_loss = self._memory_contrast_loss(
+                dec_input_ids, dec_attention_mask, labels, doc_embeds, docs_per_example, decoded.logits
+            )
+        loss = self._combine_losses(decoded.loss, None if end_to_end else mse_loss, retrieval_loss, memory_contrast_loss)
         return ClaraOutput(
             loss=loss,
             ce_loss=decoded.loss,
             mse_loss=mse_loss,
             retrieval_loss=retrieval_loss,
+            memory_contrast_loss=memory_contrast_loss,
             logits=decoded.logits,
             topk_indices=topk_indices,
             retrieval_scores=scores,
         )
 
-    def _combine_losses(self, ce_loss, mse_loss, retrieval_loss) -> torch.Tensor | None:
+    def _memory_contrast_loss(self, dec_input_ids, dec_attention_mask, labels, doc_embeds, docs_per_example, logits):
+        """How much more each example's target costs from another example's memory than from its own, as a hinge.
+
+        Answer loss alone lets a small generator answer from its prior and ignore the memory (the shipped model's
+        F1 was the same with the gold or a wrong passage); this term asks for a `memory_contrast_margin` (nats per
+        target token) between reading its own memory and the next example's (the batch rolled by one).
+        """
+        batch_size = dec_input_ids.shape[0]
+        if batch_size < 2:
+            return None  # an epoch's last batch of one has no other memory (training arguments require batches of 2+)
+        if len(set(docs_per_example)) != 1:
+            raise ValueError(f"memory_contrast_weight needs the same documents per example, got {docs_per_example}")
+        others = doc_embeds.view(batch_size, -1, *doc_embeds.shape[1:]).roll(1, dims=0).flatten(0, 1)
+        inputs_embeds = self._replace_memory_embeddings(dec_input_ids, others, docs_per_example)
+        with self.adapter(DECODER_ADAPTER):
+            other_logits = self.decoder(inputs_embeds=inputs_embeds, attention_mask=dec_attention_mask).logits
+        own_ce, other_ce = (per_example_cross_entropy(scores, labels) for scores in (logits, other_logits))
+        return F.relu(self.config.memory_contrast_margin + own_ce - other_ce).mean()
+
+    def _combine_losses(self, ce_loss, mse_loss, retrieval_loss, memory_contrast_loss=None) -> torch.Tensor | None:
         """The training objective: the one place the loss terms are weighted (see `ClaraOutput.loss`)."""
         if ce_loss is None:
             return None
@@ -721,6 +758,8 @@ class ClaraForRAG(ClaraPreTrainedModel):
             loss = loss + self.config.mse_weight * mse_loss
         if retrieval_loss is not None and self.config.retrieval_weight:
             loss = loss + self.config.retrieval_weight * retrieval_loss
+        if memory_contrast_loss is not None:
+            loss = loss + self.config.memory_contrast_weight * memory_contrast_loss
         return loss
 
     # ----------------------------------------------------------------------------------------------------------

@@ -96,6 +96,12 @@ class ClaraTrainingArguments(TrainingArguments):
         retrieval_weight (`float`, *optional*):
             `e2e`: weight of the contrastive retrieval loss over `pos_index` (a supervised warm-up, Apple's
             `stage2_pretrain_retrieval`; Apple's default 0, `small` 1). Logged in any case.
+        memory_contrast_weight (`float`, *optional*, defaults to 0):
+            `pretrain`/`instruct`: weight of the memory-contrast hinge (the model's `memory_contrast_loss`): each
+            target should cost `memory_contrast_margin` nats per token less from its own memory than from the next
+            example's. Needs a batch of 2 or more; one more generator pass per step. Apple: 0.
+        memory_contrast_margin (`float`, *optional*, defaults to 1.0):
+            That margin in nats per target token.
         topk_temperature (`float`, *optional*, defaults to 0.02):
             Temperature of the straight-through top-k on cosine scores (Apple's value).
         query_reasoner_init (`str`, *optional*, defaults to `"encoder"`):
@@ -153,6 +159,12 @@ class ClaraTrainingArguments(TrainingArguments):
     )
     retrieval_weight: float | None = field(
         default=None, metadata={"help": "e2e: weight of the InfoNCE retrieval loss over pos_index (apple 0, small 1)."}
+    )
+    memory_contrast_weight: float = field(
+        default=0.0, metadata={"help": "pretrain/instruct: weight of the own-vs-other-memory hinge (apple 0)."}
+    )
+    memory_contrast_margin: float = field(
+        default=1.0, metadata={"help": "Margin of that hinge, nats per target token."}
     )
     topk_temperature: float = field(default=0.02, metadata={"help": "Temperature of the straight-through top-k."})
     query_reasoner_init: str = field(
@@ -232,9 +244,17 @@ class ClaraTrainingArguments(TrainingArguments):
             raise ValueError("freeze_compressor=True is for the pretrain and instruct stages; e2e always freezes it")
         if self.freeze_compressor and self.freeze_generator:
             raise ValueError("freeze_compressor=True and freeze_generator=True together leave nothing to train")
-        if self.mse_weight < 0 or self.retrieval_weight < 0:
+        if self.mse_weight < 0 or self.retrieval_weight < 0 or self.memory_contrast_weight < 0:
             raise ValueError(
-                f"loss weights must be >= 0, got mse_weight={self.mse_weight}, retrieval_weight={self.retrieval_weight}"
+                f"loss weights must be >= 0, got mse_weight={self.mse_weight}, retrieval_weight={self.retrieval_weight}, "
+                f"memory_contrast_weight={self.memory_contrast_weight}"
+            )
+        if self.memory_contrast_weight and self.stage == "e2e":
+            raise ValueError("memory_contrast_weight is for the pretrain and instruct stages (e2e picks its memory)")
+        if self.memory_contrast_weight and self.per_device_train_batch_size < 2:
+            raise ValueError(
+                f"memory_contrast_weight needs per_device_train_batch_size >= 2 (another example's memory), "
+                f"got {self.per_device_train_batch_size}"
             )
         if self.channel_rows < 0 or (self.channel_rows and self.stage != "pretrain"):
             raise ValueError(f"channel_rows={self.channel_rows} must be >= 0, and is for the pretrain stage only")
@@ -349,6 +369,8 @@ def prepare_model_for_stage(model: ClaraForRAG, args: ClaraTrainingArguments) ->
     config.mse_weight = args.mse_weight
     config.mse_stop_gradient = args.mse_stop_gradient
     config.retrieval_weight = args.retrieval_weight
+    config.memory_contrast_weight = args.memory_contrast_weight
+    config.memory_contrast_margin = args.memory_contrast_margin
     config.topk_temperature = args.topk_temperature
     if args.generation_top_k is not None:
         config.generation_top_k = args.generation_top_k
@@ -413,7 +435,7 @@ class ClaraTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         outputs = model(**inputs)  # the model weighs the loss terms (config.mse_weight, config.retrieval_weight)
-        for name in ("ce_loss", "mse_loss", "retrieval_loss"):
+        for name in ("ce_loss", "mse_loss", "retrieval_loss", "memory_contrast_loss"):
             if (term := getattr(outputs, name)) is not None:
                 self._metrics[mode][name].append(self.accelerator.gather(term.detach()).mean().item())
         if outputs.topk_indices is not None and inputs.get("positive_mask") is not None:

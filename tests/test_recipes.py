@@ -10,7 +10,7 @@ import torch
 from conftest import make_tiny_clara
 from modeling_clara.data import FEATURES, with_channel_rows
 from modeling_clara.training import ClaraTrainingArguments, load_model_for_stage, prepare_model_for_stage
-from test_training import batch_for, pretrain_rows, training_args
+from test_training import batch_for, instruct_rows, no_dropout, pretrain_rows, training_args
 
 
 def test_small_recipe_changes_only_the_defaults(tmp_path):
@@ -40,6 +40,9 @@ def test_small_recipe_changes_only_the_defaults(tmp_path):
         ({"recipe": "large"}, "recipe='large'"),
         ({"stage": "instruct", "channel_rows": 0.5}, "pretrain stage only"),
         ({"channel_rows": -1.0}, "channel_rows=-1.0"),
+        ({"memory_contrast_weight": -0.5}, "memory_contrast_weight=-0.5"),
+        ({"stage": "e2e", "memory_contrast_weight": 1.0}, "pretrain and instruct stages"),
+        ({"memory_contrast_weight": 1.0, "per_device_train_batch_size": 1}, "per_device_train_batch_size >= 2"),
     ],
 )
 def test_bad_recipe_arguments_are_refused(tmp_path, kwargs, message):
@@ -103,3 +106,31 @@ def test_length_curriculum_keeps_memory_tokens_and_weights(tiny_llama_dir, tmp_p
             torch.testing.assert_close(parameter, saved_weights[name], rtol=0, atol=0)
     with pytest.raises(ValueError, match="keep doc_max_length // compr_rate"):
         load_model_for_stage(str(tmp_path / "short"), training_args(tmp_path, "pretrain", doc_max_length=64))
+
+
+def test_memory_contrast_is_a_hinge_on_own_versus_the_next_examples_memory(tiny_llama_dir, tmp_path):
+    """`memory_contrast_loss` = mean(relu(margin + CE(own memory) - CE(the previous row's memory))), checked against
+    forwards of the same batch with the documents themselves rolled; the loss adds it with its weight."""
+    model = make_tiny_clara(tiny_llama_dir, training_stage="stage1_2")
+    args = training_args(tmp_path, "instruct", memory_contrast_weight=0.5, memory_contrast_margin=50.0)
+    prepare_model_for_stage(model, args)
+    no_dropout(model)
+    rows = instruct_rows(3)
+    rolled = [{**row, "docs": rows[i - 1]["docs"]} for i, row in enumerate(rows)]
+    (tmp_path / "own").mkdir()
+    (tmp_path / "other").mkdir()
+    with torch.no_grad():
+        outputs = model(**batch_for(model, "instruct", rows, tmp_path))
+        per_row = [model(**batch_for(model, "instruct", [row], tmp_path / "own")).ce_loss for row in rows]
+        per_other = [model(**batch_for(model, "instruct", [row], tmp_path / "other")).ce_loss for row in rolled]
+    expected = torch.stack([50.0 + own - other for own, other in zip(per_row, per_other)]).mean()
+    torch.testing.assert_close(outputs.memory_contrast_loss, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(outputs.loss, outputs.ce_loss + 0.1 * outputs.mse_loss + 0.5 * outputs.memory_contrast_loss)
+
+
+def test_memory_contrast_is_off_by_default(tiny_llama_dir, tmp_path):
+    model = make_tiny_clara(tiny_llama_dir, training_stage="stage1_2")
+    prepare_model_for_stage(model, training_args(tmp_path, "instruct"))
+    with torch.no_grad():
+        outputs = model(**batch_for(model, "instruct", instruct_rows(2), tmp_path))
+    assert outputs.memory_contrast_loss is None and model.config.memory_contrast_weight == 0.0
