@@ -5,10 +5,12 @@ numbers and stops the server:
 
     python benchmarks/bench_serve.py --backend transformers                       # shipped model, bundled corpus
     python benchmarks/bench_serve.py --backend vllm --python /work/venv-vllm/bin/python
+    taskset -c 0 python benchmarks/bench_serve.py --server-cpus 1 --server-threads 1   # server and clients apart
 
 Each request is `POST /v1/answer` with a question and no documents (retrieved from the index, then generated), the
 questions cycling through variants so no two consecutive requests are equal. The sequential phase sends one request
-at a time from one client; the concurrent phase `--requests` requests from `--clients` threads.
+at a time from one client; the concurrent phase `--requests` requests from `--clients` threads. The report names the
+pinning and the machine's load average before and after, since other work on the machine changes the numbers.
 """
 
 import argparse

@@ -2,9 +2,9 @@
 
 A request joins the queue of its operation. The worker takes the oldest request, waits until `max_batch_size`
 requests with the same key are queued or `max_wait_s` has passed, both since the oldest arrived and since the
-previous batch finished, and runs them as one call of `run_batch` on the model's executor (one thread: the model switches adapters and is not thread-safe). The queue
-is bounded (`QueueFullError` instead of growing memory), and a request that times out or whose client goes away
-leaves the queue before it costs any model time.
+previous batch finished, and runs them as one call of `run_batch` on the model's executor (one thread: the model
+switches adapters and is not thread-safe). The queue is bounded (`QueueFullError` instead of growing memory), and a
+request that times out or whose client goes away leaves the queue before it costs any model time.
 """
 
 import asyncio

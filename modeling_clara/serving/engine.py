@@ -97,9 +97,11 @@ class TransformersGenerator:
     @torch.no_grad()
     def generate(self, questions: list[str], memories: list[torch.Tensor], max_new_tokens: int) -> list[str]:
         model = self.model
-        prompts = [model.processor.build_prompt(len(m), task="answer", question=q)[0] for q, m in zip(questions, memories)]
+        prompts = [model.processor.build_prompt(len(m), task="answer", question=q)[0]
+                   for q, m in zip(questions, memories)]
         prefix, cache = self._shared_start()
-        input_ids, attention_mask = self._layout_after(prefix, model.tokenizer(prompts, add_special_tokens=False)["input_ids"])
+        prompts_ids = model.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        input_ids, attention_mask = self._layout_after(prefix, prompts_ids)
         memory = torch.cat(memories).to(model.device)  # (total docs, n_mem, hidden), in request order
         inputs_embeds = model._replace_memory_embeddings(input_ids, memory, [len(m) for m in memories])
         cache = copy.deepcopy(cache)
@@ -122,7 +124,7 @@ class TransformersGenerator:
         return self._prefix_ids, self._prefix_cache
 
     def _layout_after(self, prefix: list[int], prompts_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(input_ids, attention_mask)` of shape `(n, seq)`: the shared start, left padding, the rest of each prompt."""
+        """`(input_ids, attention_mask)`, `(n, seq)` each: the shared start, left padding, the rest of each prompt."""
         if any(ids[: len(prefix)] != prefix for ids in prompts_ids):
             raise RuntimeError("an answer prompt does not start with the shared start of the prompt template")
         rest = self.model.tokenizer.pad({"input_ids": [ids[len(prefix) :] for ids in prompts_ids]}, padding="longest",
