@@ -33,7 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
                        help="generation engine; compression and retrieval always run in transformers")
     serve.add_argument("--max-batch-size", type=int, default=16, help="requests per batched model call")
     serve.add_argument("--max-wait-ms", type=float, default=10.0,
-                       help="how long the oldest queued request waits for others to batch with")
+                       help="how long the oldest queued request waits for others to batch with (counted from the end "
+                            "of the previous batch when that is later)")
     serve.add_argument("--max-queue", type=int, default=256, help="waiting requests per operation; more get 503")
     serve.add_argument("--request-timeout", type=float, default=60.0,
                        help="seconds before a request is cancelled with 504")
