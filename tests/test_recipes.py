@@ -24,7 +24,9 @@ def test_small_recipe_changes_only_the_defaults(tmp_path):
     apple = ClaraTrainingArguments(output_dir=str(tmp_path), stage="e2e")
     assert (apple.recipe, apple.retrieval_weight, apple.mse_weight, apple.channel_rows) == ("apple", 0.0, 0.1, 0.0)
     instruct = ClaraTrainingArguments(output_dir=str(tmp_path), stage="instruct", recipe="small")
-    assert (instruct.freeze_compressor, instruct.mse_weight, instruct.learning_rate) == (True, 0.0, 2e-4)
+    assert (instruct.freeze_compressor, instruct.mse_weight, instruct.learning_rate, instruct.memory_contrast_weight) == (
+        True, 0.0, 2e-4, 1.0)
+    assert ClaraTrainingArguments(output_dir=str(tmp_path), stage="instruct").memory_contrast_weight == 0.0
     # An explicit frozen generator (or an explicit False) wins over the recipe's frozen compressor.
     generator_frozen = ClaraTrainingArguments(output_dir=str(tmp_path), stage="instruct", recipe="small",
                                               freeze_generator=True)
