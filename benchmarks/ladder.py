@@ -46,6 +46,9 @@ ARMS = {
     "mse0": ["--mse_weight", "0"],
     "mse_stopgrad": ["--mse_stop_gradient", "true"],  # 0.1 * MSE, no gradient into the document-side mean
     "small": ["--recipe", "small"],  # the small recipe: no MSE, random-word channel rows (pretrain)
+    # No MSE, the memory contrast: each target must cost 1 nat/token less from its own memory than from another row's
+    # (compressor and generator both train).
+    "contrast": ["--mse_weight", "0", "--memory_contrast_weight", "1"],
 }
 COMMON_ARGS = [
     "--lora_r", "8", "--per_device_train_batch_size", "4", "--learning_rate", "5e-4", "--lr_scheduler_type", "constant",

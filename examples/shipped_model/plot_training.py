@@ -1,4 +1,4 @@
-"""Loss curves of the shipped model's training stages (1a, 1b, 2, 3), from each stage's `trainer_state.json`, as one PNG.
+"""Loss curves of the shipped model's training stages (1a, 1b, 2, 2c, 3), from each stage's `trainer_state.json`, as one PNG.
 
     python examples/shipped_model/plot_training.py --runs runs/shipped --out docs/figures/shipped_training.png
 """
@@ -16,6 +16,7 @@ STAGES = (
     ("stage1a", "stage 1a: pretrain, doc 64 / CR 4"),
     ("stage1b", "stage 1b: pretrain, doc 256 / CR 16"),
     ("stage2", "stage 2: instruct"),
+    ("stage2c", "stage 2c: instruct + memory contrast"),
     ("stage3", "stage 3: end to end"),
 )
 
@@ -24,7 +25,7 @@ def curves(state_file: Path) -> dict[str, tuple[list[int], list[float]]]:
     """Training CE / retrieval loss and eval loss by step."""
     history = json.loads(state_file.read_text())["log_history"]
     series = {}
-    for key in ("ce_loss", "retrieval_loss", "eval_ce_loss", "eval_retrieval_recall"):
+    for key in ("ce_loss", "memory_contrast_loss", "retrieval_loss", "eval_ce_loss", "eval_retrieval_recall"):
         points = [(entry["step"], entry[key]) for entry in history if key in entry and "train_runtime" not in entry]
         if points:
             series[key] = tuple(map(list, zip(*points)))
