@@ -225,11 +225,18 @@ def _texts(record: dict, key: str, where: str) -> list[str]:
     return values
 
 
+def _random_words(rng: random.Random, vocabulary: list[str], n_words: int) -> list[str]:
+    if n_words <= len(vocabulary):
+        return rng.sample(vocabulary, n_words)
+    return rng.choices(vocabulary, k=n_words)
+
+
 def with_channel_rows(dataset: datasets.Dataset, rows_per_row: float, seed: int) -> datasets.Dataset:
     """`dataset` (pretrain) with `round(rows_per_row * len(dataset))` random-word-list rows added, shuffled.
 
     Each added row is a paraphrase row whose document and target are the same list of 8-12 words drawn from the
-    vocabulary of the dataset's documents. The language-model prior cannot predict such a list, so only the memory
+    vocabulary of the dataset's documents (without replacement; with replacement when the vocabulary has fewer words
+    than the list, as in a task of a few short documents). The language-model prior cannot predict such a list, so only the memory
     can lower its loss: the rows open the memory channel while real text, which the prior already predicts well,
     would teach the generator to ignore it (README, "Teaching a small backbone to read its memory").
     """
@@ -237,10 +244,10 @@ def with_channel_rows(dataset: datasets.Dataset, rows_per_row: float, seed: int)
     if n_rows == 0:
         return dataset
     vocabulary = sorted({word for docs in dataset["docs"] for doc in docs for word in re.findall(r"[A-Za-z]{3,}", doc)})
-    if len(vocabulary) < 12:
-        raise ValueError(f"channel rows need at least 12 distinct words in the documents, found {len(vocabulary)}")
+    if len(vocabulary) < 2:
+        raise ValueError(f"channel rows need at least 2 distinct words in the documents, found {vocabulary}")
     rng = random.Random(seed)
-    lists = [" ".join(rng.sample(vocabulary, rng.randint(8, 12))) for _ in range(n_rows)]
+    lists = [" ".join(_random_words(rng, vocabulary, rng.randint(8, 12))) for _ in range(n_rows)]
     channel = datasets.Dataset.from_dict(
         {"task": ["paraphrase"] * n_rows, "questions": [[]] * n_rows, "answers": [[t] for t in lists], "docs": [[t] for t in lists]},
         features=FEATURES["pretrain"],
@@ -365,9 +372,15 @@ class ClaraE2ECollator(ClaraCollator):
     `positive_mask` (`(batch, n_candidates)`, from `pos_index`) feeds the retrieval loss and recall. Queries use the
     inference layout (padded to `doc_max_length + 3`), not Apple's training padding to `dec_max_len + 3`, so training
     and inference encode questions alike.
+
+    Args:
+        candidate_memory (`dict[str, torch.Tensor]`, *optional*): Each candidate text's memory, `(n_mem, hidden)`,
+            computed once by the frozen compressor (`--cache_candidate_memory`); the batch then carries
+            `candidate_embeds` instead of encoder inputs.
     """
 
     top_k: int = 5
+    candidate_memory: dict[str, torch.Tensor] | None = None
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         counts = {len(row["docs"]) for row in rows}
@@ -383,11 +396,29 @@ class ClaraE2ECollator(ClaraCollator):
         for i, row in enumerate(rows):
             positive_mask[i, list(row.get("pos_index") or [])] = True
         return {
-            **self._encoder_inputs([doc for row in rows for doc in row["docs"]], "enc"),
+            **self._candidates(rows),
             **self._encoder_inputs([row["question"] for row in rows], "query"),
             "positive_mask": positive_mask,
             **self._decoder_inputs(pairs),
         }
+
+
+    def _candidates(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if self.candidate_memory is None:
+            return self._encoder_inputs([doc for row in rows for doc in row["docs"]], "enc")
+        missing = [doc for row in rows for doc in row["docs"] if doc not in self.candidate_memory]
+        if missing:
+            raise ValueError(f"{len(missing)} candidates have no cached memory, e.g. {missing[0]!r:.80}")
+        return {"candidate_embeds": torch.stack([torch.stack([self.candidate_memory[d] for d in row["docs"]]) for row in rows])}
+
+
+def unique_candidates(*e2e_datasets: datasets.Dataset | None) -> list[str]:
+    """The distinct candidate texts of `e2e` datasets, in first-seen order."""
+    seen = {}
+    for dataset in e2e_datasets:
+        if dataset is not None:
+            seen.update(dict.fromkeys(doc for docs in dataset["docs"] for doc in docs))
+    return list(seen)
 
 
 def make_collator(
@@ -412,4 +443,5 @@ __all__ = [
     "check_e2e_candidates",
     "load_clara_jsonl",
     "make_collator",
+    "unique_candidates",
 ]

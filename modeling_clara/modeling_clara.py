@@ -375,10 +375,27 @@ class ClaraForRAG(ClaraPreTrainedModel):
     # ----------------------------------------------------------------------------------------------------------
     # Encoding
 
-    def _last_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        # The inner model only: no LM-head logits and no per-layer states (last_hidden_state is after the final
-        # norm, i.e. Apple's `hidden_states[-1]`).
-        return self.decoder.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def _last_hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, skip_padding: bool = False
+    ) -> torch.Tensor:
+        """Last-layer states of encoder-layout inputs.
+
+        The encoder layout left-pads every text to `doc_max_length + 3` tokens before the memory tokens: a question
+        of ~15 tokens would spend most of its pass on padding the attention mask hides. With `skip_padding` the
+        columns that are padding in every row are not run, and the kept ones keep their positions (explicit
+        `position_ids`); the states are returned for the kept columns (the memory tokens are always the last ones).
+        Queries skip it (their outputs still equal Apple's bit for bit, tests/test_conformance.py); documents, which
+        mostly fill the layout, run it whole: in bf16 the other matmul shapes would change their last bits.
+        """
+        first = int(attention_mask.argmax(dim=1).min()) if skip_padding and len(attention_mask) else 0  # left padding
+        if first == 0:
+            # The inner model only: no LM-head logits and no per-layer states (last_hidden_state is after the final
+            # norm, i.e. Apple's `hidden_states[-1]`).
+            return self.decoder.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        positions = torch.arange(first, attention_mask.shape[1], device=input_ids.device).expand(len(input_ids), -1)
+        return self.decoder.get_decoder()(
+            input_ids=input_ids[:, first:], attention_mask=attention_mask[:, first:], position_ids=positions
+        ).last_hidden_state
 
     def _encode_documents(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -408,7 +425,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
                 "end-to-end (stage2) CLaRa, or pass the documents to read in order"
             )
         with self.adapter(QUERY_REASONER_ADAPTER):
-            states = self._last_hidden_states(input_ids, attention_mask)
+            states = self._last_hidden_states(input_ids, attention_mask, skip_padding=True)
         return self._project_memory(states[:, -self.n_mem_tokens :]).flatten(start_dim=1)
 
     def _project_memory(self, memory: torch.Tensor) -> torch.Tensor:

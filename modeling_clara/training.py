@@ -45,7 +45,7 @@ from .configuration_clara import (
     STAGES,
     STAGES_BY_NAME,
 )
-from .data import load_clara_jsonl, make_collator, with_channel_rows
+from .data import load_clara_jsonl, make_collator, unique_candidates, with_channel_rows
 from .modeling_clara import ClaraForRAG
 
 logger = logging.get_logger(__name__)
@@ -59,11 +59,10 @@ RECIPES = {
     "apple": {"pretrain": {}, "instruct": {}, "e2e": {}},
     "small": {
         "pretrain": {"mse_weight": 0.0, "channel_rows": 0.67, "learning_rate": 5e-4, "lr_scheduler_type": "constant"},
-        # Answer loss alone lets the compressor collapse to one memory for every document (ladder rung 2): stage 2
-        # trains the generator to read the memory stage 1 taught the compressor to write.
-        # ... and answer loss alone lets the generator answer from its prior: the memory contrast asks it to do better
-        # with its own memory than with another example's (bundled-question F1 gap 0.023 -> 0.104, README).
-        "instruct": {"mse_weight": 0.0, "learning_rate": 2e-4, "lr_scheduler_type": "constant", "freeze_compressor": True,
+        # Answer loss alone lets the compressor collapse to one memory for every document and the generator answer
+        # from its prior (ladder rung 2); the memory contrast asks each answer to cost less from its own memory than
+        # from another example's, which keeps memories distinct and read (rung 2 passes; README).
+        "instruct": {"mse_weight": 0.0, "learning_rate": 2e-4, "lr_scheduler_type": "constant",
                      "memory_contrast_weight": 1.0},
         "e2e": {"learning_rate": 5e-5, "retrieval_weight": 1.0},
     },
@@ -121,7 +120,7 @@ class ClaraTrainingArguments(TrainingArguments):
         memory_projection (`str`, *optional*):
             Fresh models: `"token_embeddings"` feeds the generator token-embedding mixtures instead of raw memory
             states ([`ClaraConfig`]); default Apple's raw states. Architecture too: a checkpoint keeps its own.
-        freeze_compressor (`bool`, *optional*, defaults to `False`; the `small` recipe's `instruct` stage `True`):
+        freeze_compressor (`bool`, *optional*, defaults to `False`):
             `pretrain`/`instruct`: keep the encoder adapter and the memory rows frozen, so only the generator trains
             and learns to read a fixed compressor (a warm-up that stops the compressor from collapsing to memory the
             generator can ignore). `e2e` always freezes the compressor.
@@ -129,6 +128,12 @@ class ClaraTrainingArguments(TrainingArguments):
             Keep the decoder adapter frozen in any stage: the compressor (or, in `e2e`, the query reasoner) learns to
             write memory the generator as it is can read, as ICAE trains its encoder against a frozen decoder. A
             generator that trains alongside can instead learn to ignore the memory.
+        cache_candidate_memory (`bool`, *optional*, defaults to `False`):
+            `e2e`: compress every distinct candidate document of the training (and evaluation) data once, before the
+            first step, and read their memory from that cache instead of compressing each batch's candidates again.
+            The compressor is frozen in `e2e`, so the memory is the same, except that the cache is computed as at
+            inference (no LoRA dropout). Steps then cost the query reasoner and the generator only (~10x faster on
+            the shipped model's data); the cache holds `n_docs * n_mem * hidden` floats in memory.
         optimize_mem_tokens (`bool`, *optional*):
             Train the memory-token embedding rows with the compressor. Default: the model's setting (`True`).
         decoder_max_length (`int`, *optional*):
@@ -196,11 +201,14 @@ class ClaraTrainingArguments(TrainingArguments):
     )
     freeze_compressor: bool | None = field(
         default=None,
-        metadata={"help": "pretrain/instruct: train the generator only, on a frozen compressor (default: False; "
-                          "the small recipe's instruct stage: True)."},
+        metadata={"help": "pretrain/instruct: train the generator only, on a frozen compressor (default: False)."},
     )
     freeze_generator: bool = field(
         default=False, metadata={"help": "Any stage: keep the decoder adapter frozen; train the compressor/reasoner."}
+    )
+    cache_candidate_memory: bool = field(
+        default=False,
+        metadata={"help": "e2e: compress every distinct candidate once before training (the compressor is frozen)."},
     )
     optimize_mem_tokens: bool | None = field(
         default=None, metadata={"help": "Train the memory-token embedding rows with the compressor (default: model's)."}
@@ -240,8 +248,6 @@ class ClaraTrainingArguments(TrainingArguments):
             "freeze_compressor": False,
         }
         defaults.update(RECIPES[self.recipe][self.stage])
-        if self.freeze_generator:
-            defaults["freeze_compressor"] = False  # a generator frozen on purpose leaves the compressor to train
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -261,6 +267,8 @@ class ClaraTrainingArguments(TrainingArguments):
                 f"memory_contrast_weight needs per_device_train_batch_size >= 2 (another example's memory), "
                 f"got {self.per_device_train_batch_size}"
             )
+        if self.cache_candidate_memory and self.stage != "e2e":
+            raise ValueError(f"cache_candidate_memory is for the e2e stage (its frozen compressor), not {self.stage!r}")
         if self.channel_rows < 0 or (self.channel_rows and self.stage != "pretrain"):
             raise ValueError(f"channel_rows={self.channel_rows} must be >= 0, and is for the pretrain stage only")
         if not self.topk_temperature > 0:
@@ -427,8 +435,13 @@ class ClaraTrainer(Trainer):
         if args.gradient_checkpointing:
             _check_adapter_aware_checkpointing(model, args.gradient_checkpointing_kwargs)
         if data_collator is None:
+            cache = {}
+            if args.cache_candidate_memory:
+                candidates = unique_candidates(kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
+                cache = {"candidate_memory": compress_candidates(model, candidates)}
             data_collator = make_collator(
-                args.stage, model.processor, top_k=model.config.generation_top_k, max_length=args.decoder_max_length
+                args.stage, model.processor, top_k=model.config.generation_top_k, max_length=args.decoder_max_length,
+                **cache,
             )
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
         # Each micro-batch loss is a mean over its own target tokens (as Apple's); the forward's **kwargs would make
@@ -474,6 +487,19 @@ class ClaraTrainer(Trainer):
             self._n_parameters = self.accelerator.unwrap_model(self.model).num_parameters(exclude_embeddings=True)
         tokens = sum(inputs[k].numel() for k in ("enc_input_ids", "query_input_ids", "dec_input_ids") if k in inputs)
         return 6 * self._n_parameters * tokens
+
+
+def compress_candidates(model: ClaraForRAG, documents: list[str]) -> dict[str, torch.Tensor]:
+    """Each document's memory from the model's (frozen) compressor, as at inference: `{text: (n_mem, hidden)}`, on
+    the CPU (the Trainer moves each batch to the device)."""
+    was_training = model.training
+    model.eval()  # no LoRA dropout: the memory the query reasoner will meet at inference
+    try:
+        memory = model.compress(documents, show_progress_bar=True).cpu()
+    finally:
+        model.train(was_training)
+    logger.info(f"cached the memory of {len(documents)} candidate documents")
+    return dict(zip(documents, memory))
 
 
 def _check_adapter_aware_checkpointing(model: ClaraForRAG, kwargs: dict | None) -> None:
@@ -566,6 +592,7 @@ __all__ = [
     "ClaraTrainer",
     "ClaraTrainingArguments",
     "add_query_reasoner",
+    "compress_candidates",
     "is_clara_checkpoint",
     "load_model_for_stage",
     "prepare_model_for_stage",

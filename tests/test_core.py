@@ -111,6 +111,19 @@ def test_retrieve_ranks_with_cosine_and_handles_ragged_candidates(tiny_clara):
     assert [len(i) for i in ragged] == [3, 2]  # fewer candidates than k: all of them, ranked
 
 
+def test_questions_encode_without_their_padding_as_with_it(tiny_clara):
+    # The query reasoner skips the columns every question pads (the layout pads to doc_max_length + 3); the kept
+    # tokens keep their positions, so the states are the padded pass's.
+    questions = ["Which river flows through Paris?", "a longer question about the rivers and mountains of France?"]
+    inputs = tiny_clara._encoder_inputs(questions, "questions")
+    assert not inputs["attention_mask"][:, 0].any()  # the layout pads: there is something to skip
+    with tiny_clara.adapter("query_reasoner_adapter"):
+        padded = tiny_clara._last_hidden_states(inputs["input_ids"], inputs["attention_mask"])
+    expected = padded[:, -tiny_clara.n_mem_tokens :].flatten(start_dim=1)
+    torch.testing.assert_close(tiny_clara.encode_queries(questions), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(tiny_clara.encode_queries(questions[:1]), expected[:1], atol=1e-5, rtol=1e-4)
+
+
 def test_retrieve_without_query_reasoner_is_an_error(tiny_llama_dir):
     model = make_tiny_clara(tiny_llama_dir, training_stage="stage1_2")
     with pytest.raises(ValueError, match="query_reasoner_adapter"):

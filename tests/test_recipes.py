@@ -24,16 +24,12 @@ def test_small_recipe_changes_only_the_defaults(tmp_path):
     apple = ClaraTrainingArguments(output_dir=str(tmp_path), stage="e2e")
     assert (apple.recipe, apple.retrieval_weight, apple.mse_weight, apple.channel_rows) == ("apple", 0.0, 0.1, 0.0)
     instruct = ClaraTrainingArguments(output_dir=str(tmp_path), stage="instruct", recipe="small")
+    # The contrast, not a frozen compressor, keeps the memories distinct in the small recipe's instruct stage.
     assert (instruct.freeze_compressor, instruct.mse_weight, instruct.learning_rate, instruct.memory_contrast_weight) == (
-        True, 0.0, 2e-4, 1.0)
+        False, 0.0, 2e-4, 1.0)
     assert ClaraTrainingArguments(output_dir=str(tmp_path), stage="instruct").memory_contrast_weight == 0.0
-    # An explicit frozen generator (or an explicit False) wins over the recipe's frozen compressor.
-    generator_frozen = ClaraTrainingArguments(output_dir=str(tmp_path), stage="instruct", recipe="small",
-                                              freeze_generator=True)
-    assert (generator_frozen.freeze_compressor, generator_frozen.freeze_generator) == (False, True)
-    unfrozen = ClaraTrainingArguments(output_dir=str(tmp_path), stage="instruct", recipe="small", freeze_compressor=False)
-    assert unfrozen.freeze_compressor is False
-    assert ClaraTrainingArguments(output_dir=str(tmp_path), stage="instruct").freeze_compressor is False
+    frozen = ClaraTrainingArguments(output_dir=str(tmp_path), stage="instruct", recipe="small", freeze_compressor=True)
+    assert frozen.freeze_compressor is True
 
 
 @pytest.mark.parametrize(
@@ -75,9 +71,20 @@ def test_channel_rows_are_word_lists_of_the_documents_vocabulary():
     assert with_channel_rows(pretrain_dataset(docs), 0.0, seed=3)["docs"] == [[d] for d in docs]
 
 
+def test_channel_rows_draw_with_replacement_from_a_small_vocabulary():
+    # Rung 1's documents hold 11 distinct words: the lists repeat words rather than refuse.
+    docs = [f"The code word is {w}." for w in ("apple", "river", "water", "stone", "house", "music", "paper", "light")]
+    mixed = with_channel_rows(pretrain_dataset(docs), rows_per_row=1.0, seed=0)
+    vocabulary = {w for d in docs for w in re.findall(r"[A-Za-z]{3,}", d)}
+    channel = [row["docs"][0].split() for row in mixed if row["docs"][0] not in docs]
+    assert len(vocabulary) == 11 and len(channel) == 8
+    assert all(8 <= len(words) <= 12 and set(words) <= vocabulary for words in channel)
+    assert any(len(set(words)) < len(words) for words in channel if len(words) == 12)  # 12 of 11 words must repeat
+
+
 def test_channel_rows_need_a_vocabulary():
-    with pytest.raises(ValueError, match="at least 12 distinct words"):
-        with_channel_rows(pretrain_dataset(["The code word is apple."]), 1.0, seed=0)
+    with pytest.raises(ValueError, match="at least 2 distinct words"):
+        with_channel_rows(pretrain_dataset(["An ox is."]), 1.0, seed=0)  # no word of 3+ letters
 
 
 def test_mse_stop_gradient_keeps_the_value_and_changes_the_gradient(tiny_llama_dir, tmp_path):

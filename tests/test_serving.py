@@ -28,7 +28,7 @@ from safetensors.torch import load as load_safetensors  # noqa: E402
 from modeling_clara import ClaraForRAG, ClaraIndex  # noqa: E402
 from modeling_clara.checkpoints import SHIPPED_CORPUS_FILE  # noqa: E402
 from modeling_clara.serving.batching import DynamicBatcher, QueueFullError  # noqa: E402
-from modeling_clara.serving.engine import AnswerRequest, ClaraServingEngine, RequestError, encode_questions  # noqa: E402
+from modeling_clara.serving.engine import AnswerRequest, ClaraServingEngine, RequestError  # noqa: E402
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 CORPUS = [
@@ -110,14 +110,6 @@ def test_engine_batch_equals_single_requests_and_model_answer(engine, model):
                                     max_new_tokens=6)
             assert [h.id for h in result.documents] == [str(i) for i in expected["doc_indices"]]
         assert result.answer == expected["answer"]
-
-
-def test_questions_encode_without_padding_as_with_it(model):
-    # The server drops the columns every question pads; the kept tokens keep their positions, so nothing else changes.
-    questions = QUESTIONS[:1] + ["a much longer question about the rivers and mountains of " * 3]
-    full = model.encode_queries(questions)
-    torch.testing.assert_close(encode_questions(model, questions), full, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(encode_questions(model, questions[:1]), full[:1], atol=1e-5, rtol=1e-4)
 
 
 def test_engine_isolates_a_request_the_generator_would_refuse(engine):

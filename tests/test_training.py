@@ -232,6 +232,44 @@ def test_straight_through_forward_equals_hard_topk(tiny_llama_dir, tmp_path):
     torch.testing.assert_close(outputs.logits, logits, rtol=0, atol=0)
 
 
+def test_cached_candidate_memory_gives_the_forward_of_compressing_each_batch(tiny_llama_dir, tmp_path):
+    model = make_tiny_clara(tiny_llama_dir)
+    args = training_args(tmp_path, "e2e", cache_candidate_memory=True)
+    dataset = load_clara_jsonl(write_jsonl(tmp_path / "e2e.jsonl", e2e_rows(3, n_candidates=4)), "e2e")
+    trainer = ClaraTrainer(model, args, train_dataset=dataset)
+    cache = trainer.data_collator.candidate_memory
+    assert sorted(cache) == sorted({doc for docs in dataset["docs"] for doc in docs})  # each distinct text once
+    model.eval()  # the cache is computed without dropout; compare with the per-batch path without it too
+    rows = [dataset[i] for i in range(len(dataset))]
+    cached_batch = trainer.data_collator(rows)
+    assert "enc_input_ids" not in cached_batch and cached_batch["candidate_embeds"].shape[:2] == (3, 4)
+    with torch.no_grad():
+        cached = model(**cached_batch)
+        compressed = model(**batch_for(model, "e2e", e2e_rows(3, n_candidates=4), tmp_path))
+    torch.testing.assert_close(cached.retrieval_scores, compressed.retrieval_scores)
+    torch.testing.assert_close(cached.ce_loss, compressed.ce_loss)
+    assert torch.equal(cached.topk_indices, compressed.topk_indices)
+    with pytest.raises(ValueError, match="no cached memory"):
+        trainer.data_collator([{**rows[0], "docs": ["A text that was never compressed."] * 4}])
+
+
+def test_cache_candidate_memory_trains_the_query_reasoner(tiny_llama_dir, tmp_path, data_files):
+    model = make_tiny_clara(tiny_llama_dir)
+    args = training_args(tmp_path, "e2e", cache_candidate_memory=True, freeze_generator=True, n_candidates=4,
+                         retrieval_weight=1.0)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = ClaraTrainer(model, args, train_dataset=load_clara_jsonl(data_files["e2e"], "e2e", n_candidates=4))
+    trainer.train()
+    changed = {adapter_of(n) for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed == {QUERY}
+    assert any("retrieval_loss" in entry for entry in trainer.state.log_history)
+
+
+def test_cache_candidate_memory_is_for_e2e_only(tmp_path):
+    with pytest.raises(ValueError, match="cache_candidate_memory is for the e2e stage"):
+        training_args(tmp_path, "instruct", cache_candidate_memory=True)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # What an optimizer step changes
 

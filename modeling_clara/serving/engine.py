@@ -6,9 +6,9 @@ its result, so the rest of its batch still runs. Answers are chosen per request 
 applies (retrieve the top `k` when the model has a query reasoner and more than `k` candidates, otherwise read the
 documents in order), so a batched request answers exactly as it would alone.
 
-Two shortcuts make a batch cheap without changing what it computes (beyond float rounding): questions are encoded
-without the padding the encoder layout would give them (`encode_questions`), and the generator runs the start that
-every answer prompt shares once, not once per request (`TransformersGenerator`).
+One shortcut makes a batch cheaper without changing what it computes (beyond float rounding): the generator runs
+the start that every answer prompt shares once, not once per request (`TransformersGenerator`). (Questions are
+encoded without the encoder layout's padding by the model itself, `ClaraForRAG.encode_queries`.)
 """
 
 import copy
@@ -19,9 +19,9 @@ from typing import Protocol
 import torch
 from transformers.utils import logging
 
-from ..configuration_clara import DECODER_ADAPTER, QUERY_REASONER_ADAPTER
+from ..configuration_clara import DECODER_ADAPTER
 from ..index import ClaraIndex
-from ..modeling_clara import ClaraForRAG, cosine_scores
+from ..modeling_clara import ClaraForRAG
 from ..processing_clara import MAX_PROMPT_TOKENS
 
 logger = logging.get_logger(__name__)
@@ -140,30 +140,6 @@ class TransformersGenerator:
 
 
 @torch.no_grad()
-def encode_questions(model: ClaraForRAG, questions: list[str]) -> torch.Tensor:
-    """`model.encode_queries(questions)`, `(n, n_mem * hidden)`, without running the padding.
-
-    The encoder layout left-pads every text to `doc_max_length + 3` tokens (259 for the shipped model) before the
-    memory tokens; a question is about 15 of them, so a query-reasoner pass spends 8x its compute on padding that the
-    attention mask hides. Columns that are padding in every row are dropped and the kept ones keep their positions
-    (explicit `position_ids`), so any backbone computes what it would with the padding, up to float rounding.
-    """
-    inputs, n_truncated = model.processor.encode_documents(questions)
-    if n_truncated:
-        logger.warning(f"{n_truncated} of {len(questions)} questions are longer than "
-                       f"doc_max_length={model.config.doc_max_length} tokens and were truncated")
-    attention_mask = inputs["attention_mask"]
-    first = int(attention_mask.argmax(dim=1).min())  # the first column any row attends to
-    positions = torch.arange(first, attention_mask.shape[1]).expand(len(questions), -1)
-    with model.adapter(QUERY_REASONER_ADAPTER):
-        states = model.decoder.get_decoder()(
-            input_ids=inputs["input_ids"][:, first:].to(model.device),
-            attention_mask=attention_mask[:, first:].to(model.device),
-            position_ids=positions.to(model.device),
-        ).last_hidden_state
-    return model._project_memory(states[:, -model.n_mem_tokens :]).flatten(start_dim=1)
-
-
 class ClaraServingEngine:
     """The model, an optional index, and a generator; the batch functions of `clara serve`."""
 
@@ -196,8 +172,7 @@ class ClaraServingEngine:
         return results
 
     def _search(self, questions: list[str], k: int) -> list:
-        """`index.search(questions, k)`, with the questions encoded without their padding."""
-        return self.index.search_embeddings(encode_questions(self.model, questions), k=k)
+        return self.index.search(questions, k=k)
 
     def search_problem(self) -> RequestError | None:
         """Why this server cannot search (no index, no query reasoner), or `None`."""
@@ -253,11 +228,12 @@ class ClaraServingEngine:
             chosen[p] = (memory_of[p], [Hit(str(j), None, text) for j, text in enumerate(requests[p].documents)])
         for k, group in _group_by([requests[p] for p in to_rank], lambda r: r.k).items():
             ranked = [to_rank[g] for g in group]
-            query_reps = encode_questions(self.model, [requests[p].question for p in ranked])
-            for p, query in zip(ranked, query_reps):
-                top = _top_k(query, memory_of[p], k)  # as `model.retrieve` ranks
-                idx = top.indices.tolist()
-                hits = [Hit(str(j), score, requests[p].documents[j]) for j, score in zip(idx, top.values.tolist())]
+            all_scores, all_indices = self.model.retrieve(
+                [requests[p].question for p in ranked], [memory_of[p].to(self.model.device) for p in ranked], k=k
+            )
+            for p, scores, indices in zip(ranked, all_scores, all_indices):
+                idx = indices.tolist()
+                hits = [Hit(str(j), score, requests[p].documents[j]) for j, score in zip(idx, scores.tolist())]
                 chosen[p] = (memory_of[p][idx], hits)
         return chosen
 
@@ -276,12 +252,6 @@ class ClaraServingEngine:
             return None
         return RequestError("question", f"the prompt with {n_docs} documents has {n_tokens} tokens, more than the "
                             f"generator's {MAX_PROMPT_TOKENS}; shorten the question or lower k")
-
-
-def _top_k(query: torch.Tensor, candidates: torch.Tensor, k: int):
-    """The top `k` of `candidates` `(n, n_mem, hidden)` by cosine to one query `(n_mem * hidden,)`, best first."""
-    scores = cosine_scores(query.unsqueeze(0), candidates.to(query.device).unsqueeze(0))[0]
-    return scores.topk(min(k, len(scores)))
 
 
 def _group_by(items: list, key) -> dict:
