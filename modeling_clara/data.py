@@ -377,10 +377,13 @@ class ClaraE2ECollator(ClaraCollator):
         candidate_memory (`dict[str, torch.Tensor]`, *optional*): Each candidate text's memory, `(n_mem, hidden)`,
             computed once by the frozen compressor (`--cache_candidate_memory`); the batch then carries
             `candidate_embeds` instead of encoder inputs.
+        retrieval_only (`bool`, *optional*, defaults to `False`): No decoder inputs: the model trains the query
+            reasoner on the retrieval loss alone (`--retrieval_only`).
     """
 
     top_k: int = 5
     candidate_memory: dict[str, torch.Tensor] | None = None
+    retrieval_only: bool = False
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         counts = {len(row["docs"]) for row in rows}
@@ -390,17 +393,19 @@ class ClaraE2ECollator(ClaraCollator):
                 "load the data with n_candidates to trim them"
             )
         n_candidates = counts.pop()
-        k = min(self.top_k, n_candidates)
-        pairs = [self.processor.build_prompt(k, "answer", row["question"], row["answer"]) for row in rows]
         positive_mask = torch.zeros(len(rows), n_candidates, dtype=torch.bool)
         for i, row in enumerate(rows):
             positive_mask[i, list(row.get("pos_index") or [])] = True
-        return {
+        batch = {
             **self._candidates(rows),
             **self._encoder_inputs([row["question"] for row in rows], "query"),
             "positive_mask": positive_mask,
-            **self._decoder_inputs(pairs),
         }
+        if self.retrieval_only:
+            return batch
+        k = min(self.top_k, n_candidates)
+        pairs = [self.processor.build_prompt(k, "answer", row["question"], row["answer"]) for row in rows]
+        return {**batch, **self._decoder_inputs(pairs)}
 
 
     def _candidates(self, rows: list[dict]) -> dict[str, torch.Tensor]:

@@ -63,7 +63,8 @@ class ClaraOutput(ModelOutput):
         loss (`torch.FloatTensor`, *optional*):
             The training objective, which the Trainer minimises as it is: `ce_loss`, plus `config.mse_weight *
             mse_loss` on compression batches while the compressor trains, plus `config.retrieval_weight *
-            retrieval_loss` on end-to-end batches with positives, plus `config.memory_contrast_weight *
+            retrieval_loss` on end-to-end batches with positives (that term alone on retrieval-only batches, which
+            have no decoder inputs), plus `config.memory_contrast_weight *
             memory_contrast_loss` on compression batches when that weight is set.
         ce_loss (`torch.FloatTensor`, *optional*):
             Cross-entropy of the generator on the target tokens (labels != -100).
@@ -680,8 +681,8 @@ class ClaraForRAG(ClaraPreTrainedModel):
 
     def forward(
         self,
-        dec_input_ids: torch.LongTensor,
-        dec_attention_mask: torch.LongTensor,
+        dec_input_ids: torch.LongTensor | None = None,
+        dec_attention_mask: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         enc_input_ids: torch.LongTensor | None = None,
         enc_attention_mask: torch.LongTensor | None = None,
@@ -699,14 +700,16 @@ class ClaraForRAG(ClaraPreTrainedModel):
         End-to-end batches (stage 3): `query_*` are given; the `enc_*` (or precomputed `candidate_embeds`,
         `(batch, n_candidates, n_mem, hidden)`) are each example's candidates, compressed without gradients;
         the query reasoner picks `generation_top_k` of them with the straight-through top-k, and the answer
-        loss trains it. `positive_mask` (`(batch, n_candidates)`) adds the contrastive retrieval loss.
+        loss trains it. `positive_mask` (`(batch, n_candidates)`) adds the contrastive retrieval loss. Without
+        `dec_*` inputs (a retrieval-only batch) the generator does not run and the loss is the weighted retrieval
+        loss alone.
 
         Returns:
             [`ClaraOutput`].
         """
-        batch_size = dec_input_ids.shape[0]
-        mse_loss = retrieval_loss = memory_contrast_loss = topk_indices = scores = None
         end_to_end = query_input_ids is not None
+        batch_size = (query_input_ids if end_to_end else dec_input_ids).shape[0]
+        mse_loss = retrieval_loss = memory_contrast_loss = topk_indices = scores = None
         if end_to_end:
             if candidate_embeds is None:
                 with torch.no_grad():  # the compressor is frozen end to end: its MSE is reported, not trained
@@ -720,6 +723,8 @@ class ClaraForRAG(ClaraPreTrainedModel):
             doc_embeds, docs_per_example = selected.flatten(0, 1), [k] * batch_size
             if positive_mask is not None:
                 retrieval_loss = contrastive_retrieval_loss(scores, positive_mask.bool(), self.config.topk_temperature)
+            if dec_input_ids is None:
+                return self._retrieval_only_output(retrieval_loss, mse_loss, topk_indices, scores)
         else:
             doc_embeds, mse_loss = self._encode_documents(enc_input_ids, enc_attention_mask)
             if docs_per_example is None:
@@ -742,6 +747,17 @@ class ClaraForRAG(ClaraPreTrainedModel):
             retrieval_loss=retrieval_loss,
             memory_contrast_loss=memory_contrast_loss,
             logits=decoded.logits,
+            topk_indices=topk_indices,
+            retrieval_scores=scores,
+        )
+
+    def _retrieval_only_output(self, retrieval_loss, mse_loss, topk_indices, scores) -> ClaraOutput:
+        if retrieval_loss is None:
+            raise ValueError("an end-to-end batch without decoder inputs trains on the retrieval loss: give positive_mask")
+        return ClaraOutput(
+            loss=self.config.retrieval_weight * retrieval_loss,
+            mse_loss=mse_loss,
+            retrieval_loss=retrieval_loss,
             topk_indices=topk_indices,
             retrieval_scores=scores,
         )

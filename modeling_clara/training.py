@@ -134,6 +134,10 @@ class ClaraTrainingArguments(TrainingArguments):
             The compressor is frozen in `e2e`, so the memory is the same, except that the cache is computed as at
             inference (no LoRA dropout). Steps then cost the query reasoner and the generator only (~10x faster on
             the shipped model's data); the cache holds `n_docs * n_mem * hidden` floats in memory.
+        retrieval_only (`bool`, *optional*, defaults to `False`):
+            `e2e`: train the query reasoner on the retrieval loss (`retrieval_weight`, which must be > 0) over
+            `pos_index` alone, as Apple's `stage2_pretrain_retrieval` warm-up; the generator does not run, so a step
+            costs the question pass only. Implies `freeze_generator`.
         optimize_mem_tokens (`bool`, *optional*):
             Train the memory-token embedding rows with the compressor. Default: the model's setting (`True`).
         decoder_max_length (`int`, *optional*):
@@ -210,6 +214,10 @@ class ClaraTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "e2e: compress every distinct candidate once before training (the compressor is frozen)."},
     )
+    retrieval_only: bool = field(
+        default=False,
+        metadata={"help": "e2e: train the query reasoner on the retrieval loss alone; the generator does not run."},
+    )
     optimize_mem_tokens: bool | None = field(
         default=None, metadata={"help": "Train the memory-token embedding rows with the compressor (default: model's)."}
     )
@@ -267,6 +275,13 @@ class ClaraTrainingArguments(TrainingArguments):
                 f"memory_contrast_weight needs per_device_train_batch_size >= 2 (another example's memory), "
                 f"got {self.per_device_train_batch_size}"
             )
+        if self.retrieval_only:
+            if self.stage != "e2e" or not self.retrieval_weight > 0:
+                raise ValueError(
+                    f"retrieval_only trains on the retrieval loss: it needs stage='e2e' and retrieval_weight > 0, got "
+                    f"stage={self.stage!r}, retrieval_weight={self.retrieval_weight}"
+                )
+            self.freeze_generator = True  # the generator does not run
         if self.cache_candidate_memory and self.stage != "e2e":
             raise ValueError(f"cache_candidate_memory is for the e2e stage (its frozen compressor), not {self.stage!r}")
         if self.channel_rows < 0 or (self.channel_rows and self.stage != "pretrain"):
@@ -435,13 +450,13 @@ class ClaraTrainer(Trainer):
         if args.gradient_checkpointing:
             _check_adapter_aware_checkpointing(model, args.gradient_checkpointing_kwargs)
         if data_collator is None:
-            cache = {}
+            e2e_options = {"retrieval_only": True} if args.retrieval_only else {}
             if args.cache_candidate_memory:
                 candidates = unique_candidates(kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
-                cache = {"candidate_memory": compress_candidates(model, candidates)}
+                e2e_options["candidate_memory"] = compress_candidates(model, candidates)
             data_collator = make_collator(
                 args.stage, model.processor, top_k=model.config.generation_top_k, max_length=args.decoder_max_length,
-                **cache,
+                **e2e_options,
             )
         super().__init__(model=model, args=args, data_collator=data_collator, **kwargs)
         # Each micro-batch loss is a mean over its own target tokens (as Apple's); the forward's **kwargs would make

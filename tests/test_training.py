@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 from conftest import make_tiny_clara
 from modeling_clara import ClaraForRAG, cli
 from modeling_clara.data import load_clara_jsonl, make_collator
+from modeling_clara.modeling_clara import contrastive_retrieval_loss
 from modeling_clara.metrics.clara_qa.clara_qa import score_example
 from modeling_clara.processing_clara import (
     PARAPHRASE_INSTRUCTIONS,
@@ -263,6 +264,36 @@ def test_cache_candidate_memory_trains_the_query_reasoner(tiny_llama_dir, tmp_pa
     changed = {adapter_of(n) for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
     assert changed == {QUERY}
     assert any("retrieval_loss" in entry for entry in trainer.state.log_history)
+
+
+def test_retrieval_only_trains_the_query_reasoner_on_the_retrieval_loss(tiny_llama_dir, tmp_path, data_files):
+    model = make_tiny_clara(tiny_llama_dir)
+    args = training_args(tmp_path, "e2e", retrieval_only=True, retrieval_weight=1.0, n_candidates=4)
+    assert args.freeze_generator
+    dataset = load_clara_jsonl(data_files["e2e"], "e2e", n_candidates=4)
+    trainer = ClaraTrainer(model, args, train_dataset=dataset)
+    batch = trainer.data_collator([dataset[i] for i in range(2)])
+    assert "dec_input_ids" not in batch and "labels" not in batch
+    model.eval()
+    outputs = model(**batch)
+    expected = contrastive_retrieval_loss(outputs.retrieval_scores, batch["positive_mask"], model.config.topk_temperature)
+    torch.testing.assert_close(outputs.loss, expected)
+    assert outputs.ce_loss is None and outputs.logits is None
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer.train()
+    changed = {adapter_of(n) for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed == {QUERY}
+    losses = [entry["retrieval_loss"] for entry in trainer.state.log_history if "retrieval_loss" in entry]
+    assert losses and all("ce_loss" not in entry for entry in trainer.state.log_history)
+    with pytest.raises(ValueError, match="give positive_mask"):
+        model(query_input_ids=batch["query_input_ids"], query_attention_mask=batch["query_attention_mask"],
+              enc_input_ids=batch["enc_input_ids"], enc_attention_mask=batch["enc_attention_mask"])
+
+
+@pytest.mark.parametrize("overrides", [{"retrieval_weight": 0.0}, {"stage": "instruct", "retrieval_weight": 1.0}])
+def test_retrieval_only_needs_e2e_and_a_retrieval_weight(tmp_path, overrides):
+    with pytest.raises(ValueError, match="retrieval_only trains on the retrieval loss"):
+        training_args(tmp_path, overrides.pop("stage", "e2e"), retrieval_only=True, **overrides)
 
 
 def test_cache_candidate_memory_is_for_e2e_only(tmp_path):
