@@ -379,13 +379,23 @@ class ClaraE2ECollator(ClaraCollator):
             `candidate_embeds` instead of encoder inputs.
         retrieval_only (`bool`, *optional*, defaults to `False`): No decoder inputs: the model trains the query
             reasoner on the retrieval loss alone (`--retrieval_only`).
+        in_batch_negatives (`bool`, *optional*, defaults to `False`): With `retrieval_only` and `candidate_memory`:
+            every question ranks the distinct candidates of the whole batch, its own gold texts positive wherever
+            they appear (`--in_batch_negatives`).
     """
 
     top_k: int = 5
     candidate_memory: dict[str, torch.Tensor] | None = None
     retrieval_only: bool = False
+    in_batch_negatives: bool = False
+
+    def __post_init__(self):
+        if self.in_batch_negatives and not (self.retrieval_only and self.candidate_memory is not None):
+            raise ValueError("in_batch_negatives needs retrieval_only and candidate_memory")
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if self.in_batch_negatives:
+            return self._shared_candidates(rows)
         counts = {len(row["docs"]) for row in rows}
         if len(counts) > 1:
             raise ValueError(
@@ -417,12 +427,30 @@ class ClaraE2ECollator(ClaraCollator):
         return {"candidate_embeds": torch.stack([torch.stack([self.candidate_memory[d] for d in row["docs"]]) for row in rows])}
 
 
-def unique_candidates(*e2e_datasets: datasets.Dataset | None) -> list[str]:
-    """The distinct candidate texts of `e2e` datasets, in first-seen order."""
+    def _shared_candidates(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """A retrieval-only batch in which every question ranks all distinct candidates of the batch."""
+        texts = unique_candidates(rows)
+        self._candidates([{"docs": texts}])  # every text must be cached
+        positive_mask = torch.tensor([[text in _gold_texts(row) for text in texts] for row in rows])
+        memory = torch.stack([self.candidate_memory[text] for text in texts])
+        return {
+            "candidate_embeds": memory.expand(len(rows), *memory.shape),
+            **self._encoder_inputs([row["question"] for row in rows], "query"),
+            "positive_mask": positive_mask,
+        }
+
+
+def _gold_texts(row: dict) -> set[str]:
+    return {row["docs"][i] for i in row.get("pos_index") or []}
+
+
+def unique_candidates(*e2e_datasets: datasets.Dataset | list[dict] | None) -> list[str]:
+    """The distinct candidate texts of `e2e` datasets (or lists of rows), in first-seen order."""
     seen = {}
     for dataset in e2e_datasets:
         if dataset is not None:
-            seen.update(dict.fromkeys(doc for docs in dataset["docs"] for doc in docs))
+            rows_docs = dataset["docs"] if isinstance(dataset, datasets.Dataset) else [row["docs"] for row in dataset]
+            seen.update(dict.fromkeys(doc for docs in rows_docs for doc in docs))
     return list(seen)
 
 

@@ -138,6 +138,11 @@ class ClaraTrainingArguments(TrainingArguments):
             `e2e`: train the query reasoner on the retrieval loss (`retrieval_weight`, which must be > 0) over
             `pos_index` alone, as Apple's `stage2_pretrain_retrieval` warm-up; the generator does not run, so a step
             costs the question pass only. Implies `freeze_generator`.
+        in_batch_negatives (`bool`, *optional*, defaults to `False`):
+            With `retrieval_only` and `cache_candidate_memory`: every question of a batch ranks the distinct
+            candidates of all its rows (its own gold texts positive wherever they appear), as DPR's in-batch
+            negatives: 16 rows of 4 candidates give each question up to 63 negatives instead of 3, at the cost of
+            cosines only.
         optimize_mem_tokens (`bool`, *optional*):
             Train the memory-token embedding rows with the compressor. Default: the model's setting (`True`).
         decoder_max_length (`int`, *optional*):
@@ -218,6 +223,10 @@ class ClaraTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "e2e: train the query reasoner on the retrieval loss alone; the generator does not run."},
     )
+    in_batch_negatives: bool = field(
+        default=False,
+        metadata={"help": "With --retrieval_only and --cache_candidate_memory: rank every candidate of the batch."},
+    )
     optimize_mem_tokens: bool | None = field(
         default=None, metadata={"help": "Train the memory-token embedding rows with the compressor (default: model's)."}
     )
@@ -282,6 +291,8 @@ class ClaraTrainingArguments(TrainingArguments):
                     f"stage={self.stage!r}, retrieval_weight={self.retrieval_weight}"
                 )
             self.freeze_generator = True  # the generator does not run
+        if self.in_batch_negatives and not (self.retrieval_only and self.cache_candidate_memory):
+            raise ValueError("in_batch_negatives needs retrieval_only=True and cache_candidate_memory=True")
         if self.cache_candidate_memory and self.stage != "e2e":
             raise ValueError(f"cache_candidate_memory is for the e2e stage (its frozen compressor), not {self.stage!r}")
         if self.channel_rows < 0 or (self.channel_rows and self.stage != "pretrain"):
@@ -451,6 +462,8 @@ class ClaraTrainer(Trainer):
             _check_adapter_aware_checkpointing(model, args.gradient_checkpointing_kwargs)
         if data_collator is None:
             e2e_options = {"retrieval_only": True} if args.retrieval_only else {}
+            if args.in_batch_negatives:
+                e2e_options["in_batch_negatives"] = True
             if args.cache_candidate_memory:
                 candidates = unique_candidates(kwargs.get("train_dataset"), kwargs.get("eval_dataset"))
                 e2e_options["candidate_memory"] = compress_candidates(model, candidates)

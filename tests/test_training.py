@@ -290,6 +290,29 @@ def test_retrieval_only_trains_the_query_reasoner_on_the_retrieval_loss(tiny_lla
               enc_input_ids=batch["enc_input_ids"], enc_attention_mask=batch["enc_attention_mask"])
 
 
+def test_in_batch_negatives_rank_every_candidate_of_the_batch(tiny_llama_dir, tmp_path):
+    model = make_tiny_clara(tiny_llama_dir)
+    rows = e2e_rows(3, n_candidates=4)
+    rows.append({**rows[0], "question": "Which code word does item 0 have?"})  # shares its gold with row 0
+    args = training_args(tmp_path, "e2e", retrieval_only=True, retrieval_weight=1.0, cache_candidate_memory=True,
+                         in_batch_negatives=True, max_steps=2)
+    dataset = load_clara_jsonl(write_jsonl(tmp_path / "e2e.jsonl", rows), "e2e")
+    trainer = ClaraTrainer(model, args, train_dataset=dataset)
+    batch = trainer.data_collator([dataset[i] for i in range(len(dataset))])
+    texts = list(dict.fromkeys(doc for row in rows for doc in row["docs"]))
+    assert batch["candidate_embeds"].shape[:2] == (4, len(texts)) and len(texts) > 4
+    for i, row in enumerate(rows):
+        gold = row["docs"][row["pos_index"][0]]
+        assert batch["positive_mask"][i].tolist() == [text == gold for text in texts]
+    assert batch["positive_mask"][0].equal(batch["positive_mask"][3])
+    torch.testing.assert_close(batch["candidate_embeds"][2, texts.index(rows[2]["docs"][1])],
+                               trainer.data_collator.candidate_memory[rows[2]["docs"][1]])
+    trainer.train()
+    assert any("retrieval_loss" in entry for entry in trainer.state.log_history)
+    with pytest.raises(ValueError, match="in_batch_negatives needs"):
+        training_args(tmp_path, "e2e", retrieval_only=True, retrieval_weight=1.0, in_batch_negatives=True)
+
+
 @pytest.mark.parametrize("overrides", [{"retrieval_weight": 0.0}, {"stage": "instruct", "retrieval_weight": 1.0}])
 def test_retrieval_only_needs_e2e_and_a_retrieval_weight(tmp_path, overrides):
     with pytest.raises(ValueError, match="retrieval_only trains on the retrieval loss"):
