@@ -3,7 +3,7 @@
 LoRA weights and the added-token rows are stored in fp16 (half the bytes; loading casts them back to the backbone's
 dtype); the bundled corpus is the held-out documents of prepare_data.py, none of which the model trained on.
 
-    python examples/shipped_model/export.py --run runs/shipped/stage3 --data runs/shipped/data
+    python examples/shipped_model/export.py --run runs/shipped/stage3r --data runs/shipped/data
 """
 
 import argparse
@@ -39,7 +39,7 @@ def drop_code_copies(folder: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, default=Path("runs/shipped/stage3"))
+    parser.add_argument("--run", type=Path, default=Path("runs/shipped/stage3r"))
     parser.add_argument("--data", type=Path, default=Path("runs/shipped/data"))
     parser.add_argument("--out", type=Path, default=Path(SHIPPED_MODEL_DIR))
     args = parser.parse_args()
