@@ -153,7 +153,10 @@ def test_faiss_candidates_are_rescored_exactly(model, kind, pooled, tmp_path):
     index.save(tmp_path / "idx")
     loaded = ClaraIndex.load(tmp_path / "idx", model=model)
     assert loaded.faiss_options["kind"] == kind
-    assert loaded.search("Who directed it?", k=5, rerank_factor=16) == approximate[0]
+    # One question alone skips less padding than in a batch of two: the same ranking, scores equal to float rounding.
+    alone = loaded.search("Who directed it?", k=5, rerank_factor=16)
+    assert (alone.ids, alone.positions) == (approximate[0].ids, approximate[0].positions)
+    assert alone.scores == pytest.approx(approximate[0].scores, abs=1e-6)
 
 
 def test_bad_arguments_are_named(model, corpus, tiny_llama_dir):
