@@ -212,7 +212,7 @@ def run_arm(rung: Rung, arm: str, out: Path, seed: int) -> dict:
     source, steps, runtime = "embedded", 0, 0.0
     if arm == "small" and rung.stage == "instruct":
         # The small recipe is a pipeline: stage 1 (reconstruction + channel rows) opens the memory, then instruction
-        # tuning trains the generator on a frozen compressor (RECIPES["small"]["instruct"]).
+        # tuning with the memory contrast trains compressor and generator (RECIPES["small"]["instruct"]).
         opened = train_stage(rung, "pretrain", reconstruction_rows(rung.train_rows), source, run_dir, arm, seed, [])
         source, steps, runtime = str(run_dir / "pretrain"), opened["global_step"], opened["train_runtime"]
     train = train_stage(rung, rung.stage, rung.train_rows, source, run_dir, arm, seed, callbacks)
