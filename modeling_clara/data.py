@@ -417,22 +417,26 @@ class ClaraE2ECollator(ClaraCollator):
         pairs = [self.processor.build_prompt(k, "answer", row["question"], row["answer"]) for row in rows]
         return {**batch, **self._decoder_inputs(pairs)}
 
-
     def _candidates(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """Each row's candidates (every row has as many): encoder inputs, or their cached memory."""
+        texts = [doc for row in rows for doc in row["docs"]]
         if self.candidate_memory is None:
-            return self._encoder_inputs([doc for row in rows for doc in row["docs"]], "enc")
-        missing = [doc for row in rows for doc in row["docs"] if doc not in self.candidate_memory]
+            return self._encoder_inputs(texts, "enc")
+        memory = self._cached_memory(texts)
+        return {"candidate_embeds": memory.view(len(rows), -1, *memory.shape[1:])}
+
+    def _cached_memory(self, texts: list[str]) -> torch.Tensor:
+        """`(len(texts), n_mem, hidden)` from `candidate_memory`; a text it lacks is an error."""
+        missing = [text for text in texts if text not in self.candidate_memory]
         if missing:
             raise ValueError(f"{len(missing)} candidates have no cached memory, e.g. {missing[0]!r:.80}")
-        return {"candidate_embeds": torch.stack([torch.stack([self.candidate_memory[d] for d in row["docs"]]) for row in rows])}
-
+        return torch.stack([self.candidate_memory[text] for text in texts])
 
     def _shared_candidates(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """A retrieval-only batch in which every question ranks all distinct candidates of the batch."""
-        texts = unique_candidates(rows)
-        self._candidates([{"docs": texts}])  # every text must be cached
+        texts = list(dict.fromkeys(doc for row in rows for doc in row["docs"]))
         positive_mask = torch.tensor([[text in _gold_texts(row) for text in texts] for row in rows])
-        memory = torch.stack([self.candidate_memory[text] for text in texts])
+        memory = self._cached_memory(texts)
         return {
             "candidate_embeds": memory.expand(len(rows), *memory.shape),
             **self._encoder_inputs([row["question"] for row in rows], "query"),
@@ -444,13 +448,12 @@ def _gold_texts(row: dict) -> set[str]:
     return {row["docs"][i] for i in row.get("pos_index") or []}
 
 
-def unique_candidates(*e2e_datasets: datasets.Dataset | list[dict] | None) -> list[str]:
-    """The distinct candidate texts of `e2e` datasets (or lists of rows), in first-seen order."""
+def unique_candidates(*e2e_datasets: datasets.Dataset | None) -> list[str]:
+    """The distinct candidate texts of `e2e` datasets, in first-seen order."""
     seen = {}
     for dataset in e2e_datasets:
         if dataset is not None:
-            rows_docs = dataset["docs"] if isinstance(dataset, datasets.Dataset) else [row["docs"] for row in dataset]
-            seen.update(dict.fromkeys(doc for docs in rows_docs for doc in docs))
+            seen.update(dict.fromkeys(doc for docs in dataset["docs"] for doc in docs))
     return list(seen)
 
 

@@ -61,7 +61,8 @@ RECIPES = {
         "pretrain": {"mse_weight": 0.0, "channel_rows": 0.67, "learning_rate": 5e-4, "lr_scheduler_type": "constant"},
         # Answer loss alone lets the compressor collapse to one memory for every document and the generator answer
         # from its prior (ladder rung 2); the memory contrast asks each answer to cost less from its own memory than
-        # from another example's, which keeps memories distinct and read (rung 2 passes; README).
+        # from another example's, which keeps memories distinct and read (rung 2: its `contrast` arm passes, this
+        # recipe's pipeline reads memory but stays just above the bar; README).
         "instruct": {"mse_weight": 0.0, "learning_rate": 2e-4, "lr_scheduler_type": "constant",
                      "memory_contrast_weight": 1.0},
         "e2e": {"learning_rate": 5e-5, "retrieval_weight": 1.0},

@@ -73,6 +73,11 @@ def engine(model, index_dir) -> ClaraServingEngine:
     return ClaraServingEngine(model, ClaraIndex.load(index_dir, model=model))
 
 
+def test_engine_is_a_plain_class(engine):
+    # A decorator left on the class once turned it into a function that only builds instances.
+    assert isinstance(ClaraServingEngine, type) and isinstance(engine, ClaraServingEngine)
+
+
 def mixed_requests() -> list[AnswerRequest]:
     """Given documents fewer, equal and more than k (retrieval), and index requests of two k's."""
     return [

@@ -139,7 +139,6 @@ class TransformersGenerator:
         pass  # runs in this process: nothing to release
 
 
-@torch.no_grad()
 class ClaraServingEngine:
     """The model, an optional index, and a generator; the batch functions of `clara serve`."""
 
@@ -229,7 +228,7 @@ class ClaraServingEngine:
         for k, group in _group_by([requests[p] for p in to_rank], lambda r: r.k).items():
             ranked = [to_rank[g] for g in group]
             all_scores, all_indices = self.model.retrieve(
-                [requests[p].question for p in ranked], [memory_of[p].to(self.model.device) for p in ranked], k=k
+                [requests[p].question for p in ranked], [memory_of[p] for p in ranked], k=k
             )
             for p, scores, indices in zip(ranked, all_scores, all_indices):
                 idx = indices.tolist()
