@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import make_tiny_clara
-from modeling_clara.data import FEATURES, with_channel_rows
-from modeling_clara.training import ClaraTrainingArguments, load_model_for_stage, prepare_model_for_stage
+from modeling_clara.data import FEATURES, load_clara_jsonl, with_channel_rows
+from modeling_clara.training import ClaraTrainer, ClaraTrainingArguments, load_model_for_stage, prepare_model_for_stage
+from test_data import write_jsonl
 from test_training import batch_for, instruct_rows, no_dropout, pretrain_rows, training_args
 
 
@@ -25,11 +26,27 @@ def test_small_recipe_changes_only_the_defaults(tmp_path):
     assert (apple.recipe, apple.retrieval_weight, apple.mse_weight, apple.channel_rows) == ("apple", 0.0, 0.1, 0.0)
     instruct = ClaraTrainingArguments(output_dir=str(tmp_path), stage="instruct", recipe="small")
     # The contrast, not a frozen compressor, keeps the memories distinct in the small recipe's instruct stage.
-    assert (instruct.freeze_compressor, instruct.mse_weight, instruct.learning_rate, instruct.memory_contrast_weight) == (
-        False, 0.0, 2e-4, 1.0)
+    assert (instruct.freeze_compressor, instruct.mse_weight, instruct.learning_rate, instruct.memory_contrast_weight,
+            instruct.lr_scheduler_type) == (False, 0.0, 2e-4, 1.0, "warmup_stable_decay")
     assert ClaraTrainingArguments(output_dir=str(tmp_path), stage="instruct").memory_contrast_weight == 0.0
     frozen = ClaraTrainingArguments(output_dir=str(tmp_path), stage="instruct", recipe="small", freeze_compressor=True)
     assert frozen.freeze_compressor is True
+
+
+@pytest.mark.parametrize("kwargs, decay_steps", [({}, 4), ({"lr_scheduler_kwargs": {"num_decay_steps": 2}}, 2)])
+def test_warmup_stable_decay_decays_over_the_last_fifth_unless_told(tiny_llama_dir, tmp_path, kwargs, decay_steps):
+    args = training_args(tmp_path, "instruct", recipe="small", max_steps=20, learning_rate=1e-3, **kwargs)
+    trainer = ClaraTrainer(make_tiny_clara(tiny_llama_dir), args,
+                           train_dataset=load_clara_jsonl(write_jsonl(tmp_path / "i.jsonl", instruct_rows(4)), "instruct"))
+    trainer.create_optimizer_and_scheduler(num_training_steps=20)
+    rates = []
+    for _ in range(20):
+        rates.append(trainer.lr_scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    decay_start = 20 - decay_steps  # the first decay step still has the full rate (warmup_ratio is 0 here)
+    assert rates[:decay_start + 1] == [1e-3] * (decay_start + 1)
+    assert all(later < earlier for earlier, later in zip(rates[decay_start:], rates[decay_start + 1:]))
 
 
 @pytest.mark.parametrize(

@@ -58,13 +58,13 @@ run_stage "$OUT/stage1b" --stage pretrain --model "$OUT/stage1a" --data "$OUT/da
 # 0.122 reading another (the memory contrast is off here, as in the shipped run).
 run_stage "$OUT/stage2" --stage instruct --model "$OUT/stage1b" --data "$OUT/data/stage2_instruct.jsonl" \
   --freeze_compressor true --memory_contrast_weight 0 --generation_top_k 2 --per_device_train_batch_size 16 \
-  --max_steps "$(steps 254)"
+  --lr_scheduler_type constant --max_steps "$(steps 254)"
 
 # Stage 2c: stage 2 continued with the memory contrast (the recipe's instruct default since this run): each answer
 # must cost 1 nat/token less from its own memory than from the next row's. F1 gold / another passage: 0.152 / 0.048.
 run_stage "$OUT/stage2c" --stage instruct --model "$OUT/stage2" --data "$OUT/data/stage2_instruct.jsonl" \
   --freeze_compressor true --memory_contrast_weight 1.0 --memory_contrast_margin 1.0 --generation_top_k 2 \
-  --per_device_train_batch_size 4 --max_steps "$(steps 60)"
+  --per_device_train_batch_size 4 --lr_scheduler_type constant --max_steps "$(steps 60)"
 
 # Stage 3 (end to end): the query reasoner (initialised from the encoder) picks 2 of 4 candidates through the
 # straight-through top-k; the answer's CE through it and the recipe's InfoNCE warm-up over pos_index train it and the
