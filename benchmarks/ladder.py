@@ -181,12 +181,16 @@ def probe_rung(model: ClaraForRAG, rung: Rung) -> dict:
     return result
 
 
+def finished_runtime(trainer_state: dict) -> float | None:
+    """A finished run logs its runtime; a checkpoint taken mid-run (`checkpoint-N`) has none."""
+    return next((e["train_runtime"] for e in reversed(trainer_state["log_history"]) if "train_runtime" in e), None)
+
+
 def probe_trained(rung: Rung, arm: str, trained: Path, seed: int) -> dict:
     """A model trained elsewhere with this rung's data and arm (e.g. stage 1 of the shipped model, which is rung 3a's
     `small` arm), probed as the rung probes its own runs."""
     state = json.loads((trained / "trainer_state.json").read_text())
-    # A finished run logs its runtime; a checkpoint taken mid-run (`checkpoint-N`) has none.
-    runtime = next((e["train_runtime"] for e in reversed(state["log_history"]) if "train_runtime" in e), None)
+    runtime = finished_runtime(state)
     model = ClaraForRAG.from_pretrained(trained)
     return {"rung": rung.name, "arm": arm, "seed": seed, "steps": state["global_step"], "train_runtime_s": runtime,
             "trained": str(trained), **probe_rung(model, rung)}
@@ -194,7 +198,14 @@ def probe_trained(rung: Rung, arm: str, trained: Path, seed: int) -> dict:
 
 def train_stage(rung: Rung, stage: str, rows: list[dict], model: str, run_dir: Path, arm: str, seed: int,
                 callbacks: list, max_steps: int) -> dict:
-    """One `clara train` run of the rung's arm on `rows`, from `model`, into `run_dir`/`stage`."""
+    """One `clara train` run of the rung's arm on `rows`, from `model`, into `run_dir`/`stage`; a stage that finished
+    in an earlier, interrupted run of the arm is not trained again."""
+    output = run_dir / stage
+    if (output / "model.safetensors").exists():
+        state = json.loads((output / "trainer_state.json").read_text())
+        if state["max_steps"] != max_steps:
+            raise ValueError(f"{output} was trained for max_steps={state['max_steps']}, not {max_steps}: use another --out")
+        return {"global_step": state["global_step"], "train_runtime": finished_runtime(state)}
     data = run_dir / f"{stage}.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     argv = [

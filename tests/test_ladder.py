@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerControl
 
 LADDER_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "ladder.py"
 
@@ -48,3 +49,26 @@ def test_rung_definitions_hold_what_the_probe_needs():
         assert rung.n_choices == 8 and len(rung.cases) >= 8 and len(rung.train_rows) >= 320
         # held-out probe targets are not training rows (rung 2 draws fresh passages; rung 1 has only 8 words)
         assert all(case.gold != case.other for case in rung.cases)
+
+
+def test_a_finished_stage_is_reused_and_a_different_budget_refused(tmp_path):
+    ladder = load_ladder()
+    rung = ladder.build_rung("2", max_steps=None)
+    finished = tmp_path / "rung2-small" / "pretrain"
+    finished.mkdir(parents=True)
+    (finished / "model.safetensors").write_bytes(b"")  # train_stage reads only that it exists
+    state = {"global_step": 200, "max_steps": 200, "log_history": [{"loss": 1.0}, {"train_runtime": 812.5}]}
+    (finished / "trainer_state.json").write_text(json.dumps(state))
+    reused = ladder.train_stage(rung, "pretrain", [], "embedded", finished.parent, "small", 0, [], max_steps=200)
+    assert reused == {"global_step": 200, "train_runtime": 812.5}
+    with pytest.raises(ValueError, match="max_steps=200, not 300"):
+        ladder.train_stage(rung, "pretrain", [], "embedded", finished.parent, "small", 0, [], max_steps=300)
+
+
+def test_the_early_stop_reads_the_mean_of_the_last_three_logged_ces():
+    stop, control = load_ladder().StopBelowCE(0.2), TrainerControl()
+    for ce in (0.1, 0.5, 0.1, 0.45, 0.1):  # batches under the threshold among others are noise (means 0.23 to 0.35)
+        stop.on_log(None, None, control, logs={"ce_loss": ce, "loss": ce})
+        assert not control.should_training_stop
+    stop.on_log(None, None, control, logs={"ce_loss": 0.02})  # mean of 0.45, 0.1, 0.02
+    assert control.should_training_stop
