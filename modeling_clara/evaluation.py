@@ -24,6 +24,7 @@ batch: rerunning a command skips the examples already there (a run with other se
 error). Each run also writes `<run>.summary.json` and `.summary.md`; `<output-dir>/summary.md` collects them all.
 """
 
+import hashlib
 import json
 import os
 import time
@@ -230,6 +231,17 @@ class Ranker:
         return [i.tolist() for i in indices], [[round(v, 6) for v in s.tolist()] for s in scores]
 
 
+def adapter_digest(model: ClaraForRAG) -> str:
+    """A digest of the model's LoRA weights. Results are resumed by model name, and a name can be reused (a retrained
+    `shipped`, a checkpoint folder written again): the digest tells the two models apart. Fresh models are seeded."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _non_gold_candidates(example: EvalExample) -> list[int]:
     others = [i for i in range(len(example.docs)) if i not in example.pos_index]
     if not others:
@@ -279,7 +291,7 @@ class EvalMethod:
             fields.update(k=k, doc_max_length=config.doc_max_length)
         if self.spec.reads == "compressed":
             fields.update(model=model_name, compr_rate=config.compr_rate, training_stage=config.training_stage,
-                          adapters=sorted(self.model.adapter_names))
+                          adapters=sorted(self.model.adapter_names), adapter_digest=adapter_digest(self.model))
         return fields
 
     def run(self, batch: list[EvalExample], setting: str, k: int, max_new_tokens: int) -> list[dict]:
@@ -440,7 +452,7 @@ def evaluate_retrieval(
     config = {"ranker": ranker.name, "data": str(Path(data).resolve())}
     if ranker.name == "clara":
         config.update(model=model_name or str(ranker.model.name_or_path), compr_rate=ranker.model.config.compr_rate,
-                      doc_max_length=ranker.model.config.doc_max_length)
+                      doc_max_length=ranker.model.config.doc_max_length, adapter_digest=adapter_digest(ranker.model))
 
     def run_batch(batch):
         rankings, scores = ranker.rank(batch)

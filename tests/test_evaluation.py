@@ -6,11 +6,12 @@ import evaluate
 import pytest
 
 import modeling_clara.evaluation as evaluation
-from conftest import DATA_DIR
+from conftest import DATA_DIR, make_tiny_clara
 from modeling_clara.cli import main
 from modeling_clara.evaluation import (
     EvalMethod,
     evaluate_file,
+    evaluate_retrieval,
     expand_data_paths,
     generate_text,
     load_eval_data,
@@ -271,6 +272,20 @@ def test_resuming_with_other_settings_is_an_error(tiny_clara, data_file, tmp_pat
     evaluate_file(tiny_clara, data_file, "closed_book", max_new_tokens=8, output_dir=tmp_path, limit=1)
     with pytest.raises(ValueError, match=r"holds predictions of another run \(differs in \['max_new_tokens'\]"):
         evaluate_file(tiny_clara, data_file, "closed_book", max_new_tokens=16, output_dir=tmp_path, limit=1)
+
+
+def test_resuming_with_another_model_of_the_same_name_is_an_error(tiny_llama_dir, data_file, tmp_path, canned_generation):
+    """Results resume by model name; a model retrained under that name (its LoRA weights differ) is another run."""
+    retrained = make_tiny_clara(tiny_llama_dir, seed=1)
+    answers = dict(data=data_file, method="clara", k=2, max_new_tokens=2, output_dir=tmp_path, model_name="shipped")
+    retrieval = dict(data=data_file, ranker="clara", output_dir=tmp_path, model_name="shipped")
+    for model in (make_tiny_clara(tiny_llama_dir, seed=0), make_tiny_clara(tiny_llama_dir, seed=0)):  # resumed
+        evaluate_file(model, **answers)
+        evaluate_retrieval(model=model, **retrieval)
+    with pytest.raises(ValueError, match=r"differs in \['adapter_digest'\]"):
+        evaluate_file(retrained, **answers)
+    with pytest.raises(ValueError, match=r"differs in \['adapter_digest'\]"):
+        evaluate_retrieval(model=retrained, **retrieval)
 
 
 def test_shared_compression_cache_compresses_each_passage_once(tiny_clara, data_file, tmp_path, monkeypatch):
