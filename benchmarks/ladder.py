@@ -24,9 +24,9 @@ Results are appended to `<out>/results.jsonl` (a finished rung/arm is not run ag
 import argparse
 import json
 import math
-from collections import deque
 import random
 import sys
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -209,7 +209,7 @@ def train_stage(rung: Rung, stage: str, rows: list[dict], model: str, run_dir: P
     data = run_dir / f"{stage}.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     argv = [
-        "--stage", stage, "--model", model, "--data", str(data), "--output_dir", str(run_dir / stage),
+        "--stage", stage, "--model", model, "--data", str(data), "--output_dir", str(output),
         "--doc_max_length", str(rung.doc_max_length), "--compr_rate", str(rung.compr_rate),
         "--max_steps", str(max_steps), "--seed", str(seed), *COMMON_ARGS, *ARMS[arm],
     ]
