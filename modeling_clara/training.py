@@ -485,7 +485,7 @@ class ClaraTrainer(Trainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         # warmup_stable_decay needs its decay length in steps, which only this call knows (max_steps or epochs).
-        kwargs = self.args.lr_scheduler_kwargs
+        kwargs = self.args.lr_scheduler_kwargs or {}  # None on transformers 5, {} on 4
         if self.args.lr_scheduler_type == "warmup_stable_decay" and "num_decay_steps" not in kwargs:
             self.args.lr_scheduler_kwargs = {**kwargs, "num_decay_steps": max(1, round(WSD_DECAY_SHARE * num_training_steps))}
         return super().create_scheduler(num_training_steps, optimizer)
