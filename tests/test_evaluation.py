@@ -274,7 +274,7 @@ def test_resuming_with_other_settings_is_an_error(tiny_clara, data_file, tmp_pat
         evaluate_file(tiny_clara, data_file, "closed_book", max_new_tokens=16, output_dir=tmp_path, limit=1)
 
 
-def test_resuming_with_another_model_of_the_same_name_is_an_error(tiny_llama_dir, data_file, tmp_path, canned_generation):
+def test_resuming_with_another_model_of_the_same_name_is_an_error(tiny_llama_dir, data_file, tmp_path):
     """Results resume by model name; a model retrained under that name (its LoRA weights differ) is another run."""
     retrained = make_tiny_clara(tiny_llama_dir, seed=1)
     answers = dict(data=data_file, method="clara", k=2, max_new_tokens=2, output_dir=tmp_path, model_name="shipped")
