@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import PretrainedConfig, Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import enable_full_determinism, get_last_checkpoint, set_seed
 from transformers.utils import logging
 
 from .backbone import EMBEDDED_BACKBONE
@@ -587,6 +587,9 @@ def train_clara(script_args: ClaraScriptArguments, args: ClaraTrainingArguments,
     if script_args.eval_data and script_args.eval_holdout:
         raise ValueError("give either --eval_data or --eval_holdout, not both")
     resume = _resolve_resume(args)
+    # Seeded before the model exists, as the Trainer seeds only once it is built: a fresh model's LoRA and a new
+    # stage's adapters draw their initial weights from torch's generator, which is seeded at random per process.
+    enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
     model = load_model_for_stage(script_args.model, args)
     train_dataset = load_clara_jsonl(
         script_args.data, args.stage, n_candidates=args.n_candidates, max_samples=script_args.max_train_samples

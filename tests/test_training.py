@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 
 from conftest import make_tiny_clara
 from modeling_clara import ClaraForRAG, cli
+from modeling_clara.cli.train import parse_train_args
 from modeling_clara.data import load_clara_jsonl, make_collator
 from modeling_clara.modeling_clara import contrastive_retrieval_loss
 from modeling_clara.metrics.clara_qa.clara_qa import score_example
@@ -25,7 +26,13 @@ from modeling_clara.processing_clara import (
     SYSTEM_PROMPT_PARAPHRASE,
     SYSTEM_PROMPT_QA,
 )
-from modeling_clara.training import ClaraTrainer, ClaraTrainingArguments, load_model_for_stage, prepare_model_for_stage
+from modeling_clara.training import (
+    ClaraTrainer,
+    ClaraTrainingArguments,
+    load_model_for_stage,
+    prepare_model_for_stage,
+    train_clara,
+)
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "piano", "green", "seven", "house", "light", "ocean", "bread",
@@ -500,6 +507,22 @@ def test_three_stages_chain_from_the_cli(tiny_llama_dir, tmp_path, data_files, c
     assert query.keys() == encoder[1].keys()  # initialised from the encoder, then trained
     assert not all(torch.equal(query[k], encoder[1][k]) for k in query)
     assert ClaraForRAG.from_pretrained(str(stage3)).has_query_reasoner
+
+
+def test_the_seed_decides_the_initial_adapters(tiny_llama_dir, tmp_path, data_files):
+    """A fresh model's LoRA draws from torch's generator before the Trainer seeds it: `--seed` must cover that draw."""
+    def trained(seed: int, name: str, generator_state: int) -> dict:
+        argv = ["--stage", "pretrain", "--model", str(tiny_llama_dir), "--data", data_files["pretrain"],
+                "--output_dir", str(tmp_path / name), "--doc_max_length", "32", "--compr_rate", "8", "--lora_r", "4",
+                "--max_steps", "1", "--per_device_train_batch_size", "2", "--save_strategy", "no",
+                "--disable_tqdm", "true", "--dataloader_pin_memory", "false", "--seed", str(seed)]
+        torch.manual_seed(generator_state)  # whatever the generator held before: a fresh process's is random
+        train_clara(*parse_train_args(argv))
+        return load_file(tmp_path / name / "model.safetensors")
+
+    first, again, other = trained(0, "first", 1), trained(0, "again", 2), trained(1, "other", 1)
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first if "lora_A" in k)
 
 
 KILLED_RUN = textwrap.dedent(
