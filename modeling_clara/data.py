@@ -20,6 +20,7 @@ hold only a [`ClaraProcessor`] and plain values, so they pickle into DataLoader 
 import os
 import random
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import datasets
@@ -434,7 +435,7 @@ class ClaraE2ECollator(ClaraCollator):
 
     def _shared_candidates(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """A retrieval-only batch in which every question ranks all distinct candidates of the batch."""
-        texts = list(dict.fromkeys(doc for row in rows for doc in row["docs"]))
+        texts = distinct_docs(row["docs"] for row in rows)
         positive_mask = torch.tensor([[text in _gold_texts(row) for text in texts] for row in rows])
         memory = self._cached_memory(texts)
         return {
@@ -448,13 +449,14 @@ def _gold_texts(row: dict) -> set[str]:
     return {row["docs"][i] for i in row.get("pos_index") or []}
 
 
+def distinct_docs(docs_lists: Iterable[list[str]]) -> list[str]:
+    """The distinct texts of several `docs` lists, in first-seen order."""
+    return list(dict.fromkeys(doc for docs in docs_lists for doc in docs))
+
+
 def unique_candidates(*e2e_datasets: datasets.Dataset | None) -> list[str]:
     """The distinct candidate texts of `e2e` datasets, in first-seen order."""
-    seen = {}
-    for dataset in e2e_datasets:
-        if dataset is not None:
-            seen.update(dict.fromkeys(doc for docs in dataset["docs"] for doc in docs))
-    return list(seen)
+    return distinct_docs(docs for dataset in e2e_datasets if dataset is not None for docs in dataset["docs"])
 
 
 def make_collator(
