@@ -50,6 +50,9 @@ ARMS = {
     "mse0": ["--mse_weight", "0", *CONSTANT_LR],
     "mse_stopgrad": ["--mse_stop_gradient", "true", *CONSTANT_LR],  # 0.1 * MSE, no gradient into the document-side mean
     "small": ["--recipe", "small"],  # the small recipe: no MSE, random-word channel rows (pretrain)
+    # The small recipe with memory in the generator's input-token space (a content prior: each memory state becomes
+    # the mixture of token embeddings its LM head predicts).
+    "small_token_embeddings": ["--recipe", "small", "--memory_projection", "token_embeddings"],
     # No MSE, the memory contrast: each target must cost 1 nat/token less from its own memory than from another row's
     # (compressor and generator both train).
     "contrast": ["--mse_weight", "0", "--memory_contrast_weight", "1", *CONSTANT_LR],
@@ -229,11 +232,11 @@ def run_arm(rung: Rung, arm: str, out: Path, seed: int, pretrain_steps: int | No
     del model
     callbacks = [StopBelowCE(floor / 4)] if floor is not None else []
     source, steps, runtime = "embedded", 0, 0.0
-    if arm == "small" and rung.stage == "instruct":
-        # The small recipe is a pipeline: stage 1 (reconstruction + channel rows) opens the memory, then instruction
+    if arm == "small" and rung.stage == "instruct" and pretrain_steps != 0:
+        # The small recipe as a pipeline: stage 1 (reconstruction + channel rows) opens the memory, then instruction
         # tuning with the memory contrast trains compressor and generator (RECIPES["small"]["instruct"]).
         opened = train_stage(rung, "pretrain", reconstruction_rows(rung.train_rows), source, run_dir, arm, seed, [],
-                             pretrain_steps or rung.max_steps)
+                             rung.max_steps if pretrain_steps is None else pretrain_steps)
         source, steps, runtime = str(run_dir / "pretrain"), opened["global_step"], opened["train_runtime"]
     train = train_stage(rung, rung.stage, rung.train_rows, source, run_dir, arm, seed, callbacks, rung.max_steps)
     model = ClaraForRAG.from_pretrained(run_dir / rung.stage)
@@ -260,7 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", nargs="+", default=["apple", "mse0"], choices=tuple(ARMS))
     parser.add_argument("--max-steps", type=int, default=None, help="override every rung's step budget")
     parser.add_argument("--pretrain-steps", type=int, default=None,
-                        help="steps of the small recipe's stage 1 before an instruct rung (default: the rung's budget)")
+                        help="steps of the small recipe's stage 1 before an instruct rung (default: the rung's budget; "
+                             "0: none, the instruct stage trains from the backbone)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/ladder"))
     parser.add_argument("--trained", type=Path, default=None,

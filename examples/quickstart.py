@@ -20,10 +20,12 @@ from modeling_clara.checkpoints import SHIPPED_CORPUS_FILE
 
 logger = logging.get_logger(__name__)
 
-# Questions about passages of the bundled corpus (none of them was seen in training).
+# Held-out questions about passages of the bundled corpus (none was seen in training) whose answer lies in the part of
+# the passage the model compresses (its first doc_max_length = 256 tokens): a question answered only past them, as the
+# Oketo Forest Railway question this demo asked before, cannot be answered from memory by any CLaRa of that length.
 QUESTIONS = [
     "Where was the live album 'In Concert' by America recorded?",
-    "What was the name of the industrial railway known as Oketo Forest Railway?",
+    "On which date was the single 'Spice Up Your Life' released to record stores?",
 ]
 
 

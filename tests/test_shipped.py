@@ -73,11 +73,14 @@ def test_shipped_answers_what_the_untrained_model_gets_wrong(shipped, untrained,
 
 
 def test_shipped_query_reasoner_finds_passages_in_the_bundled_index(shipped, bundled_questions):
+    """Over the whole bundled corpus (100 passages, chance 1%), the gold passage comes first for at least half of the
+    questions and among the first 10 for nine in ten."""
     index = ClaraIndex.build(shipped, SHIPPED_CORPUS_FILE)
     results = index.search([q for _, q, _ in bundled_questions], k=10)
+    first = [result.texts[0] == passage for (passage, _, _), result in zip(bundled_questions, results)]
     found = [passage in result.texts for (passage, _, _), result in zip(bundled_questions, results)]
-    chance = 10 / len(index)
-    assert sum(found) / len(found) > 2 * chance, found
+    assert sum(first) / len(first) >= 0.5, first
+    assert sum(found) / len(found) >= 0.9, found
 
 
 def wrong_passages(questions: list[tuple[str, str, str]]) -> list[str]:
