@@ -3,7 +3,7 @@
 The bundled corpus is the shipped model's 100 held-out SCP passages; Apple's SCP sample holds QA pairs for each, none
 trained on. Every question (the first `--questions-per-passage` of each passage) searches the whole index; the table
 gives Recall@1 / @5 (the gold passage first / among the first five; chance 1% / 5%) and the gold passage's mean rank,
-models and full-text rankers (`modeling_clara.text_retrieval`, each reading the whole corpus per question) side by
+models and full-text rankers (`modeling_clara.text_retrieval`, ranking the whole corpus for each question) side by
 side.
 
     python benchmarks/bundled_corpus_recall.py --model shipped runs/ibn/stage3r --text-rankers bm25

@@ -39,7 +39,8 @@ class BM25Reranker:
 
 
 class MiniLMReranker:
-    """Cosine similarity of all-MiniLM-L6-v2 sentence embeddings (sentence-transformers), batched across questions."""
+    """Cosine similarity of all-MiniLM-L6-v2 sentence embeddings (sentence-transformers), batched across questions;
+    a passage that several questions share is encoded once."""
 
     name = "minilm"
 
@@ -55,14 +56,14 @@ class MiniLMReranker:
     def rank_batch(self, questions: list[str], docs_per_question: list[list[str]]) -> list[list[int]]:
         for docs in docs_per_question:
             _check_candidates(docs)
-        texts = list(questions) + [d for docs in docs_per_question for d in docs]
+        passage_row = {text: i for i, text in enumerate(dict.fromkeys(d for docs in docs_per_question for d in docs))}
+        texts = list(questions) + list(passage_row)
         embeddings = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_tensor=True)
         queries, passages = embeddings[: len(questions)], embeddings[len(questions) :]
-        rankings, start = [], 0
+        rankings = []
         for query, docs in zip(queries, docs_per_question):
-            scores = (passages[start : start + len(docs)] @ query).tolist()
+            scores = (passages[[passage_row[d] for d in docs]] @ query).tolist()
             rankings.append(sorted(range(len(docs)), key=lambda i: (-scores[i], i)))
-            start += len(docs)
         return rankings
 
 
