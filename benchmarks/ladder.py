@@ -53,6 +53,11 @@ ARMS = {
     # The small recipe with memory in the generator's input-token space (a content prior: each memory state becomes
     # the mixture of token embeddings its LM head predicts).
     "small_token_embeddings": ["--recipe", "small", "--memory_projection", "token_embeddings"],
+    # The small recipe with each memory slot's input row drawn at the vocabulary's spread (HF's resize starts them all
+    # at one vector, the vocabulary mean).
+    "small_spread": ["--recipe", "small", "--memory_row_init", "spread"],
+    # The small recipe with half as many reconstruction rows as QA rows mixed into instruct (ICAE's autoencoding).
+    "small_reconstruct": ["--recipe", "small", "--reconstruction_rows", "0.5"],
     # No MSE, the memory contrast: each target must cost 1 nat/token less from its own memory than from another row's
     # (compressor and generator both train).
     "contrast": ["--mse_weight", "0", "--memory_contrast_weight", "1", *CONSTANT_LR],

@@ -230,6 +230,21 @@ class ClaraForRAG(ClaraPreTrainedModel):
         if self.decoder.get_input_embeddings().weight.shape[0] != len(self.tokenizer):
             self.decoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=mean_resizing)
 
+    def spread_memory_rows(self) -> None:
+        """Give every memory token its own input-embedding row, drawn per dimension from the base vocabulary's mean
+        and spread.
+
+        `resize_token_embeddings` starts all new rows at (nearly) the vocabulary mean, so the `<MEM*>` inputs are one
+        vector and only their positions tell the memory slots apart. Rows drawn at the vocabulary's own scale make
+        each slot a different query over the document from the first step. Draws from torch's generator (seed it).
+        """
+        embeddings = self.get_input_embeddings().weight
+        vocabulary = embeddings[: self.config.base_vocab_size].detach().float()
+        mean, std = vocabulary.mean(dim=0), vocabulary.std(dim=0)
+        noise = torch.randn(len(self.processor.mem_token_ids), embeddings.shape[1])
+        with torch.no_grad():
+            embeddings[self.processor.mem_token_ids] = (mean + noise * std).to(embeddings.dtype)
+
     def _configure_greedy_generation(self) -> None:
         generation_config = self.decoder.generation_config
         generation_config.do_sample = False

@@ -45,7 +45,7 @@ from .configuration_clara import (
     STAGES,
     STAGES_BY_NAME,
 )
-from .data import load_clara_jsonl, make_collator, unique_candidates, with_channel_rows
+from .data import load_clara_jsonl, make_collator, unique_candidates, with_channel_rows, with_reconstruction_rows
 from .modeling_clara import ClaraForRAG
 
 logger = logging.get_logger(__name__)
@@ -74,6 +74,7 @@ WSD_DECAY_SHARE = 0.2
 QUERY_REASONER_INITS = ("encoder", "fresh")
 # Architecture fields: a fresh model takes them, a checkpoint must already have them.
 ARCHITECTURE_FIELDS = ("doc_max_length", "compr_rate", "lora_r", "memory_projection")
+MEMORY_ROW_INITS = ("mean", "spread")
 
 
 @dataclass
@@ -99,6 +100,10 @@ class ClaraTrainingArguments(TrainingArguments):
         channel_rows (`float`, *optional*):
             `pretrain`: add this many random-word-list rows per training row (doc = target = 8-12 words drawn from the
             training documents' vocabulary; seeded by `--seed`). Apple: 0; `small`: 0.67.
+        reconstruction_rows (`float`, *optional*):
+            `instruct`: add this many rows per training row that copy a random row's documents, ask for the first one
+            word for word (`data.RECONSTRUCTION_QUESTION`) and answer with it (ICAE's autoencoding mixed into the task;
+            seeded by `--seed`). Apple: 0.
         retrieval_weight (`float`, *optional*):
             `e2e`: weight of the contrastive retrieval loss over `pos_index` (a supervised warm-up, Apple's
             `stage2_pretrain_retrieval`; Apple's default 0, `small` 1). Logged in any case.
@@ -124,6 +129,11 @@ class ClaraTrainingArguments(TrainingArguments):
         memory_projection (`str`, *optional*):
             Fresh models: `"token_embeddings"` feeds the generator token-embedding mixtures instead of raw memory
             states ([`ClaraConfig`]); default Apple's raw states. Architecture too: a checkpoint keeps its own.
+        memory_row_init (`str`, *optional*, defaults to `"mean"`):
+            Fresh models: the `<MEM*>` input-embedding rows start at the vocabulary mean (`"mean"`, what
+            `resize_token_embeddings` and Apple's code give: one vector for every slot) or each at its own draw from
+            the vocabulary's per-dimension mean and spread (`"spread"`, [`ClaraForRAG.spread_memory_rows`]). A
+            checkpoint keeps its trained rows.
         freeze_compressor (`bool`, *optional*, defaults to `False`):
             `pretrain`/`instruct`: keep the encoder adapter and the memory rows frozen, so only the generator trains
             and learns to read a fixed compressor (a warm-up that stops the compressor from collapsing to memory the
@@ -179,6 +189,10 @@ class ClaraTrainingArguments(TrainingArguments):
     channel_rows: float | None = field(
         default=None, metadata={"help": "pretrain: random-word-list rows added per training row (apple 0, small 0.67)."}
     )
+    reconstruction_rows: float | None = field(
+        default=None,
+        metadata={"help": "instruct: rows asking for the first document verbatim, added per training row (apple 0)."},
+    )
     retrieval_weight: float | None = field(
         default=None, metadata={"help": "e2e: weight of the InfoNCE retrieval loss over pos_index (apple 0, small 1)."}
     )
@@ -211,6 +225,14 @@ class ClaraTrainingArguments(TrainingArguments):
         metadata={
             "help": "Fresh models: 'token_embeddings' feeds the generator token-embedding mixtures (default: raw states).",
             "choices": [projection for projection in MEMORY_PROJECTIONS if projection is not None],
+        },
+    )
+    memory_row_init: str = field(
+        default="mean",
+        metadata={
+            "help": "Fresh models: memory-token rows at the vocabulary mean (HF's resize, Apple's) or 'spread' at the "
+            "vocabulary's per-dimension spread.",
+            "choices": MEMORY_ROW_INITS,
         },
     )
     freeze_compressor: bool | None = field(
@@ -264,6 +286,7 @@ class ClaraTrainingArguments(TrainingArguments):
             "mse_weight": DEFAULT_MSE_WEIGHT,
             "retrieval_weight": DEFAULT_RETRIEVAL_WEIGHT,
             "channel_rows": 0.0,
+            "reconstruction_rows": 0.0,
             "memory_contrast_weight": 0.0,
             "learning_rate": stage.learning_rate,
             "lr_scheduler_type": stage.lr_scheduler_type,
@@ -300,6 +323,12 @@ class ClaraTrainingArguments(TrainingArguments):
             raise ValueError("in_batch_negatives needs retrieval_only=True and cache_candidate_memory=True")
         if self.cache_candidate_memory and self.stage != "e2e":
             raise ValueError(f"cache_candidate_memory is for the e2e stage (its frozen compressor), not {self.stage!r}")
+        if self.reconstruction_rows < 0 or (self.reconstruction_rows and self.stage != "instruct"):
+            raise ValueError(
+                f"reconstruction_rows={self.reconstruction_rows} must be >= 0, and is for the instruct stage only"
+            )
+        if self.memory_row_init not in MEMORY_ROW_INITS:
+            raise ValueError(f"memory_row_init={self.memory_row_init!r} is not one of {MEMORY_ROW_INITS}")
         if self.channel_rows < 0 or (self.channel_rows and self.stage != "pretrain"):
             raise ValueError(f"channel_rows={self.channel_rows} must be >= 0, and is for the pretrain stage only")
         if not self.topk_temperature > 0:
@@ -352,7 +381,15 @@ def load_model_for_stage(model_name_or_path: str, args: ClaraTrainingArguments) 
     architecture = {name: getattr(args, name) for name in ARCHITECTURE_FIELDS if getattr(args, name) is not None}
     if not is_clara_checkpoint(model_name_or_path):
         logger.info(f"Building a fresh CLaRa ({stage}) on the backbone {model_name_or_path}")
-        return ClaraForRAG.from_backbone(model_name_or_path, training_stage=stage, **architecture, **overrides)
+        model = ClaraForRAG.from_backbone(model_name_or_path, training_stage=stage, **architecture, **overrides)
+        if args.memory_row_init == "spread":
+            model.spread_memory_rows()
+        return model
+    if args.memory_row_init != "mean":
+        raise ValueError(
+            f"memory_row_init={args.memory_row_init!r} is for a fresh model; {model_name_or_path} is a CLaRa checkpoint "
+            "and keeps its trained memory rows"
+        )
     model = ClaraForRAG.from_pretrained(model_name_or_path, training_stage=stage, **overrides)
     differ = {
         name: (value, getattr(model.config, name))
@@ -596,6 +633,8 @@ def train_clara(script_args: ClaraScriptArguments, args: ClaraTrainingArguments,
     )
     if args.channel_rows:
         train_dataset = with_channel_rows(train_dataset, args.channel_rows, args.seed)
+    if args.reconstruction_rows:
+        train_dataset = with_reconstruction_rows(train_dataset, args.reconstruction_rows, args.seed)
     eval_dataset = None
     if script_args.eval_data:
         eval_dataset = load_clara_jsonl(script_args.eval_data, args.stage, n_candidates=args.n_candidates)

@@ -1,5 +1,6 @@
-"""Training recipes: `--recipe small`'s defaults, random-word channel rows, the MSE stop-gradient, and the length
-curriculum (a checkpoint goes on with longer documents when its memory-token count stays the same)."""
+"""Training recipes: `--recipe small`'s defaults, random-word channel rows, reconstruction rows, spread memory rows,
+the MSE stop-gradient, and the length curriculum (a checkpoint goes on with longer documents when its memory-token
+count stays the same)."""
 
 import re
 
@@ -8,7 +9,13 @@ import pytest
 import torch
 
 from conftest import make_tiny_clara
-from modeling_clara.data import FEATURES, load_clara_jsonl, with_channel_rows
+from modeling_clara.data import (
+    FEATURES,
+    RECONSTRUCTION_QUESTION,
+    load_clara_jsonl,
+    with_channel_rows,
+    with_reconstruction_rows,
+)
 from modeling_clara.training import ClaraTrainer, ClaraTrainingArguments, load_model_for_stage, prepare_model_for_stage
 from test_data import write_jsonl
 from test_training import batch_for, instruct_rows, no_dropout, pretrain_rows, training_args
@@ -58,6 +65,9 @@ def test_warmup_stable_decay_decays_over_the_last_fifth_unless_told(tiny_llama_d
         ({"memory_contrast_weight": -0.5}, "memory_contrast_weight=-0.5"),
         ({"stage": "e2e", "memory_contrast_weight": 1.0}, "pretrain and instruct stages"),
         ({"memory_contrast_weight": 1.0, "per_device_train_batch_size": 1}, "per_device_train_batch_size >= 2"),
+        ({"reconstruction_rows": 0.5}, "instruct stage only"),
+        ({"stage": "instruct", "reconstruction_rows": -0.5}, "reconstruction_rows=-0.5"),
+        ({"memory_row_init": "zeros"}, "memory_row_init='zeros'"),
     ],
 )
 def test_bad_recipe_arguments_are_refused(tmp_path, kwargs, message):
@@ -102,6 +112,38 @@ def test_channel_rows_draw_with_replacement_from_a_small_vocabulary():
 def test_channel_rows_need_a_vocabulary():
     with pytest.raises(ValueError, match="at least 2 distinct words"):
         with_channel_rows(pretrain_dataset(["An ox is."]), 1.0, seed=0)  # no word of 3+ letters
+
+
+def test_reconstruction_rows_ask_for_a_rows_first_document():
+    rows = {"question": [f"Q{i}?" for i in range(6)], "docs": [[f"first {i}", f"second {i}"] for i in range(6)],
+            "answer": [f"A{i}" for i in range(6)]}
+    dataset = datasets.Dataset.from_dict(rows, features=FEATURES["instruct"])
+    mixed = with_reconstruction_rows(dataset, rows_per_row=0.5, seed=1)
+    added = [row for row in mixed if row["question"] == RECONSTRUCTION_QUESTION]
+    assert len(mixed) == 9 and len(added) == 3
+    assert all(row["docs"] in rows["docs"] and row["answer"] == row["docs"][0] for row in added)
+    assert sorted(row["question"] for row in mixed if row not in added) == rows["question"]  # every task row kept
+    assert with_reconstruction_rows(dataset, 0.5, seed=1)["docs"] == mixed["docs"]  # seeded
+    assert with_reconstruction_rows(dataset, 0.0, seed=1)["docs"] == rows["docs"]
+
+
+def test_spread_memory_rows_differ_and_keep_the_vocabulary_scale(tiny_llama_dir, tmp_path):
+    args = training_args(tmp_path, "pretrain", memory_row_init="spread", doc_max_length=32, compr_rate=8, lora_r=4)
+    model = load_model_for_stage(str(tiny_llama_dir), args)
+    embeddings = model.get_input_embeddings().weight.detach()
+    memory, vocabulary = embeddings[model.processor.mem_token_ids], embeddings[: model.config.base_vocab_size]
+    mean_init = load_model_for_stage(str(tiny_llama_dir), training_args(tmp_path, "pretrain", doc_max_length=32,
+                                                                         compr_rate=8, lora_r=4))
+    mean_rows = mean_init.get_input_embeddings().weight.detach()[mean_init.processor.mem_token_ids]
+    assert torch.allclose(mean_rows, mean_rows[0].expand_as(mean_rows), atol=1e-3)  # HF's resize: one vector
+    # As far apart as two vocabulary rows typically are, where the mean init puts them at one point.
+    typical_distance = torch.cdist(vocabulary, vocabulary).median()
+    assert torch.pdist(memory).min() > 0.5 * typical_distance
+    torch.testing.assert_close(memory.std(dim=0).mean(), vocabulary.std(dim=0).mean(), rtol=0.5, atol=0)
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    with pytest.raises(ValueError, match="keeps its trained memory rows"):
+        load_model_for_stage(str(saved), training_args(tmp_path, "pretrain", memory_row_init="spread"))
 
 
 def test_mse_stop_gradient_keeps_the_value_and_changes_the_gradient(tiny_llama_dir, tmp_path):
