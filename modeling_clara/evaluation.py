@@ -29,6 +29,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -282,6 +283,11 @@ class EvalMethod:
     def setting(self, requested: str) -> str:
         return self.spec.fixed_setting or requested
 
+    @cached_property
+    def adapter_digest(self) -> str:
+        """The model's [`adapter_digest`], hashed once per method however many files it evaluates."""
+        return adapter_digest(self.model)
+
     def config(self, setting: str, k: int, max_new_tokens: int, model_name: str) -> dict:
         """What the predictions depend on; a resumed run must match it."""
         config = self.model.config
@@ -291,7 +297,7 @@ class EvalMethod:
             fields.update(k=k, doc_max_length=config.doc_max_length)
         if self.spec.reads == "compressed":
             fields.update(model=model_name, compr_rate=config.compr_rate, training_stage=config.training_stage,
-                          adapters=sorted(self.model.adapter_names), adapter_digest=adapter_digest(self.model))
+                          adapters=sorted(self.model.adapter_names), adapter_digest=self.adapter_digest)
         return fields
 
     def run(self, batch: list[EvalExample], setting: str, k: int, max_new_tokens: int) -> list[dict]:
