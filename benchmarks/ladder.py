@@ -58,6 +58,9 @@ ARMS = {
     "small_spread": ["--recipe", "small", "--memory_row_init", "spread"],
     # The small recipe with half as many reconstruction rows as QA rows mixed into instruct (ICAE's autoencoding).
     "small_reconstruct": ["--recipe", "small", "--reconstruction_rows", "0.5"],
+    # The small recipe with the memory-cosine hinge: two passages' memories must stay under cosine 0.8 (an untrained
+    # compressor writes 0.985 on the rung's passages; runs that stayed closed drifted to 0.99).
+    "small_cosine": ["--recipe", "small", "--memory_cosine_weight", "1"],
     # No MSE, the memory contrast: each target must cost 1 nat/token less from its own memory than from another row's
     # (compressor and generator both train).
     "contrast": ["--mse_weight", "0", "--memory_contrast_weight", "1", *CONSTANT_LR],

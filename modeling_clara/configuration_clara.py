@@ -144,6 +144,12 @@ class ClaraConfig(PretrainedConfig):
             another example's. One more generator pass per step.
         memory_contrast_margin (`float`, *optional*, defaults to 1.0):
             That margin, in nats per target token.
+        memory_cosine_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the memory-cosine hinge on compression batches (0 = off, Apple's objective): the cosine between
+            the flattened memories of two different documents of the batch should stay under
+            `memory_cosine_ceiling`. Keeps the compressor from writing one memory for every document.
+        memory_cosine_ceiling (`float`, *optional*, defaults to 0.8):
+            That ceiling.
         memory_projection (`str`, *optional*):
             How the compressor's memory states become generator inputs (and retrieval vectors). `None` (Apple's
             CLaRa, the default): the last-layer states as they are. `"token_embeddings"` (this package's option for
@@ -181,6 +187,8 @@ class ClaraConfig(PretrainedConfig):
         retrieval_weight: float = DEFAULT_RETRIEVAL_WEIGHT,
         memory_contrast_weight: float = 0.0,
         memory_contrast_margin: float = 1.0,
+        memory_cosine_weight: float = 0.0,
+        memory_cosine_ceiling: float = 0.8,
         memory_projection: str | None = None,
         base_vocab_size: int | None = None,
         **kwargs,
@@ -231,6 +239,8 @@ class ClaraConfig(PretrainedConfig):
         self.retrieval_weight = retrieval_weight
         self.memory_contrast_weight = memory_contrast_weight
         self.memory_contrast_margin = memory_contrast_margin
+        self.memory_cosine_weight = memory_cosine_weight
+        self.memory_cosine_ceiling = memory_cosine_ceiling
         self.memory_projection = memory_projection
         self.base_vocab_size = base_vocab_size
         super().__init__(**kwargs)

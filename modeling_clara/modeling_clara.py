@@ -64,8 +64,8 @@ class ClaraOutput(ModelOutput):
             The training objective, which the Trainer minimises as it is: `ce_loss`, plus `config.mse_weight *
             mse_loss` on compression batches while the compressor trains, plus `config.retrieval_weight *
             retrieval_loss` on end-to-end batches with positives (that term alone on retrieval-only batches, which
-            have no decoder inputs), plus `config.memory_contrast_weight *
-            memory_contrast_loss` on compression batches when that weight is set.
+            have no decoder inputs), plus `config.memory_contrast_weight * memory_contrast_loss` and
+            `config.memory_cosine_weight * memory_cosine_loss` on compression batches when those weights are set.
         ce_loss (`torch.FloatTensor`, *optional*):
             Cross-entropy of the generator on the target tokens (labels != -100).
         mse_loss (`torch.FloatTensor`, *optional*):
@@ -75,6 +75,10 @@ class ClaraOutput(ModelOutput):
         memory_contrast_loss (`torch.FloatTensor`, *optional*):
             Hinge `max(0, margin + CE(own memory) - CE(another example's memory))`, averaged over the examples
             (compression batches with `config.memory_contrast_weight > 0`).
+        memory_cosine_loss (`torch.FloatTensor`, *optional*):
+            Hinge `max(0, cosine - memory_cosine_ceiling)` between the flattened memories of every two different
+            documents of the batch, averaged over the pairs (compression batches with `config.memory_cosine_weight >
+            0` and two different documents).
         logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`, *optional*):
             Generator logits.
         topk_indices (`torch.LongTensor` of shape `(batch_size, k)`, *optional*):
@@ -88,6 +92,7 @@ class ClaraOutput(ModelOutput):
     mse_loss: torch.FloatTensor | None = None
     retrieval_loss: torch.FloatTensor | None = None
     memory_contrast_loss: torch.FloatTensor | None = None
+    memory_cosine_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     topk_indices: torch.LongTensor | None = None
     retrieval_scores: torch.FloatTensor | None = None
@@ -143,6 +148,16 @@ def per_example_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tor
     token_ce = F.cross_entropy(shifted_logits.transpose(1, 2), shifted_labels, ignore_index=-100, reduction="none")
     n_targets = (shifted_labels != -100).sum(dim=1).clamp(min=1)
     return token_ce.sum(dim=1) / n_targets
+
+
+def memory_cosine_hinge(doc_embeds: torch.Tensor, enc_input_ids: torch.Tensor, ceiling: float) -> torch.Tensor | None:
+    """Mean of `max(0, cosine - ceiling)` over every two different documents' flattened memories; `None` without
+    two different documents (a repeated document is the same text, not a collapse)."""
+    memories = F.normalize(doc_embeds.flatten(start_dim=1).float(), dim=-1)
+    different = (enc_input_ids[:, None] != enc_input_ids[None]).any(dim=-1).triu(diagonal=1)
+    if not different.any():
+        return None
+    return F.relu(memories @ memories.T - ceiling)[different].mean()
 
 
 def contrastive_retrieval_loss(scores: torch.Tensor, positive_mask: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -724,7 +739,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         """
         end_to_end = query_input_ids is not None
         batch_size = (query_input_ids if end_to_end else dec_input_ids).shape[0]
-        mse_loss = retrieval_loss = memory_contrast_loss = topk_indices = scores = None
+        mse_loss = retrieval_loss = memory_contrast_loss = memory_cosine_loss = topk_indices = scores = None
         if end_to_end:
             if candidate_embeds is None:
                 with torch.no_grad():  # the compressor is frozen end to end: its MSE is reported, not trained
@@ -742,6 +757,8 @@ class ClaraForRAG(ClaraPreTrainedModel):
                 return self._retrieval_only_output(retrieval_loss, mse_loss, topk_indices, scores)
         else:
             doc_embeds, mse_loss = self._encode_documents(enc_input_ids, enc_attention_mask)
+            if self.config.memory_cosine_weight:
+                memory_cosine_loss = memory_cosine_hinge(doc_embeds, enc_input_ids, self.config.memory_cosine_ceiling)
             if docs_per_example is None:
                 docs_per_example = [doc_embeds.shape[0] // batch_size] * batch_size
             if self.config.training_form == "compressor":
@@ -754,13 +771,16 @@ class ClaraForRAG(ClaraPreTrainedModel):
             memory_contrast_loss = self._memory_contrast_loss(
                 dec_input_ids, dec_attention_mask, labels, doc_embeds, docs_per_example, decoded.logits
             )
-        loss = self._combine_losses(decoded.loss, None if end_to_end else mse_loss, retrieval_loss, memory_contrast_loss)
+        loss = self._combine_losses(
+            decoded.loss, None if end_to_end else mse_loss, retrieval_loss, memory_contrast_loss, memory_cosine_loss
+        )
         return ClaraOutput(
             loss=loss,
             ce_loss=decoded.loss,
             mse_loss=mse_loss,
             retrieval_loss=retrieval_loss,
             memory_contrast_loss=memory_contrast_loss,
+            memory_cosine_loss=memory_cosine_loss,
             logits=decoded.logits,
             topk_indices=topk_indices,
             retrieval_scores=scores,
@@ -796,7 +816,9 @@ class ClaraForRAG(ClaraPreTrainedModel):
         own_ce, other_ce = (per_example_cross_entropy(scores, labels) for scores in (logits, other_logits))
         return F.relu(self.config.memory_contrast_margin + own_ce - other_ce).mean()
 
-    def _combine_losses(self, ce_loss, mse_loss, retrieval_loss, memory_contrast_loss=None) -> torch.Tensor | None:
+    def _combine_losses(
+        self, ce_loss, mse_loss, retrieval_loss, memory_contrast_loss=None, memory_cosine_loss=None
+    ) -> torch.Tensor | None:
         """The training objective: the one place the loss terms are weighted (see `ClaraOutput.loss`)."""
         if ce_loss is None:
             return None
@@ -808,6 +830,8 @@ class ClaraForRAG(ClaraPreTrainedModel):
             loss = loss + self.config.retrieval_weight * retrieval_loss
         if memory_contrast_loss is not None:
             loss = loss + self.config.memory_contrast_weight * memory_contrast_loss
+        if memory_cosine_loss is not None:
+            loss = loss + self.config.memory_cosine_weight * memory_cosine_loss
         return loss
 
     # ----------------------------------------------------------------------------------------------------------

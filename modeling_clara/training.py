@@ -113,6 +113,11 @@ class ClaraTrainingArguments(TrainingArguments):
             example's. Needs a batch of 2 or more; one more generator pass per step. Apple: 0; `small`'s `instruct`: 1.
         memory_contrast_margin (`float`, *optional*, defaults to 1.0):
             That margin in nats per target token.
+        memory_cosine_weight (`float`, *optional*):
+            `pretrain`/`instruct`: weight of the memory-cosine hinge (the model's `memory_cosine_loss`): two different
+            documents' memories in a batch should have a cosine under `memory_cosine_ceiling`. Apple: 0.
+        memory_cosine_ceiling (`float`, *optional*, defaults to 0.8):
+            That ceiling.
         topk_temperature (`float`, *optional*, defaults to 0.02):
             Temperature of the straight-through top-k on cosine scores (Apple's value).
         query_reasoner_init (`str`, *optional*, defaults to `"encoder"`):
@@ -203,6 +208,13 @@ class ClaraTrainingArguments(TrainingArguments):
     memory_contrast_margin: float = field(
         default=1.0, metadata={"help": "Margin of that hinge, nats per target token."}
     )
+    memory_cosine_weight: float | None = field(
+        default=None,
+        metadata={"help": "pretrain/instruct: weight of the hinge on two documents' memory cosine (apple 0)."},
+    )
+    memory_cosine_ceiling: float = field(
+        default=0.8, metadata={"help": "Cosine between two documents' memories that the hinge tolerates."}
+    )
     topk_temperature: float = field(default=0.02, metadata={"help": "Temperature of the straight-through top-k."})
     query_reasoner_init: str = field(
         default="encoder",
@@ -288,6 +300,7 @@ class ClaraTrainingArguments(TrainingArguments):
             "channel_rows": 0.0,
             "reconstruction_rows": 0.0,
             "memory_contrast_weight": 0.0,
+            "memory_cosine_weight": 0.0,
             "learning_rate": stage.learning_rate,
             "lr_scheduler_type": stage.lr_scheduler_type,
             "freeze_compressor": False,
@@ -305,6 +318,13 @@ class ClaraTrainingArguments(TrainingArguments):
                 f"loss weights must be >= 0, got mse_weight={self.mse_weight}, retrieval_weight={self.retrieval_weight}, "
                 f"memory_contrast_weight={self.memory_contrast_weight}"
             )
+        if self.memory_cosine_weight < 0 or not -1 <= self.memory_cosine_ceiling < 1:
+            raise ValueError(
+                f"memory_cosine_weight={self.memory_cosine_weight} must be >= 0 and memory_cosine_ceiling="
+                f"{self.memory_cosine_ceiling} in [-1, 1)"
+            )
+        if self.memory_cosine_weight and self.stage == "e2e":
+            raise ValueError("memory_cosine_weight is for the pretrain and instruct stages (e2e's compressor is frozen)")
         if self.memory_contrast_weight and self.stage == "e2e":
             raise ValueError("memory_contrast_weight is for the pretrain and instruct stages (e2e picks its memory)")
         if self.memory_contrast_weight and self.per_device_train_batch_size < 2:
@@ -452,6 +472,8 @@ def prepare_model_for_stage(model: ClaraForRAG, args: ClaraTrainingArguments) ->
     config.retrieval_weight = args.retrieval_weight
     config.memory_contrast_weight = args.memory_contrast_weight
     config.memory_contrast_margin = args.memory_contrast_margin
+    config.memory_cosine_weight = args.memory_cosine_weight
+    config.memory_cosine_ceiling = args.memory_cosine_ceiling
     config.topk_temperature = args.topk_temperature
     if args.generation_top_k is not None:
         config.generation_top_k = args.generation_top_k
@@ -530,7 +552,7 @@ class ClaraTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         outputs = model(**inputs)  # the model weighs the loss terms (config.mse_weight, config.retrieval_weight)
-        for name in ("ce_loss", "mse_loss", "retrieval_loss", "memory_contrast_loss"):
+        for name in ("ce_loss", "mse_loss", "retrieval_loss", "memory_contrast_loss", "memory_cosine_loss"):
             if (term := getattr(outputs, name)) is not None:
                 self._metrics[mode][name].append(self.accelerator.gather(term.detach()).mean().item())
         if outputs.topk_indices is not None and inputs.get("positive_mask") is not None:

@@ -1,5 +1,5 @@
 """Training recipes: `--recipe small`'s defaults, random-word channel rows, reconstruction rows, spread memory rows,
-the MSE stop-gradient, and the length curriculum (a checkpoint goes on with longer documents when its memory-token
+the memory-cosine hinge, the MSE stop-gradient, and the length curriculum (a checkpoint goes on with longer documents when its memory-token
 count stays the same)."""
 
 import re
@@ -16,6 +16,7 @@ from modeling_clara.data import (
     with_channel_rows,
     with_reconstruction_rows,
 )
+from modeling_clara.modeling_clara import memory_cosine_hinge
 from modeling_clara.training import ClaraTrainer, ClaraTrainingArguments, load_model_for_stage, prepare_model_for_stage
 from test_data import write_jsonl
 from test_training import batch_for, instruct_rows, no_dropout, pretrain_rows, training_args
@@ -68,6 +69,9 @@ def test_warmup_stable_decay_decays_over_the_last_fifth_unless_told(tiny_llama_d
         ({"reconstruction_rows": 0.5}, "instruct stage only"),
         ({"stage": "instruct", "reconstruction_rows": -0.5}, "reconstruction_rows=-0.5"),
         ({"memory_row_init": "zeros"}, "memory_row_init='zeros'"),
+        ({"memory_cosine_weight": -1.0}, "memory_cosine_weight=-1.0"),
+        ({"memory_cosine_ceiling": 1.0}, "memory_cosine_ceiling=1.0"),
+        ({"stage": "e2e", "memory_cosine_weight": 1.0}, "memory_cosine_weight is for the pretrain and instruct"),
     ],
 )
 def test_bad_recipe_arguments_are_refused(tmp_path, kwargs, message):
@@ -144,6 +148,32 @@ def test_spread_memory_rows_differ_and_keep_the_vocabulary_scale(tiny_llama_dir,
     model.save_pretrained(saved)
     with pytest.raises(ValueError, match="keeps its trained memory rows"):
         load_model_for_stage(str(saved), training_args(tmp_path, "pretrain", memory_row_init="spread"))
+
+
+def test_memory_cosine_hinge_is_over_different_documents_only():
+    memory = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]]])
+    ids = torch.tensor([[5, 6], [7, 8], [5, 6]])  # documents 0 and 2 are one text: their cosine 1 is no collapse
+    cosine_01 = 1 / 2**0.5  # documents 0-1 and 2-1
+    torch.testing.assert_close(memory_cosine_hinge(memory, ids, ceiling=0.5), torch.tensor(cosine_01 - 0.5))
+    assert memory_cosine_hinge(memory, ids, ceiling=0.8) == 0
+    assert memory_cosine_hinge(memory[[0, 2]], ids[[0, 2]], ceiling=0.5) is None
+
+
+def test_memory_cosine_loss_is_weighted_into_the_loss_and_reaches_the_compressor(tiny_llama_dir, tmp_path):
+    model = make_tiny_clara(tiny_llama_dir, training_stage="stage1_2")
+    prepare_model_for_stage(model, training_args(tmp_path, "instruct", memory_cosine_weight=2.0,
+                                                 memory_cosine_ceiling=-1.0))  # every pair pays its cosine + 1
+    no_dropout(model)
+    outputs = model(**batch_for(model, "instruct", instruct_rows(3), tmp_path))
+    assert outputs.memory_cosine_loss > 0
+    torch.testing.assert_close(outputs.loss, outputs.ce_loss + 0.1 * outputs.mse_loss + 2.0 * outputs.memory_cosine_loss)
+    outputs.memory_cosine_loss.backward()
+    touched = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any("encoder_adapter" in name for name in touched)
+    assert not any("decoder_adapter" in name for name in touched)  # a compressor-side term
+    prepare_model_for_stage(model, training_args(tmp_path, "instruct"))
+    with torch.no_grad():
+        assert model(**batch_for(model, "instruct", instruct_rows(3), tmp_path)).memory_cosine_loss is None  # off by default
 
 
 def test_mse_stop_gradient_keeps_the_value_and_changes_the_gradient(tiny_llama_dir, tmp_path):
