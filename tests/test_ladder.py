@@ -72,3 +72,13 @@ def test_the_early_stop_reads_the_mean_of_the_last_three_logged_ces():
         assert not control.should_training_stop
     stop.on_log(None, None, control, logs={"ce_loss": 0.02})  # mean of 0.45, 0.1, 0.02
     assert control.should_training_stop
+
+
+@pytest.mark.integration
+def test_the_untrained_model_is_probed_as_a_reference_and_does_not_pass(embedded_backbone_dir, tmp_path, capsys):
+    load_ladder().main(["--rungs", "1", "--untrained", "--out", str(tmp_path)])
+    (result,) = [json.loads(line) for line in (tmp_path / "results.jsonl").open()]
+    # Before training the generator cannot read the code word: no better than the floor, whatever memory it reads.
+    assert result["arm"] == "untrained" and result["steps"] == 0 and not result["passed"]
+    assert result["ce_gold"] > result["floor"] and abs(result["gap"]) < 0.5
+    assert "| 1 | untrained | 0 |" in capsys.readouterr().out
