@@ -65,7 +65,8 @@ class ClaraOutput(ModelOutput):
             mse_loss` on compression batches while the compressor trains, plus `config.retrieval_weight *
             retrieval_loss` on end-to-end batches with positives (that term alone on retrieval-only batches, which
             have no decoder inputs), plus `config.memory_contrast_weight * memory_contrast_loss` and
-            `config.memory_cosine_weight * memory_cosine_loss` on compression batches when those weights are set.
+            `config.memory_cosine_weight * memory_cosine_loss` on compression batches when those weights are set (the
+            latter, like the MSE, while the compressor trains).
         ce_loss (`torch.FloatTensor`, *optional*):
             Cross-entropy of the generator on the target tokens (labels != -100).
         mse_loss (`torch.FloatTensor`, *optional*):
@@ -830,7 +831,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
             loss = loss + self.config.retrieval_weight * retrieval_loss
         if memory_contrast_loss is not None:
             loss = loss + self.config.memory_contrast_weight * memory_contrast_loss
-        if memory_cosine_loss is not None:
+        if memory_cosine_loss is not None and ENCODER_ADAPTER in self._trainable_adapters:  # a compressor-only term
             loss = loss + self.config.memory_cosine_weight * memory_cosine_loss
         return loss
 

@@ -171,6 +171,10 @@ def test_memory_cosine_loss_is_weighted_into_the_loss_and_reaches_the_compressor
     touched = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert any("encoder_adapter" in name for name in touched)
     assert not any("decoder_adapter" in name for name in touched)  # a compressor-side term
+    prepare_model_for_stage(model, training_args(tmp_path, "instruct", memory_cosine_weight=2.0, freeze_compressor=True))
+    with torch.no_grad():
+        frozen = model(**batch_for(model, "instruct", instruct_rows(3), tmp_path))
+    torch.testing.assert_close(frozen.loss, frozen.ce_loss)  # logged, not trained, with the compressor frozen
     prepare_model_for_stage(model, training_args(tmp_path, "instruct"))
     with torch.no_grad():
         assert model(**batch_for(model, "instruct", instruct_rows(3), tmp_path)).memory_cosine_loss is None  # off by default
