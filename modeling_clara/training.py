@@ -61,11 +61,13 @@ RECIPES = {
         "pretrain": {"mse_weight": 0.0, "channel_rows": 0.67, "learning_rate": 5e-4, "lr_scheduler_type": "constant"},
         # Answer loss alone lets the compressor collapse to one memory for every document and the generator answer
         # from its prior (ladder rung 2); the memory contrast asks each answer to cost less from its own memory than
-        # from another example's, which keeps memories distinct and read (rung 2: its `contrast` arm passes, this
-        # recipe's pipeline reads memory when it opens, which on rung 2 is not every run; README). It ends with a
-        # decay: at a constant rate the answer CE plateaued (rung 2: 0.36-0.37), 100 decaying steps took it to 0.195.
+        # from another example's. With the contrast alone rung 2 opened in 4 of 13 runs: the compressor starts with
+        # (and can stay at) one passage-independent memory (cosine 0.983 between passages), where the contrast has
+        # nothing to work with. The memory-cosine hinge forbids that from the first steps (weight 50: its gradient is
+        # small; README), and rung 2 then opened in every run. It ends with a decay: at a constant rate the answer CE
+        # plateaued (rung 2: 0.36-0.37), 100 decaying steps took it to 0.195.
         "instruct": {"mse_weight": 0.0, "learning_rate": 2e-4, "lr_scheduler_type": "warmup_stable_decay",
-                     "memory_contrast_weight": 1.0},
+                     "memory_contrast_weight": 1.0, "memory_cosine_weight": 50.0},
         "e2e": {"learning_rate": 5e-5, "retrieval_weight": 1.0},
     },
 }
@@ -115,7 +117,8 @@ class ClaraTrainingArguments(TrainingArguments):
             That margin in nats per target token.
         memory_cosine_weight (`float`, *optional*):
             `pretrain`/`instruct`: weight of the memory-cosine hinge (the model's `memory_cosine_loss`): two different
-            documents' memories in a batch should have a cosine under `memory_cosine_ceiling`. Apple: 0.
+            documents' memories in a batch should have a cosine under `memory_cosine_ceiling`. Apple: 0; `small`'s
+            `instruct`: 50.
         memory_cosine_ceiling (`float`, *optional*, defaults to 0.8):
             That ceiling.
         topk_temperature (`float`, *optional*, defaults to 0.02):
@@ -210,7 +213,9 @@ class ClaraTrainingArguments(TrainingArguments):
     )
     memory_cosine_weight: float | None = field(
         default=None,
-        metadata={"help": "pretrain/instruct: weight of the hinge on two documents' memory cosine (apple 0)."},
+        metadata={
+            "help": "pretrain/instruct: weight of the hinge on two documents' memory cosine (apple 0, small instruct 50)."
+        },
     )
     memory_cosine_ceiling: float = field(
         default=0.8, metadata={"help": "Cosine between two documents' memories that the hinge tolerates."}

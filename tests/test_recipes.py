@@ -35,8 +35,9 @@ def test_small_recipe_changes_only_the_defaults(tmp_path):
     instruct = ClaraTrainingArguments(output_dir=str(tmp_path), stage="instruct", recipe="small")
     # The contrast, not a frozen compressor, keeps the memories distinct in the small recipe's instruct stage.
     assert (instruct.freeze_compressor, instruct.mse_weight, instruct.learning_rate, instruct.memory_contrast_weight,
-            instruct.lr_scheduler_type) == (False, 0.0, 2e-4, 1.0, "warmup_stable_decay")
-    assert ClaraTrainingArguments(output_dir=str(tmp_path), stage="instruct").memory_contrast_weight == 0.0
+            instruct.memory_cosine_weight, instruct.lr_scheduler_type) == (False, 0.0, 2e-4, 1.0, 50.0, "warmup_stable_decay")
+    apple_instruct = ClaraTrainingArguments(output_dir=str(tmp_path), stage="instruct")
+    assert (apple_instruct.memory_contrast_weight, apple_instruct.memory_cosine_weight) == (0.0, 0.0)
     frozen = ClaraTrainingArguments(output_dir=str(tmp_path), stage="instruct", recipe="small", freeze_compressor=True)
     assert frozen.freeze_compressor is True
 
