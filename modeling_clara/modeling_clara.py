@@ -257,7 +257,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         embeddings = self.get_input_embeddings().weight
         vocabulary = embeddings[: self.config.base_vocab_size].detach().float()
         mean, std = vocabulary.mean(dim=0), vocabulary.std(dim=0)
-        noise = torch.randn(len(self.processor.mem_token_ids), embeddings.shape[1])
+        noise = torch.randn(len(self.processor.mem_token_ids), embeddings.shape[1], device=vocabulary.device)
         with torch.no_grad():
             embeddings[self.processor.mem_token_ids] = (mean + noise * std).to(embeddings.dtype)
 
