@@ -272,7 +272,8 @@ def with_reconstruction_rows(dataset: datasets.Dataset, rows_per_row: float, see
     if n_rows == 0:
         return dataset
     rng = random.Random(seed)
-    sources = [dataset[i]["docs"] for i in (rng.randrange(len(dataset)) for _ in range(n_rows))]
+    docs_column = dataset["docs"]  # one read of the column, not one row lookup per added row
+    sources = [docs_column[rng.randrange(len(docs_column))] for _ in range(n_rows)]
     reconstruction = datasets.Dataset.from_dict(
         {"question": [RECONSTRUCTION_QUESTION] * n_rows, "docs": sources, "answer": [docs[0] for docs in sources]},
         features=FEATURES["instruct"],

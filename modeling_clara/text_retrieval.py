@@ -11,6 +11,8 @@ from pathlib import Path
 
 from transformers.utils import logging
 
+from .data import distinct_docs
+
 logger = logging.get_logger(__name__)
 
 TEXT_RETRIEVERS = ("bm25", "minilm")
@@ -56,7 +58,7 @@ class MiniLMReranker:
     def rank_batch(self, questions: list[str], docs_per_question: list[list[str]]) -> list[list[int]]:
         for docs in docs_per_question:
             _check_candidates(docs)
-        passage_row = {text: i for i, text in enumerate(dict.fromkeys(d for docs in docs_per_question for d in docs))}
+        passage_row = {text: i for i, text in enumerate(distinct_docs(docs_per_question))}
         texts = list(questions) + list(passage_row)
         embeddings = self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_tensor=True)
         queries, passages = embeddings[: len(questions)], embeddings[len(questions) :]

@@ -1,6 +1,6 @@
 """Training recipes: `--recipe small`'s defaults, random-word channel rows, reconstruction rows, spread memory rows,
-the memory-cosine hinge, the MSE stop-gradient, and the length curriculum (a checkpoint goes on with longer documents when its memory-token
-count stays the same)."""
+the memory-cosine hinge, the MSE stop-gradient, and the length curriculum (a checkpoint goes on with longer documents
+when its memory-token count stays the same)."""
 
 import re
 
