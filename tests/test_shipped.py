@@ -2,7 +2,11 @@
 than the same architecture untrained and retrieves the gold passage with its query reasoner. It reads its memory: a
 wrong passage's memory costs at least 0.10 F1 on bundled questions it never trained on."""
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,8 @@ from modeling_clara.checkpoints import SHIPPED_CORPUS_FILE, SHIPPED_MODEL_DIR
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 N_DOCUMENTS = 20  # bundled passages asked about, two questions each
+REPO_DIR = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO_DIR / "examples" / "quickstart.py"
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +115,52 @@ def test_shipped_query_reasoner_ranks_the_gold_passage_first(shipped, bundled_qu
         _, ranked = shipped.retrieve(question, memory[candidates], k=4)
         firsts.append(ranked[0].item() == 0)
     assert sum(firsts) / len(firsts) >= 0.5, firsts
+
+
+def demo_questions() -> list[str]:
+    spec = importlib.util.spec_from_file_location("quickstart", QUICKSTART)
+    quickstart = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quickstart)
+    return quickstart.QUESTIONS
+
+
+def run_demo(cache_dir: Path) -> dict[str, tuple[str, str]]:
+    """`make demo`'s job as a real process: {question: (id of the passage retrieved first, answer)}."""
+    process = subprocess.run([sys.executable, str(QUICKSTART), "--cache-dir", str(cache_dir)], cwd=REPO_DIR,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=900)
+    assert process.returncode == 0, process.stderr[-3000:]
+    shown, question, first = {}, None, None
+    for line in process.stdout.splitlines():
+        if line.startswith("Q: "):
+            question, first = line[3:], None
+        elif line.startswith("  [1] "):
+            first = line.split()[1]
+        elif line.startswith("A: "):
+            shown[question] = (first, line[3:])
+    return shown
+
+
+def test_demo_answers_its_questions_from_the_retrieved_passage(shipped, tmp_path):
+    """For each question of `make demo` (held-out SCP questions about bundled passages) the gold passage is retrieved
+    first and the answer matches the gold answer (F1 >= 0.5); reading another passage's memory instead, it does not:
+    the answer comes from the passage's memory, not from the generator's prior."""
+    corpus = [json.loads(line) for line in open(SHIPPED_CORPUS_FILE, encoding="utf-8")]
+    position = {document["text"]: i for i, document in enumerate(corpus)}
+    gold = {}  # question -> (position of its passage in the corpus, answer)
+    for line in open(DATA_DIR / "clara_pretrain_sample.jsonl", encoding="utf-8"):
+        row = json.loads(line)
+        if row["docs"][0] in position:
+            gold.update({q: (position[row["docs"][0]], a) for q, a in zip(row["question"], row["answers"])})
+    questions = demo_questions()
+    assert questions and all(question in gold for question in questions), questions
+
+    shown = run_demo(tmp_path)
+    assert sorted(shown) == sorted(questions), shown
+    for question in questions:
+        passage, answer = gold[question]
+        retrieved_first, demo_answer = shown[question]
+        assert retrieved_first == corpus[passage]["id"], (question, shown[question])
+        assert score_example(demo_answer, [answer])["f1"] >= 0.5, (question, demo_answer, answer)
+        other = shipped.compress([corpus[(passage + 1) % len(corpus)]["text"]])
+        from_other = shipped.answer(question, other, max_new_tokens=32)
+        assert score_example(from_other, [answer])["f1"] < 0.5, (question, from_other, answer)
