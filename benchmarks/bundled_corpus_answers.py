@@ -21,20 +21,9 @@ from modeling_clara import ClaraForRAG, ClaraIndex
 from modeling_clara.checkpoints import SHIPPED_CORPUS_FILE
 from modeling_clara.metrics.clara_qa.clara_qa import score_example
 
-DEFAULT_QA = Path(__file__).resolve().parents[2] / "shared" / "data" / "clara_pretrain_sample.jsonl"
+from bundled_corpus_recall import DEFAULT_QA, corpus_qa  # the same questions as the recall table
+
 BATCH = 16
-
-
-def corpus_qa(qa_file: Path, corpus: list[str], per_passage: int) -> list[tuple[int, str, str]]:
-    """(index of the gold passage in `corpus`, question, answer) for the corpus passages' QA pairs."""
-    position = {text: i for i, text in enumerate(corpus)}
-    qa = []
-    for line in open(qa_file, encoding="utf-8"):
-        row = json.loads(line)
-        if row["docs"][0] in position:
-            pairs = list(zip(row["question"], row["answers"]))[:per_passage]
-            qa += [(position[row["docs"][0]], question, answer) for question, answer in pairs]
-    return qa
 
 
 def f1(prediction: str, answer: str) -> float:

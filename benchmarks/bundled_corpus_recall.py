@@ -20,27 +20,28 @@ from modeling_clara.text_retrieval import TEXT_RETRIEVERS, load_text_retriever
 DEFAULT_QA = Path(__file__).resolve().parents[2] / "shared" / "data" / "clara_pretrain_sample.jsonl"
 
 
-def corpus_questions(qa_file: Path, corpus: list[str], per_passage: int) -> list[tuple[int, str]]:
-    """(index of the gold passage in `corpus`, question) for the corpus passages' QA pairs."""
+def corpus_qa(qa_file: Path, corpus: list[str], per_passage: int) -> list[tuple[int, str, str]]:
+    """(index of the gold passage in `corpus`, question, answer) for the corpus passages' QA pairs."""
     position = {text: i for i, text in enumerate(corpus)}
-    questions = []
+    qa = []
     for line in open(qa_file, encoding="utf-8"):
         row = json.loads(line)
         if row["docs"][0] in position:
-            questions += [(position[row["docs"][0]], q) for q in row["question"][:per_passage]]
-    return questions
+            pairs = list(zip(row["question"], row["answers"]))[:per_passage]
+            qa += [(position[row["docs"][0]], question, answer) for question, answer in pairs]
+    return qa
 
 
-def gold_ranks(model: ClaraForRAG, corpus_file: str, questions: list[tuple[int, str]]) -> list[int]:
+def gold_ranks(model: ClaraForRAG, corpus_file: str, questions: list[tuple[int, str, str]]) -> list[int]:
     """0-based rank of each question's gold passage among all passages of the index."""
     index = ClaraIndex.build(model, corpus_file)
-    results = index.search([q for _, q in questions], k=len(index))
-    return [result.positions.index(gold) for (gold, _), result in zip(questions, results)]
+    results = index.search([q for _, q, _ in questions], k=len(index))
+    return [result.positions.index(gold) for (gold, _, _), result in zip(questions, results)]
 
 
-def text_gold_ranks(ranker: str, corpus: list[str], questions: list[tuple[int, str]]) -> list[int]:
-    rankings = load_text_retriever(ranker).rank_batch([q for _, q in questions], [corpus] * len(questions))
-    return [ranking.index(gold) for (gold, _), ranking in zip(questions, rankings)]
+def text_gold_ranks(ranker: str, corpus: list[str], questions: list[tuple[int, str, str]]) -> list[int]:
+    rankings = load_text_retriever(ranker).rank_batch([q for _, q, _ in questions], [corpus] * len(questions))
+    return [ranking.index(gold) for (gold, _, _), ranking in zip(questions, rankings)]
 
 
 def table_row(name: str, ranks: list[int]) -> str:
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-rankers", nargs="*", default=[], choices=TEXT_RETRIEVERS)
     args = parser.parse_args(argv)
     corpus = [json.loads(line)["text"] for line in open(SHIPPED_CORPUS_FILE, encoding="utf-8")]
-    questions = corpus_questions(args.qa, corpus, args.questions_per_passage)
+    questions = corpus_qa(args.qa, corpus, args.questions_per_passage)
     if not questions:
         raise ValueError(f"{args.qa} holds no question about a passage of {SHIPPED_CORPUS_FILE}")
     print(f"{len(questions)} held-out questions over {len(corpus)} bundled passages")
