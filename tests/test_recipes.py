@@ -24,7 +24,8 @@ from test_training import batch_for, instruct_rows, no_dropout, pretrain_rows, t
 
 def test_small_recipe_changes_only_the_defaults(tmp_path):
     small = ClaraTrainingArguments(output_dir=str(tmp_path), stage="pretrain", recipe="small")
-    assert (small.mse_weight, small.channel_rows, small.learning_rate, small.lr_scheduler_type) == (0.0, 0.67, 5e-4, "constant")
+    assert (small.mse_weight, small.channel_rows, small.learning_rate, small.lr_scheduler_type,
+            small.memory_cosine_weight) == (0.0, 0.67, 5e-4, "constant", 50.0)
     explicit = ClaraTrainingArguments(output_dir=str(tmp_path), stage="pretrain", recipe="small", mse_weight=0.1,
                                       channel_rows=0.0, learning_rate=1e-4)
     assert (explicit.mse_weight, explicit.channel_rows, explicit.learning_rate) == (0.1, 0.0, 1e-4)
