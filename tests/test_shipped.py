@@ -37,17 +37,23 @@ def untrained(embedded_backbone_dir, shipped):
     return ClaraForRAG.from_backbone("embedded", **config)
 
 
+def scp_qa_pairs() -> dict[str, list[tuple[str, str]]]:
+    """Each passage of Apple's SCP sample with its (question, answer) pairs."""
+    qa = {}
+    for line in open(DATA_DIR / "clara_pretrain_sample.jsonl", encoding="utf-8"):
+        row = json.loads(line)
+        qa[row["docs"][0]] = list(zip(row["question"], row["answers"]))
+    return qa
+
+
 @pytest.fixture(scope="module")
 def bundled_questions() -> list[tuple[str, str, str]]:
     """(passage, question, answer) for bundled passages, from the QA pairs Apple's SCP sample holds for them.
 
     The bundled corpus is the shipped model's held-out split: these questions were never trained on."""
     corpus = [json.loads(line)["text"] for line in open(SHIPPED_CORPUS_FILE, encoding="utf-8")][:N_DOCUMENTS]
-    qa = {}
-    for line in open(DATA_DIR / "clara_pretrain_sample.jsonl", encoding="utf-8"):
-        row = json.loads(line)
-        qa[row["docs"][0]] = list(zip(row["question"], row["answers"]))[:2]
-    return [(passage, q, a) for passage in corpus for q, a in qa[passage]]
+    qa = scp_qa_pairs()
+    return [(passage, q, a) for passage in corpus for q, a in qa[passage][:2]]
 
 
 def answer_f1s(model: ClaraForRAG, questions: list[tuple[str, str, str]], passages: list[str] | None = None) -> list[float]:
@@ -145,12 +151,10 @@ def test_demo_answers_its_questions_from_the_retrieved_passage(shipped, tmp_path
     first and the answer matches the gold answer (F1 >= 0.5); reading another passage's memory instead, it does not:
     the answer comes from the passage's memory, not from the generator's prior."""
     corpus = [json.loads(line) for line in open(SHIPPED_CORPUS_FILE, encoding="utf-8")]
-    position = {document["text"]: i for i, document in enumerate(corpus)}
-    gold = {}  # question -> (position of its passage in the corpus, answer)
-    for line in open(DATA_DIR / "clara_pretrain_sample.jsonl", encoding="utf-8"):
-        row = json.loads(line)
-        if row["docs"][0] in position:
-            gold.update({q: (position[row["docs"][0]], a) for q, a in zip(row["question"], row["answers"])})
+    qa = scp_qa_pairs()
+    gold = {  # question -> (position of its passage in the corpus, answer)
+        q: (i, a) for i, document in enumerate(corpus) for q, a in qa.get(document["text"], [])
+    }
     questions = demo_questions()
     assert questions and all(question in gold for question in questions), questions
 
@@ -161,6 +165,9 @@ def test_demo_answers_its_questions_from_the_retrieved_passage(shipped, tmp_path
         retrieved_first, demo_answer = shown[question]
         assert retrieved_first == corpus[passage]["id"], (question, shown[question])
         assert score_example(demo_answer, [answer])["f1"] >= 0.5, (question, demo_answer, answer)
-        other = shipped.compress([corpus[(passage + 1) % len(corpus)]["text"]])
-        from_other = shipped.answer(question, other, max_new_tokens=32)
+    # The control: each question reads the next bundled passage's memory instead of its own.
+    others = shipped.compress([corpus[(gold[q][0] + 1) % len(corpus)]["text"] for q in questions])
+    from_others = shipped.answer(questions, list(others.unsqueeze(1)), max_new_tokens=32)
+    for question, from_other in zip(questions, from_others):
+        answer = gold[question][1]
         assert score_example(from_other, [answer])["f1"] < 0.5, (question, from_other, answer)
