@@ -18,11 +18,14 @@ tokens, so one model can climb them in order (a length curriculum: `clara train`
     python benchmarks/ladder.py --rungs 1 2 --arms apple mse0            # ~10 min per arm and rung on 2 cores
     python benchmarks/ladder.py --rungs 3a --arms small --max-steps 300  # ~35 min
     python benchmarks/ladder.py --rungs 2 --untrained                    # the untrained model's probe, ~1 min
+    python benchmarks/ladder.py --rungs 3b --arms small --max-steps 100 \
+        --from runs/ladder/rung3a-small/pretrain                         # the length curriculum: 3b after 3a
 
 Results are appended to `<out>/results.jsonl` (a finished rung/arm is not run again) and printed as a table.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -56,6 +59,9 @@ ARMS = {
     # The small recipe without the hinge: what README's `small` rows measured, all of them run before the hinge
     # joined the recipe.
     "small_no_hinge": ["--recipe", "small", "--memory_cosine_weight", "0"],
+    # The memory-scale ablation: the small recipe without the hinge, its raw memory states rescaled to a token
+    # embedding's norm (~1/15 of theirs on SmolLM2-135M). Does the scale alone do what the hinge does?
+    "small_no_hinge_token_norm": ["--recipe", "small", "--memory_cosine_weight", "0", "--memory_projection", "token_norm"],
     # The small recipe with memory in the generator's input-token space (a content prior: each memory state becomes
     # the mixture of token embeddings its LM head predicts).
     "small_token_embeddings": ["--recipe", "small", "--memory_projection", "token_embeddings"],
@@ -253,24 +259,46 @@ def reconstruction_rows(rows: list[dict]) -> list[dict]:
     return [{"data_type": "paraphrase", "answers": [doc], "docs": [doc]} for row in rows for doc in row["docs"]]
 
 
-def run_arm(rung: Rung, arm: str, out: Path, seed: int, pretrain_steps: int | None = None) -> dict:
+def trained_steps(output: Path) -> tuple[int, float | None]:
+    """Steps and runtime of a finished `clara train` output (a mid-run checkpoint has no runtime to add to)."""
+    state_file = output / "trainer_state.json"
+    if not state_file.exists():
+        raise ValueError(f"{output} is not a `clara train` output: it has no trainer_state.json")
+    state = json.loads(state_file.read_text())
+    runtime = finished_runtime(state)
+    if runtime is None:
+        raise ValueError(f"{output} is a checkpoint taken mid-run: start from a finished `clara train` output")
+    return state["global_step"], runtime
+
+
+def run_arm(rung: Rung, arm: str, out: Path, seed: int, pretrain_steps: int | None = None,
+            start_from: Path | None = None) -> dict:
+    """Train the arm on the rung from the embedded backbone, or from `start_from` (a finished `clara train` output:
+    the length curriculum of rungs 3a -> 3b -> 3c, which keep 16 memory tokens), and probe it."""
     run_dir = out / f"rung{rung.name}-{arm}"
+    if start_from is not None:  # its own directory: a finished stage trained from elsewhere is not reused for it
+        source_id = hashlib.sha1(str(start_from.resolve()).encode()).hexdigest()[:8]
+        run_dir = run_dir.with_name(f"{run_dir.name}-from-{source_id}")
     run_dir.mkdir(parents=True, exist_ok=True)
     model = untrained_model(rung)
     floor = no_memory_floor(model, rung)
     del model
     callbacks = [StopBelowCE(floor / 4)] if floor is not None else []
     source, steps, runtime = "embedded", 0, 0.0
+    if start_from is not None:
+        source, (steps, runtime) = str(start_from), trained_steps(start_from)
     if arm == "small" and rung.stage == "instruct" and pretrain_steps != 0:
         # The small recipe as a pipeline: stage 1 (reconstruction + channel rows) opens the memory, then instruction
         # tuning with the memory contrast trains compressor and generator (RECIPES["small"]["instruct"]).
         opened = train_stage(rung, "pretrain", reconstruction_rows(rung.train_rows), source, run_dir, arm, seed, [],
                              rung.max_steps if pretrain_steps is None else pretrain_steps)
-        source, steps, runtime = str(run_dir / "pretrain"), opened["global_step"], opened["train_runtime"]
+        source, steps, runtime = (str(run_dir / "pretrain"), steps + opened["global_step"],
+                                  runtime + opened["train_runtime"])
     train = train_stage(rung, rung.stage, rung.train_rows, source, run_dir, arm, seed, callbacks, rung.max_steps)
     model = ClaraForRAG.from_pretrained(run_dir / rung.stage)
+    origin = {"from": str(start_from)} if start_from is not None else {}
     return {"rung": rung.name, "arm": arm, "seed": seed, "steps": steps + train["global_step"],
-            "train_runtime_s": runtime + train["train_runtime"], **probe_rung(model, rung)}
+            "train_runtime_s": runtime + train["train_runtime"], **origin, **probe_rung(model, rung)}
 
 
 def print_table(results: list[dict]) -> None:
@@ -281,7 +309,8 @@ def print_table(results: list[dict]) -> None:
         floor = f"{r['floor']:.3f}" if r["floor"] is not None else f"(prior {r['ce_other']:.3f})"
         answer = f"{r['answer_gap']:+.3f} (n={r['n_answer']})" if "answer_gap" in r else ""
         minutes = f"{r['train_runtime_s'] / 60:.1f}" if r["train_runtime_s"] is not None else "(checkpoint)"
-        print(f"| {r['rung']} | {r['arm']} | {r['steps']} | {minutes} | {floor} | "
+        arm = f"{r['arm']}, from {r['from']}" if "from" in r else r["arm"]
+        print(f"| {r['rung']} | {arm} | {r['steps']} | {minutes} | {floor} | "
               f"{r['ce_gold']:.3f} | {r['ce_other']:.3f} | {r['gap']:+.3f} | {answer} | {r['memory_cosine']:.3f} | "
               f"{'yes' if r['passed'] else 'no'} |")
 
@@ -300,9 +329,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="probe this finished `clara train` output as the (single) rung and arm instead of training")
     parser.add_argument("--untrained", action="store_true",
                         help="probe a fresh, untrained CLaRa on each rung (the arm 'untrained') instead of training")
+    parser.add_argument("--from", dest="start_from", type=Path, default=None,
+                        help="train from this finished `clara train` output instead of the embedded backbone: the "
+                             "length curriculum, e.g. rung 3b from a rung-3a run (both keep 16 memory tokens)")
     args = parser.parse_args(argv)
     if args.trained is not None and len(args.rungs) * len(args.arms) != 1:
         parser.error("--trained probes one run: give one rung and one arm")
+    if args.start_from is not None and (args.trained is not None or args.untrained):
+        parser.error("--from starts a training run: it cannot go with --trained or --untrained")
     if args.untrained:
         args.arms = ["untrained"]
     resolve_embedded_backbone()
@@ -312,14 +346,16 @@ def main(argv: list[str] | None = None) -> None:
     for rung_name in args.rungs:
         rung = build_rung(rung_name, args.max_steps)
         for arm in args.arms:
-            if any(r["rung"] == rung_name and r["arm"] == arm and r["seed"] == args.seed for r in done):
+            origin = str(args.start_from) if args.start_from is not None else None
+            if any(r["rung"] == rung_name and r["arm"] == arm and r["seed"] == args.seed and r.get("from") == origin
+                   for r in done):
                 continue
             if args.untrained:
                 result = probe_untrained(rung, args.seed)
             elif args.trained is not None:
                 result = probe_trained(rung, arm, args.trained, args.seed)
             else:
-                result = run_arm(rung, arm, args.out, args.seed, args.pretrain_steps)
+                result = run_arm(rung, arm, args.out, args.seed, args.pretrain_steps, args.start_from)
             done.append(result)
             with results_file.open("a") as f:
                 f.write(json.dumps(result) + "\n")

@@ -83,7 +83,7 @@ DEFAULT_RETRIEVAL_WEIGHT = 0.0
 
 QUANTIZATIONS = ("no", "int4", "int8")
 # How memory states enter the generator: None = as they are (Apple), or as token-embedding mixtures.
-MEMORY_PROJECTIONS = (None, "token_embeddings")
+MEMORY_PROJECTIONS = (None, "token_embeddings", "token_norm")
 
 
 class ClaraConfig(PretrainedConfig):
@@ -157,6 +157,8 @@ class ClaraConfig(PretrainedConfig):
             input-token embeddings that its LM head predicts, `softmax(lm_head(h)) @ embed_tokens`, so memory lies in
             the space the generator already reads. On SmolLM2-135M the raw states share one direction ~15x the norm
             of a token embedding and derail the untrained generator; the mixtures do not (README, "Shipped model").
+            `"token_norm"`: each state keeps its direction, rescaled to the mean norm of the input-token embeddings
+            (the memory-scale ablation: the norm alone, without moving the states into the token space).
         base_vocab_size (`int`, *optional*):
             Vocabulary size of the backbone before CLaRa's special tokens were added; rows from here on are the
             ones CLaRa trains and saves. Filled in when the model is built.

@@ -465,10 +465,14 @@ class ClaraForRAG(ClaraPreTrainedModel):
 
         `"token_embeddings"`: `softmax(lm_head(h)) @ embed_tokens` over the backbone's own vocabulary (not CLaRa's
         added tokens), i.e. the expected embedding of the token the LM head predicts at each memory position.
+        `"token_norm"`: each state keeps its direction at the mean norm of those token embeddings.
         """
         if self.config.memory_projection is None:
             return memory
         vocab = self.config.base_vocab_size
+        if self.config.memory_projection == "token_norm":
+            token_norm = self.decoder.get_input_embeddings().weight[:vocab].norm(dim=-1).mean()
+            return memory * (token_norm / memory.norm(dim=-1, keepdim=True).clamp_min(1e-6))
         lm_head = self.decoder.get_output_embeddings()
         bias = None if lm_head.bias is None else lm_head.bias[:vocab]
         logits = F.linear(memory, lm_head.weight[:vocab], bias)

@@ -140,7 +140,8 @@ class ClaraTrainingArguments(TrainingArguments):
             giving a different value is an error.
         memory_projection (`str`, *optional*):
             Fresh models: `"token_embeddings"` feeds the generator token-embedding mixtures instead of raw memory
-            states ([`ClaraConfig`]); default Apple's raw states. Architecture too: a checkpoint keeps its own.
+            states, `"token_norm"` raw states rescaled to a token embedding's norm ([`ClaraConfig`]); default Apple's
+            raw states. Architecture too: a checkpoint keeps its own.
         memory_row_init (`str`, *optional*, defaults to `"mean"`):
             Fresh models: the `<MEM*>` input-embedding rows start at the vocabulary mean (`"mean"`, what
             `resize_token_embeddings` and Apple's code give: one vector for every slot) or each at its own draw from
@@ -244,7 +245,8 @@ class ClaraTrainingArguments(TrainingArguments):
     memory_projection: str | None = field(
         default=None,
         metadata={
-            "help": "Fresh models: 'token_embeddings' feeds the generator token-embedding mixtures (default: raw states).",
+            "help": "Fresh models: 'token_embeddings' feeds the generator token-embedding mixtures, 'token_norm' raw "
+            "states at a token embedding's norm (default: raw states).",
             "choices": [projection for projection in MEMORY_PROJECTIONS if projection is not None],
         },
     )

@@ -82,3 +82,40 @@ def test_the_untrained_model_is_probed_as_a_reference_and_does_not_pass(embedded
     assert result["arm"] == "untrained" and result["steps"] == 0 and not result["passed"]
     assert result["ce_gold"] > result["floor"] and abs(result["gap"]) < 0.5
     assert "| 1 | untrained | 0 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_rung1_is_climbed_by_the_small_recipe(embedded_backbone_dir, tmp_path, two_threads):
+    # `--recipe small` as shipped (channel rows, memory-cosine hinge, no MSE): its logged CE averages in the channel
+    # rows, so the early stop does not fire and the run takes all 150 steps (~6 min on 2 cores).
+    load_ladder().main(["--rungs", "1", "--arms", "small", "--out", str(tmp_path)])
+    (result,) = [json.loads(line) for line in (tmp_path / "results.jsonl").open()]
+    assert result["passed"] and result["ce_gold"] < result["floor"] / 2
+    assert result["ce_other"] > result["floor"] and result["gold_lower"] == 1.0
+
+
+@pytest.mark.integration
+def test_a_rung_continues_from_a_finished_run_in_its_own_directory(embedded_backbone_dir, tmp_path, capsys):
+    ladder = load_ladder()
+    ladder.main(["--rungs", "1", "--arms", "mse0", "--max-steps", "2", "--out", str(tmp_path)])
+    first_run = tmp_path / "rung1-mse0" / "pretrain"
+    ladder.main(["--rungs", "1", "--arms", "mse0", "--max-steps", "2", "--out", str(tmp_path), "--from", str(first_run)])
+    scratch, continued = [json.loads(line) for line in (tmp_path / "results.jsonl").open()]
+    # The continuation is a new result (not the scratch run's, though rung, arm and seed match), trained in a
+    # directory of its own, and counts the steps it started from.
+    assert "from" not in scratch and continued["from"] == str(first_run)
+    assert scratch["steps"] == 2 and continued["steps"] == 4
+    assert len(list(tmp_path.glob("rung1-mse0-from-*/pretrain/model.safetensors"))) == 1
+    assert f"| 1 | mse0, from {first_run} | 4 |" in capsys.readouterr().out
+
+
+def test_a_continuation_needs_a_finished_training_output(tmp_path):
+    ladder = load_ladder()
+    with pytest.raises(ValueError, match="no trainer_state.json"):
+        ladder.trained_steps(tmp_path)
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"global_step": 40, "log_history": [{"loss": 2.0}]}))
+    with pytest.raises(ValueError, match="checkpoint taken mid-run"):
+        ladder.trained_steps(tmp_path)
+    with pytest.raises(SystemExit):
+        ladder.main(["--rungs", "3a", "--untrained", "--from", str(tmp_path)])

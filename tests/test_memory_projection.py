@@ -76,3 +76,14 @@ def test_training_cli_sets_it_on_fresh_models_and_refuses_to_change_a_checkpoint
     make_tiny_clara(tiny_llama_dir).save_pretrained(tmp_path / "raw")
     with pytest.raises(ValueError, match="memory_projection"):
         load_model_for_stage(str(tmp_path / "raw"), args)
+
+
+def test_token_norm_keeps_each_states_direction_at_a_token_embeddings_norm(tiny_llama_dir):
+    raw = make_tiny_clara(tiny_llama_dir, seed=1).eval()
+    scaled = make_tiny_clara(tiny_llama_dir, seed=1, memory_projection="token_norm").eval()
+    raw_memory, scaled_memory = raw.compress(DOCS), scaled.compress(DOCS)
+    vocab = scaled.config.base_vocab_size
+    token_norm = scaled.decoder.get_input_embeddings().weight[:vocab].norm(dim=-1).mean()
+    torch.testing.assert_close(scaled_memory.norm(dim=-1), token_norm.expand(raw_memory.shape[:2]))
+    cosine = torch.nn.functional.cosine_similarity(scaled_memory, raw_memory, dim=-1)
+    torch.testing.assert_close(cosine, torch.ones_like(cosine))
