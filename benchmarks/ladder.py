@@ -259,7 +259,7 @@ def reconstruction_rows(rows: list[dict]) -> list[dict]:
     return [{"data_type": "paraphrase", "answers": [doc], "docs": [doc]} for row in rows for doc in row["docs"]]
 
 
-def trained_steps(output: Path) -> tuple[int, float | None]:
+def trained_steps(output: Path) -> tuple[int, float]:
     """Steps and runtime of a finished `clara train` output (a mid-run checkpoint has no runtime to add to)."""
     state_file = output / "trainer_state.json"
     if not state_file.exists():
