@@ -19,7 +19,7 @@ tokens, so one model can climb them in order (a length curriculum: `clara train`
     python benchmarks/ladder.py --rungs 3a --arms small --max-steps 300  # ~35 min
     python benchmarks/ladder.py --rungs 2 --untrained                    # the untrained model's probe, ~1 min
     python benchmarks/ladder.py --rungs 3b --arms small --max-steps 100 \
-        --from runs/ladder/rung3a-small/pretrain                         # the length curriculum: 3b after 3a
+        --from runs/ladder/rung3a-small-seed0/pretrain                        # the length curriculum: 3b after 3a
 
 Results are appended to `<out>/results.jsonl` (a finished rung/arm is not run again) and printed as a table.
 """
@@ -275,7 +275,7 @@ def run_arm(rung: Rung, arm: str, out: Path, seed: int, pretrain_steps: int | No
             start_from: Path | None = None) -> dict:
     """Train the arm on the rung from the embedded backbone, or from `start_from` (a finished `clara train` output:
     the length curriculum of rungs 3a -> 3b -> 3c, which keep 16 memory tokens), and probe it."""
-    run_dir = out / f"rung{rung.name}-{arm}"
+    run_dir = out / f"rung{rung.name}-{arm}-seed{seed}"  # a finished stage is reused only for its own seed
     if start_from is not None:  # its own directory: a finished stage trained from elsewhere is not reused for it
         source_id = hashlib.sha1(str(start_from.resolve()).encode()).hexdigest()[:8]
         run_dir = run_dir.with_name(f"{run_dir.name}-from-{source_id}")

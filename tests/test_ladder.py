@@ -99,14 +99,16 @@ def test_rung1_is_climbed_by_the_small_recipe(embedded_backbone_dir, tmp_path, t
 def test_a_rung_continues_from_a_finished_run_in_its_own_directory(embedded_backbone_dir, tmp_path, capsys):
     ladder = load_ladder()
     ladder.main(["--rungs", "1", "--arms", "mse0", "--max-steps", "2", "--out", str(tmp_path)])
-    first_run = tmp_path / "rung1-mse0" / "pretrain"
+    first_run = tmp_path / "rung1-mse0-seed0" / "pretrain"
     ladder.main(["--rungs", "1", "--arms", "mse0", "--max-steps", "2", "--out", str(tmp_path), "--from", str(first_run)])
-    scratch, continued = [json.loads(line) for line in (tmp_path / "results.jsonl").open()]
+    ladder.main(["--rungs", "1", "--arms", "mse0", "--max-steps", "2", "--out", str(tmp_path), "--seed", "1"])
+    scratch, continued, other_seed = [json.loads(line) for line in (tmp_path / "results.jsonl").open()]
     # The continuation is a new result (not the scratch run's, though rung, arm and seed match), trained in a
-    # directory of its own, and counts the steps it started from.
+    # directory of its own, and counts the steps it started from; another seed trains its own model too.
     assert "from" not in scratch and continued["from"] == str(first_run)
-    assert scratch["steps"] == 2 and continued["steps"] == 4
-    assert len(list(tmp_path.glob("rung1-mse0-from-*/pretrain/model.safetensors"))) == 1
+    assert scratch["steps"] == 2 and continued["steps"] == 4 and other_seed["steps"] == 2
+    assert len(list(tmp_path.glob("rung1-mse0-seed0-from-*/pretrain/model.safetensors"))) == 1
+    assert (tmp_path / "rung1-mse0-seed1" / "pretrain" / "model.safetensors").exists()
     assert f"| 1 | mse0, from {first_run} | 4 |" in capsys.readouterr().out
 
 
