@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random backbones with a tiny tokenizer built here (no download, no GGUF conversion), the
-embedded backbone for the tests that need it, and paths into ../shared."""
+embedded backbone for the tests that need it, and the files of tests/fixtures (Apple's conformance checkpoints and a
+few data rows; see tests/fixtures/README.md)."""
 
 import json
 import os
@@ -25,9 +26,9 @@ from modeling_clara import ClaraForRAG  # noqa: E402
 from modeling_clara.backbone import resolve_embedded_backbone  # noqa: E402
 from modeling_clara.checkpoints import SHIPPED_CORPUS_FILE, SHIPPED_MODEL_DIR  # noqa: E402
 
-SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
-CONFORMANCE_DIR = SHARED_DIR / "conformance"
-DATA_DIR = SHARED_DIR / "data"
+FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
+CONFORMANCE_DIR = FIXTURES_DIR / "conformance"
+DATA_DIR = FIXTURES_DIR / "data"
 
 
 def pytest_configure(config):

@@ -1,6 +1,6 @@
 """Apple conformance: tiny checkpoints in Apple's released format, with outputs recorded from Apple's own code.
 
-The fixtures live in ../shared/conformance (see its README); nothing is copied into this repository.
+The fixtures live in tests/fixtures/conformance (their provenance: tests/fixtures/README.md).
 Checkpoints load with `adapter_loading="training_stage"`, the path of Apple's README that the recording used,
 except where a test says otherwise.
 """
@@ -18,9 +18,8 @@ from modeling_clara import ClaraForRAG
 from modeling_clara.modeling_clara import cosine_scores, differentiable_topk
 
 CHECKPOINTS = ("base", "instruct", "e2e")
-EXPECTED = json.loads((CONFORMANCE_DIR / "expected.json").read_text()) if CONFORMANCE_DIR.is_dir() else {}
-INPUTS = json.loads((CONFORMANCE_DIR / "inputs.json").read_text()) if CONFORMANCE_DIR.is_dir() else {}
-pytestmark = pytest.mark.skipif(not CONFORMANCE_DIR.is_dir(), reason="../shared/conformance is not beside the repo")
+EXPECTED = json.loads((CONFORMANCE_DIR / "expected.json").read_text())
+INPUTS = json.loads((CONFORMANCE_DIR / "inputs.json").read_text())
 
 
 @pytest.fixture(scope="module")

@@ -132,8 +132,6 @@ def test_apple_backbone_tokenizer_loads_as_recorded():
     Its config also asks for decode-time space clean-up, which transformers 4 applies and 5 skips for BPE: the
     string with spaces before punctuation (TOKENIZER_STRINGS[2]) decodes differently, so it is left out of the decode
     check. Tokenizers the package saves turn clean-up off (test above)."""
-    if not CONFORMANCE_DIR.is_dir():
-        pytest.skip("../shared/conformance is not beside the repo")
     tokenizer = load_tokenizer(str(CONFORMANCE_DIR / "base_decoder"))
     ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in TOKENIZER_STRINGS[:4]]
     assert ids == RECORDED_IDS
