@@ -395,9 +395,10 @@ def test_oversize_body_is_413_and_the_server_stays_healthy(server):
 
 
 def test_a_full_queue_is_503_with_retry_after_and_a_timeout_cancels(saved_model_dir):
-    # Batches wait up to 3 s for 8 requests, so the first two queued requests fill the queue for that long.
+    # Batches wait up to 3 s for 8 requests (of 2 documents each: 16 fit --max-batch-documents), so the first two
+    # queued requests fill the queue for that long.
     with running_server("--model", str(saved_model_dir), "--max-batch-size", "8", "--max-wait-ms", "3000",
-                        "--max-queue", "2", "--request-timeout", "1") as url:
+                        "--max-batch-documents", "16", "--max-queue", "2", "--request-timeout", "1") as url:
         body = {"question": QUESTIONS[0], "documents": CORPUS[:2], "max_new_tokens": 4}
         with ThreadPoolExecutor(5) as pool:
             responses = list(pool.map(lambda _: requests.post(f"{url}/v1/answer", json=body, timeout=60), range(5)))
