@@ -16,7 +16,9 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["modeling_clara", "modeling_clara.*", "configuration_clara"]),
-    package_data={"modeling_clara": ["metrics/*/*.py", "metrics/*/*.md", "shipped/*.jsonl", "shipped/*/*"]},
+    package_data={
+        "modeling_clara": ["metrics/*/*.py", "metrics/*/*.md", "recipes/*.json", "shipped/*.jsonl", "shipped/*/*"]
+    },
     install_requires=[
         "torch>=2.4",
         "transformers" + ",".join([">=4.56", "<5.25", *UNTESTED_TRANSFORMERS]),

@@ -1,8 +1,9 @@
-"""Configuration of CLaRa, with the field names of Apple's released `config.json` so those load unchanged, and the
-table of Apple's training stages that every other module reads (the adapters each stage has and trains, how Apple's
-loading treats them, and the `clara train --stage` name and script defaults of the stages trained here)."""
+"""Configuration of CLaRa, with the field names of Apple's released `config.json` so those load unchanged; the table
+of Apple's training stages that every other module reads (the adapters each stage has and trains, how Apple's loading
+treats them, and the `clara train --stage` name of the stages trained here); and the loss weights of a training run,
+which a run sets and saves with its output, not in `config.json`."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 from transformers import PretrainedConfig
 from transformers.utils import logging
@@ -24,10 +25,10 @@ class ClaraStage:
         trainable (`tuple[str]`): Adapters this stage trains.
         skipped_by_apple_loading (`tuple[str]`): Adapters Apple's plain `from_pretrained` (`pure_inference=False`)
             leaves out; see `ClaraForRAG.from_pretrained(adapter_loading="training_stage")`.
-        name (`str`, *optional*): This package's name for the stage (`clara train --stage`,
+        name (`str`, *optional*): This package's name for the stage (`--stage` of `clara train` and `clara eval`,
             `ClaraTrainingArguments.stage`); `None` for stages that load but do not train here.
-        learning_rate (`float`, *optional*), lr_scheduler_type (`str`, *optional*), decoder_max_length (`int`,
-            *optional*): Defaults of Apple's script for the stage (`scripts/train_*.sh`; `--max_len`).
+        decoder_max_length (`int`, *optional*): Decoder tokens per example in Apple's script for the stage
+            (`scripts/train_*.sh`, `--max_len`).
     """
 
     training_stage: str
@@ -35,8 +36,6 @@ class ClaraStage:
     trainable: tuple[str, ...]
     skipped_by_apple_loading: tuple[str, ...] = ()
     name: str | None = None
-    learning_rate: float | None = None
-    lr_scheduler_type: str | None = None
     decoder_max_length: int | None = None
 
 
@@ -49,17 +48,17 @@ STAGES = {
         ClaraStage(
             "stage1", adapters=(DECODER_ADAPTER, ENCODER_ADAPTER), trainable=(ENCODER_ADAPTER, DECODER_ADAPTER),
             skipped_by_apple_loading=(QUERY_REASONER_ADAPTER,),
-            name="pretrain", learning_rate=1e-4, lr_scheduler_type="cosine_with_min_lr", decoder_max_length=2048,
+            name="pretrain", decoder_max_length=2048,
         ),
         ClaraStage(
             "stage1_2", adapters=(ENCODER_ADAPTER, DECODER_ADAPTER), trainable=(ENCODER_ADAPTER, DECODER_ADAPTER),
             skipped_by_apple_loading=(QUERY_REASONER_ADAPTER, DECODER_ADAPTER),
-            name="instruct", learning_rate=1e-4, lr_scheduler_type="cosine_with_min_lr", decoder_max_length=2048,
+            name="instruct", decoder_max_length=2048,
         ),
         ClaraStage(
             "stage2", adapters=(DECODER_ADAPTER, ENCODER_ADAPTER, QUERY_REASONER_ADAPTER),
             trainable=(QUERY_REASONER_ADAPTER, DECODER_ADAPTER),
-            name="e2e", learning_rate=5e-6, lr_scheduler_type="constant", decoder_max_length=1024,
+            name="e2e", decoder_max_length=1024,
         ),
         ClaraStage(
             "stage2_reasoning", adapters=(DECODER_ADAPTER, ENCODER_ADAPTER), trainable=(DECODER_ADAPTER,),
@@ -76,10 +75,96 @@ TRAINING_STAGES = tuple(STAGES)
 STAGES_BY_NAME = {stage.name: stage for stage in STAGES.values() if stage.name is not None}
 STAGE_NAMES = tuple(STAGES_BY_NAME)
 
-# Loss weights of Apple's recipe (the MSE's lambda = 0.1; no retrieval term). `ClaraForRAG.forward` weighs the terms
-# with the config's values; training arguments only set those.
-DEFAULT_MSE_WEIGHT = 0.1
-DEFAULT_RETRIEVAL_WEIGHT = 0.0
+
+def resolve_stage(name: str) -> ClaraStage:
+    """The stage called `name`, in either vocabulary: this package's (`pretrain`, `instruct`, `e2e`) or Apple's
+    `training_stage` (`stage1`, `stage1_2`, `stage2`, `stage2_reasoning`, `stage2_pretrain_retrieval`). The one place
+    where Apple's names are accepted as aliases of ours."""
+    if name in STAGES_BY_NAME:
+        return STAGES_BY_NAME[name]
+    if name in STAGES:
+        return STAGES[name]
+    raise ValueError(f"stage {name!r} is not one of {STAGE_NAMES} (or Apple's {TRAINING_STAGES})")
+
+
+def stage_name(name: str) -> str:
+    """This package's name of the stage called `name` in either vocabulary (`stage1_2` -> `instruct`); the `--stage`
+    option of every command parses with it."""
+    stage = resolve_stage(name)
+    if stage.name is None:
+        raise ValueError(f"Apple's stage {name!r} is not trained here; the stages are {STAGE_NAMES}")
+    return stage.name
+
+
+@dataclass
+class ClaraLossConfig:
+    r"""
+    The weights of CLaRa's loss terms: a setting of a training run, not of the model. [`ClaraTrainer`] hands it to
+    the model (`ClaraForRAG.loss_config`, which `forward` weighs its terms with) and writes it with each training
+    output (`training_settings.json`); `config.json` does not hold it. The defaults are Apple's objective:
+    `ce_loss + 0.1 * mse_loss`, and the straight-through top-k at temperature 0.02.
+
+    Each field's `help` says what it weighs; [`ClaraTrainingArguments`] takes every field as an argument
+    (`--mse_weight`, ...), where a recipe may set it.
+    """
+
+    mse_weight: float = field(
+        default=0.1,
+        metadata={
+            "help": "Weight of the MSE between the mean last-layer states of the document and of its memory, while "
+            "the compressor trains (Apple's --mse_loss lambda); logged only in e2e and with a frozen compressor."
+        },
+    )
+    retrieval_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "e2e: weight of the InfoNCE retrieval loss over pos_index, a supervised warm-up as Apple's "
+            "stage2_pretrain_retrieval (0: logged only, Apple's end-to-end objective)."
+        },
+    )
+    memory_contrast_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "pretrain/instruct: weight of the memory-contrast hinge: each target should cost "
+            "memory_contrast_margin nats per token less from its own memory than from the previous example's "
+            "(0: off, Apple's). One more generator pass per step; batches of 2 or more."
+        },
+    )
+    memory_contrast_margin: float = field(
+        default=1.0, metadata={"help": "Margin of the memory-contrast hinge, in nats per target token."}
+    )
+    memory_cosine_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "pretrain/instruct: weight of the memory-cosine hinge: the cosine between two different "
+            "documents' flattened memories in a batch should stay under memory_cosine_ceiling, so the compressor "
+            "cannot write one memory for every document (0: off, Apple's). Acts on the compressor only."
+        },
+    )
+    memory_cosine_ceiling: float = field(
+        default=0.8, metadata={"help": "Cosine between two documents' memories that the hinge tolerates, in [-1, 1)."}
+    )
+    topk_temperature: float = field(
+        default=0.02,
+        metadata={
+            "help": "Temperature of the straight-through top-k over the query reasoner's cosine scores and of the "
+            "retrieval InfoNCE (Apple's 0.02)."
+        },
+    )
+
+    def __post_init__(self):
+        for name in ("mse_weight", "retrieval_weight", "memory_contrast_weight", "memory_contrast_margin",
+                     "memory_cosine_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name}={value!r} must be a number >= 0")
+        if not -1 <= self.memory_cosine_ceiling < 1:
+            raise ValueError(f"memory_cosine_ceiling={self.memory_cosine_ceiling} must be in [-1, 1)")
+        if not self.topk_temperature > 0:
+            raise ValueError(f"topk_temperature={self.topk_temperature} must be > 0")
+
+    def to_dict(self) -> dict[str, float]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 QUANTIZATIONS = ("no", "int4", "int8")
 # How memory states enter the generator: None = as they are (Apple), or as token-embedding mixtures.
@@ -184,9 +269,9 @@ class ClaraConfig(PretrainedConfig):
         pure_inference: bool = False,
         stage2_retrieval_top_n: int = 1,
         topk_temperature: float = 0.02,
-        mse_weight: float = DEFAULT_MSE_WEIGHT,
+        mse_weight: float = 0.1,
         mse_stop_gradient: bool = False,
-        retrieval_weight: float = DEFAULT_RETRIEVAL_WEIGHT,
+        retrieval_weight: float = 0.0,
         memory_contrast_weight: float = 0.0,
         memory_contrast_margin: float = 1.0,
         memory_cosine_weight: float = 0.0,
@@ -195,31 +280,6 @@ class ClaraConfig(PretrainedConfig):
         base_vocab_size: int | None = None,
         **kwargs,
     ):
-        _check_positive_int("doc_max_length", doc_max_length)
-        _check_positive_int("compr_rate", compr_rate)
-        _check_positive_int("generation_top_k", generation_top_k)
-        _check_positive_int("lora_r", lora_r)
-        if compr_rate > doc_max_length:
-            raise ValueError(
-                f"compr_rate={compr_rate} leaves no memory token for doc_max_length={doc_max_length}: "
-                f"n_mem_tokens = doc_max_length // compr_rate must be at least 1"
-            )
-        if training_stage not in TRAINING_STAGES:
-            raise ValueError(f"training_stage={training_stage!r} is not one of {TRAINING_STAGES}")
-        if quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization={quantization!r} is not one of {QUANTIZATIONS}")
-        if not lora:
-            raise ValueError("lora=False (full fine-tuning or a separate compressor) is not supported; use lora=True")
-        if memory_projection not in MEMORY_PROJECTIONS:
-            raise ValueError(f"memory_projection={memory_projection!r} is not one of {MEMORY_PROJECTIONS}")
-        if not topk_temperature > 0:
-            raise ValueError(f"topk_temperature={topk_temperature} must be > 0")
-        if doc_max_length % compr_rate:
-            logger.warning_once(
-                f"doc_max_length={doc_max_length} is not a multiple of compr_rate={compr_rate}; "
-                f"using {doc_max_length // compr_rate} memory tokens as Apple's code does"
-            )
-
         self.decoder_model_name = decoder_model_name
         self.doc_max_length = doc_max_length
         self.compr_rate = compr_rate
@@ -246,6 +306,50 @@ class ClaraConfig(PretrainedConfig):
         self.memory_projection = memory_projection
         self.base_vocab_size = base_vocab_size
         super().__init__(**kwargs)
+        self._check_fields()
+        if doc_max_length % compr_rate:
+            logger.warning_once(
+                f"doc_max_length={doc_max_length} is not a multiple of compr_rate={compr_rate}; "
+                f"using {doc_max_length // compr_rate} memory tokens as Apple's code does"
+            )
+
+    def update(self, config_dict: dict) -> None:
+        """Set the fields in `config_dict` (e.g. `from_pretrained`'s overrides), checked as `__init__` checks them:
+        a bad value is a `ValueError` naming it, and leaves the config as it was."""
+        missing = object()
+        before = {key: getattr(self, key, missing) for key in config_dict}
+        super().update(config_dict)
+        try:
+            self._check_fields()
+        except ValueError:
+            for key, value in before.items():
+                if value is missing:
+                    delattr(self, key)
+                else:
+                    setattr(self, key, value)
+            raise
+
+    def _check_fields(self) -> None:
+        for name in ("doc_max_length", "compr_rate", "generation_top_k", "lora_r"):
+            _check_positive_int(name, getattr(self, name))
+        if self.compr_rate > self.doc_max_length:
+            raise ValueError(
+                f"compr_rate={self.compr_rate} leaves no memory token for doc_max_length={self.doc_max_length}: "
+                f"n_mem_tokens = doc_max_length // compr_rate must be at least 1"
+            )
+        if self.training_stage not in TRAINING_STAGES:
+            raise ValueError(
+                f"training_stage={self.training_stage!r} is not one of Apple's stages {TRAINING_STAGES} "
+                f"(this package's {STAGE_NAMES} are {[STAGES_BY_NAME[name].training_stage for name in STAGE_NAMES]})"
+            )
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization={self.quantization!r} is not one of {QUANTIZATIONS}")
+        if not self.lora:
+            raise ValueError("lora=False (full fine-tuning or a separate compressor) is not supported; use lora=True")
+        if self.memory_projection not in MEMORY_PROJECTIONS:
+            raise ValueError(f"memory_projection={self.memory_projection!r} is not one of {MEMORY_PROJECTIONS}")
+        if not self.topk_temperature > 0:
+            raise ValueError(f"topk_temperature={self.topk_temperature} must be > 0")
 
     @property
     def n_mem_tokens(self) -> int:
@@ -258,4 +362,4 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name}={value!r} must be a positive integer")
 
 
-__all__ = ["ClaraConfig"]
+__all__ = ["ClaraConfig", "ClaraLossConfig"]

@@ -239,7 +239,7 @@ def with_channel_rows(dataset: datasets.Dataset, rows_per_row: float, seed: int)
     vocabulary of the dataset's documents (without replacement; with replacement when the vocabulary has fewer words
     than the list, as in a task of a few short documents). The language-model prior cannot predict such a list, so only the memory
     can lower its loss: the rows open the memory channel while real text, which the prior already predicts well,
-    would teach the generator to ignore it (README, "Teaching a small backbone to read its memory").
+    would teach the generator to ignore it (research/recipes.md).
     """
     n_rows = round(rows_per_row * len(dataset))
     if n_rows == 0:
@@ -254,31 +254,6 @@ def with_channel_rows(dataset: datasets.Dataset, rows_per_row: float, seed: int)
         features=FEATURES["pretrain"],
     )
     return datasets.concatenate_datasets([dataset, channel]).shuffle(seed=seed)
-
-
-# The question of the instruct stage's reconstruction rows: its answer is the row's first document, verbatim.
-RECONSTRUCTION_QUESTION = "What is the first background passage, word for word?"
-
-
-def with_reconstruction_rows(dataset: datasets.Dataset, rows_per_row: float, seed: int) -> datasets.Dataset:
-    """`dataset` (instruct) with `round(rows_per_row * len(dataset))` reconstruction rows added, shuffled.
-
-    Each added row copies a randomly drawn row's documents, asks `RECONSTRUCTION_QUESTION` and answers with its first
-    document: ICAE's mix of autoencoding into the task. Unlike a short answer, which the prior can half guess, the whole
-    passage is cheapest to produce by reading the memory, so these rows pay compressor and generator to carry content
-    from the first step (README, "Teaching a small backbone to read its memory").
-    """
-    n_rows = round(rows_per_row * len(dataset))
-    if n_rows == 0:
-        return dataset
-    rng = random.Random(seed)
-    docs_column = dataset["docs"]  # one read of the column, not one row lookup per added row
-    sources = [docs_column[rng.randrange(len(docs_column))] for _ in range(n_rows)]
-    reconstruction = datasets.Dataset.from_dict(
-        {"question": [RECONSTRUCTION_QUESTION] * n_rows, "docs": sources, "answer": [docs[0] for docs in sources]},
-        features=FEATURES["instruct"],
-    )
-    return datasets.concatenate_datasets([dataset, reconstruction]).shuffle(seed=seed)
 
 
 # --------------------------------------------------------------------------------------------------------------

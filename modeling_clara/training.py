@@ -11,8 +11,8 @@ Each stage starts from the previous stage's saved model (`clara train --model <o
 a backbone (`--model embedded`, a Hub id or a path). A stage-3 run from a model without a query reasoner creates it as a
 copy of the encoder adapter (`--query_reasoner_init encoder`, Apple's chaining and the paper's better choice) or as a
 fresh LoRA (`fresh`). Stage-3 candidates are compressed by the frozen encoder without gradients (its MSE is logged only).
-The loss is the model's own (`ClaraForRAG.forward`, weighted by the `mse_weight` / `retrieval_weight` these arguments
-write into its config); the trainer logs its terms.
+The loss is the model's own (`ClaraForRAG.forward`, weighted by the run's [`ClaraLossConfig`], which the trainer hands
+to the model and writes with each output as `training_settings.json`); the trainer logs its terms.
 
     clara train --stage pretrain --model embedded --data pretrain.jsonl --output_dir runs/stage1
     clara train --stage instruct --model runs/stage1 --data instruct.jsonl --output_dir runs/stage2
@@ -25,7 +25,7 @@ Every `TrainingArguments` option works (`--gradient_accumulation_steps`, `--grad
 import json
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
 
 import torch
 from transformers import PretrainedConfig, Trainer, TrainingArguments
@@ -33,58 +33,99 @@ from transformers.trainer_utils import enable_full_determinism, get_last_checkpo
 from transformers.utils import logging
 
 from .backbone import EMBEDDED_BACKBONE
-from .checkpoints import APPLE_ADAPTERS_FILE
+from .checkpoints import APPLE_ADAPTERS_FILE, read_config, resolve_checkpoint_dir
 from .configuration_clara import (
     DECODER_ADAPTER,
-    DEFAULT_MSE_WEIGHT,
-    DEFAULT_RETRIEVAL_WEIGHT,
     ENCODER_ADAPTER,
-    MEMORY_PROJECTIONS,
     QUERY_REASONER_ADAPTER,
     STAGE_NAMES,
     STAGES,
     STAGES_BY_NAME,
+    ClaraLossConfig,
+    stage_name,
 )
-from .data import load_clara_jsonl, make_collator, unique_candidates, with_channel_rows, with_reconstruction_rows
+from .data import load_clara_jsonl, make_collator, unique_candidates, with_channel_rows
 from .modeling_clara import ClaraForRAG
 
 logger = logging.get_logger(__name__)
 
-# Recipes change the defaults of Apple's scripts (learning rates and schedulers in `configuration_clara.STAGES`, its
-# loss weights); an explicit argument still wins. "apple" is Apple's, which Apple's checkpoints were trained with;
-# "small" was measured to make a small backbone read its memory on a CPU budget (README, "Teaching a small backbone to
-# read its memory"). `channel_rows`: stage-1 rows of random word lists (doc = target) mixed in per training row: the
-# language-model prior cannot predict them, so from the first step only memory lowers their loss.
-RECIPES = {
-    "apple": {"pretrain": {}, "instruct": {}, "e2e": {}},
-    "small": {
-        # The memory-cosine hinge (below) in stage 1 too: an untrained compressor writes memories with a cosine of
-        # 0.896 between two rung-3a passages; with the hinge rung 3a passed in 3 of 3 runs at 200 steps, without it
-        # in 0 of 2 (earlier runs without it: 1 of 3 passed by step 300). With it the recipe climbs every rung.
-        "pretrain": {"mse_weight": 0.0, "channel_rows": 0.67, "learning_rate": 5e-4, "lr_scheduler_type": "constant",
-                     "memory_cosine_weight": 50.0},
-        # Answer loss alone lets the compressor collapse to one memory for every document and the generator answer
-        # from its prior (ladder rung 2); the memory contrast asks each answer to cost less from its own memory than
-        # from another example's. With the contrast alone rung 2 opened in 4 of 13 runs: the compressor starts with
-        # (and can stay at) one passage-independent memory (cosine 0.983 between passages), where the contrast has
-        # nothing to work with. The memory-cosine hinge forbids that from the first steps (weight 50: its gradient is
-        # small; README), and rung 2 then opened in all 4 runs. It ends with a decay: at a constant rate the answer CE
-        # plateaued (rung 2: 0.36-0.37), 100 decaying steps took it to 0.195.
-        "instruct": {"mse_weight": 0.0, "learning_rate": 2e-4, "lr_scheduler_type": "warmup_stable_decay",
-                     "memory_contrast_weight": 1.0, "memory_cosine_weight": 50.0},
-        "e2e": {"learning_rate": 5e-5, "retrieval_weight": 1.0},
-    },
-}
+# Recipes are data files: `recipes/<name>.json` in this package (`apple`, `small`) or any JSON file of that form. A
+# recipe sets arguments that were not given, per stage, each value with its reason; Apple's recipe lies under every
+# other, and what a recipe leaves unset keeps the argument's own default.
+RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
+BASE_RECIPE = "apple"
+TRAINING_SETTINGS_FILE = "training_settings.json"
 # warmup_stable_decay without `num_decay_steps` in lr_scheduler_kwargs decays over this share of the training steps.
 WSD_DECAY_SHARE = 0.2
 QUERY_REASONER_INITS = ("encoder", "fresh")
 # Architecture fields: a fresh model takes them, a checkpoint must already have them.
-ARCHITECTURE_FIELDS = ("doc_max_length", "compr_rate", "lora_r", "memory_projection")
-MEMORY_ROW_INITS = ("mean", "spread")
+ARCHITECTURE_FIELDS = ("doc_max_length", "compr_rate", "lora_r")
+LOSS_FIELDS = tuple(f.name for f in fields(ClaraLossConfig))
+
+
+def recipe_names() -> list[str]:
+    """The recipes that ship with the package."""
+    return sorted(name.removesuffix(".json") for name in os.listdir(RECIPES_DIR) if name.endswith(".json"))
+
+
+def load_recipe(name_or_path: str) -> dict[str, dict]:
+    """The values a recipe sets, per stage: `{"pretrain": {"learning_rate": 5e-4, ...}, ...}`.
+
+    Args:
+        name_or_path (`str`): A recipe of the package ([`recipe_names`]: `apple`, `small`) or the path of a JSON file
+            `{"description": str, "stages": {stage: {argument: {"value": v, "reason": str}}}}`, where a stage is
+            `pretrain`, `instruct` or `e2e` (Apple's names too) and an argument one of [`ClaraTrainingArguments`] whose
+            default is unset (`None`), such as the loss weights, `channel_rows`, `learning_rate`.
+    """
+    path = name_or_path if name_or_path.endswith(".json") else os.path.join(RECIPES_DIR, f"{name_or_path}.json")
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"recipe={name_or_path!r} is neither a recipe of this package {recipe_names()} nor a JSON file"
+        )
+    with open(path, encoding="utf-8") as f:
+        try:
+            recipe = json.load(f)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"recipe {path} is not valid JSON: {error}") from error
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("stages"), dict):
+        raise ValueError(f"recipe {path} needs a \"stages\" object: {{stage: {{argument: {{value, reason}}}}}}")
+    settable = recipe_settable_arguments()
+    values = {}
+    for stage, settings in recipe["stages"].items():
+        name = stage_name(stage)
+        values[name] = {}
+        for argument, setting in settings.items():
+            where = f"recipe {path}, stage {stage!r}, {argument!r}"
+            if argument not in settable:
+                raise ValueError(f"{where}: not an argument a recipe sets; those are {sorted(settable)}")
+            if not isinstance(setting, dict) or setting.keys() != {"value", "reason"} or not setting["reason"]:
+                raise ValueError(f"{where}: write it as {{\"value\": ..., \"reason\": \"why this value\"}}, got {setting!r}")
+            values[name][argument] = setting["value"]
+    return values
+
+
+def recipe_settable_arguments() -> set[str]:
+    """Arguments a recipe may set: CLaRa's own whose default is unset (`None`, so that a given value wins over the
+    recipe's), and the learning rate and its schedule."""
+    own = ClaraTrainingArguments.__dataclass_fields__.keys() - TrainingArguments.__dataclass_fields__.keys()
+    unset = {name for name in own if ClaraTrainingArguments.__dataclass_fields__[name].default is None}
+    return unset | {"learning_rate", "lr_scheduler_type"}
+
+
+# Every field of `ClaraLossConfig` as an argument of `ClaraTrainingArguments`, unset by default so that a recipe can
+# set it and a given value wins over the recipe; an argument neither gives takes the field's own default.
+ClaraLossArguments = make_dataclass(
+    "ClaraLossArguments",
+    [
+        (f.name, f.type | None, field(default=None, metadata={
+            "help": f"{f.metadata['help']} Default: the recipe's, else {f.default}."}))
+        for f in fields(ClaraLossConfig)
+    ],
+)
 
 
 @dataclass
-class ClaraTrainingArguments(TrainingArguments):
+class ClaraTrainingArguments(TrainingArguments, ClaraLossArguments):
     r"""
     [`TrainingArguments`] for CLaRa, with the defaults of Apple's training scripts.
 
@@ -93,40 +134,17 @@ class ClaraTrainingArguments(TrainingArguments):
             `"pretrain"` (Apple `stage1`), `"instruct"` (`stage1_2`) or `"e2e"` (`stage2`); decides the data format, the
             collator, which adapters train and the loss.
         recipe (`str`, *optional*, defaults to `"apple"`):
-            Defaults for the arguments below that are not given: `"apple"` (Apple's scripts) or `"small"` (for small
-            backbones on little compute: no MSE, random-word channel rows in `pretrain`, higher constant learning
-            rates, an InfoNCE warm-up in `e2e`). See `RECIPES`.
-        mse_weight (`float`, *optional*):
-            Weight of the memory/document MSE while the compressor trains (Apple's `--mse_loss`, lambda = 0.1; the
-            `small` recipe's 0); written to the model's config, whose `forward` computes the loss. Logged only in
-            `e2e` and with `freeze_compressor`, where the compressor does not train.
-        mse_stop_gradient (`bool`, *optional*, defaults to `False`):
-            Stop the MSE's gradient on the document-side mean, so only the memory moves toward the document (Apple
-            lets both move, which lets them meet at one passage-independent point).
+            Values for the arguments below that are not given: a recipe of the package, `"apple"` (Apple's scripts) or
+            `"small"` (for small backbones on little compute: no MSE, random-word channel rows in `pretrain`, the
+            memory hinges, higher learning rates, an InfoNCE warm-up in `e2e`), or the path of a recipe JSON file
+            (see [`load_recipe`]). Apple's recipe lies under every other.
+        mse_weight, retrieval_weight, memory_contrast_weight, memory_contrast_margin, memory_cosine_weight,
+        memory_cosine_ceiling, topk_temperature (`float`, *optional*):
+            The loss weights, every field of [`ClaraLossConfig`] (documented there); `loss_config` holds them, the
+            trainer hands it to the model and writes it to `training_settings.json` in each output.
         channel_rows (`float`, *optional*):
             `pretrain`: add this many random-word-list rows per training row (doc = target = 8-12 words drawn from the
             training documents' vocabulary; seeded by `--seed`). Apple: 0; `small`: 0.67.
-        reconstruction_rows (`float`, *optional*):
-            `instruct`: add this many rows per training row that copy a random row's documents, ask for the first one
-            word for word (`data.RECONSTRUCTION_QUESTION`) and answer with it (ICAE's autoencoding mixed into the task;
-            seeded by `--seed`). Apple: 0.
-        retrieval_weight (`float`, *optional*):
-            `e2e`: weight of the contrastive retrieval loss over `pos_index` (a supervised warm-up, Apple's
-            `stage2_pretrain_retrieval`; Apple's default 0, `small` 1). Logged in any case.
-        memory_contrast_weight (`float`, *optional*):
-            `pretrain`/`instruct`: weight of the memory-contrast hinge (the model's `memory_contrast_loss`): each
-            target should cost `memory_contrast_margin` nats per token less from its own memory than from the next
-            example's. Needs a batch of 2 or more; one more generator pass per step. Apple: 0; `small`'s `instruct`: 1.
-        memory_contrast_margin (`float`, *optional*, defaults to 1.0):
-            That margin in nats per target token.
-        memory_cosine_weight (`float`, *optional*):
-            `pretrain`/`instruct`: weight of the memory-cosine hinge (the model's `memory_cosine_loss`): two different
-            documents' memories in a batch should have a cosine under `memory_cosine_ceiling`. Apple: 0; `small`: 50
-            (`pretrain` and `instruct`).
-        memory_cosine_ceiling (`float`, *optional*, defaults to 0.8):
-            That ceiling.
-        topk_temperature (`float`, *optional*, defaults to 0.02):
-            Temperature of the straight-through top-k on cosine scores (Apple's value).
         query_reasoner_init (`str`, *optional*, defaults to `"encoder"`):
             `e2e` from a model without a query reasoner: copy the encoder adapter (`"encoder"`) or start a fresh LoRA
             (`"fresh"`).
@@ -137,16 +155,8 @@ class ClaraTrainingArguments(TrainingArguments):
             `e2e`: trim every row to this many candidates (gold ones kept). Without it all rows need the same number.
         doc_max_length, compr_rate, lora_r (`int`, *optional*):
             Architecture of a fresh model built from a backbone (defaults 256, 16, 16). A checkpoint keeps its own;
-            giving a different value is an error.
-        memory_projection (`str`, *optional*):
-            Fresh models: `"token_embeddings"` feeds the generator token-embedding mixtures instead of raw memory
-            states, `"token_norm"` raw states rescaled to a token embedding's norm ([`ClaraConfig`]); default Apple's
-            raw states. Architecture too: a checkpoint keeps its own.
-        memory_row_init (`str`, *optional*, defaults to `"mean"`):
-            Fresh models: the `<MEM*>` input-embedding rows start at the vocabulary mean (`"mean"`, what
-            `resize_token_embeddings` and Apple's code give: one vector for every slot) or each at its own draw from
-            the vocabulary's per-dimension mean and spread (`"spread"`, [`ClaraForRAG.spread_memory_rows`]). A
-            checkpoint keeps its trained rows.
+            giving a different value is an error, except a length curriculum (`doc_max_length` and `compr_rate`
+            changed, `doc_max_length // compr_rate` kept).
         freeze_compressor (`bool`, *optional*, defaults to `False`):
             `pretrain`/`instruct`: keep the encoder adapter and the memory rows frozen, so only the generator trains
             and learns to read a fixed compressor (a warm-up that stops the compressor from collapsing to memory the
@@ -175,10 +185,10 @@ class ClaraTrainingArguments(TrainingArguments):
         decoder_max_length (`int`, *optional*):
             Decoder tokens per example (Apple's `--max_len`); default 2048, 1024 for `e2e`.
         learning_rate (`float`, *optional*):
-            Default per stage as in Apple's scripts: 1e-4 (`pretrain`, `instruct`), 5e-6 (`e2e`).
+            Default: the recipe's; Apple's scripts: 1e-4 (`pretrain`, `instruct`), 5e-6 (`e2e`).
         lr_scheduler_type (`str`, *optional*):
-            Default per stage: `cosine_with_min_lr` with `min_lr_rate=0.1` (Apple's `min_lr = 0.1 * lr`), `constant` for
-            `e2e`. `warmup_stable_decay` (the small recipe's instruct stage) decays over the last fifth of the steps
+            Default: the recipe's; Apple's: `cosine_with_min_lr` with `min_lr_rate=0.1` (`min_lr = 0.1 * lr`), `constant`
+            for `e2e`. `warmup_stable_decay` (the small recipe's instruct stage) decays over the last fifth of the steps
             unless `lr_scheduler_kwargs` gives `num_decay_steps`.
 
     Other changed defaults: `adam_beta2=0.95`, `warmup_ratio=0.03` (Apple's), `remove_unused_columns=False` (the
@@ -187,45 +197,15 @@ class ClaraTrainingArguments(TrainingArguments):
 
     stage: str = field(
         default="pretrain",
-        metadata={"help": "CLaRa stage: pretrain (stage1), instruct (stage1_2), e2e (stage2).", "choices": STAGE_NAMES},
+        metadata={"help": "CLaRa stage: pretrain, instruct, e2e (Apple's stage1, stage1_2, stage2).", "choices": STAGE_NAMES},
     )
     recipe: str = field(
-        default="apple",
-        metadata={"help": "Defaults of the arguments not given: apple (Apple's scripts) or small.", "choices": tuple(RECIPES)},
-    )
-    mse_weight: float | None = field(
-        default=None, metadata={"help": "Weight of the memory/document MSE (compression stages; apple 0.1, small 0)."}
-    )
-    mse_stop_gradient: bool = field(
-        default=False, metadata={"help": "No MSE gradient into the document-side mean (only the memory moves)."}
+        default=BASE_RECIPE,
+        metadata={"help": "Values of the arguments not given: a recipe of the package (apple, small) or a recipe JSON file."},
     )
     channel_rows: float | None = field(
         default=None, metadata={"help": "pretrain: random-word-list rows added per training row (apple 0, small 0.67)."}
     )
-    reconstruction_rows: float | None = field(
-        default=None,
-        metadata={"help": "instruct: rows asking for the first document verbatim, added per training row (apple 0)."},
-    )
-    retrieval_weight: float | None = field(
-        default=None, metadata={"help": "e2e: weight of the InfoNCE retrieval loss over pos_index (apple 0, small 1)."}
-    )
-    memory_contrast_weight: float | None = field(
-        default=None,
-        metadata={"help": "pretrain/instruct: weight of the own-vs-other-memory hinge (apple 0, small instruct 1)."},
-    )
-    memory_contrast_margin: float = field(
-        default=1.0, metadata={"help": "Margin of that hinge, nats per target token."}
-    )
-    memory_cosine_weight: float | None = field(
-        default=None,
-        metadata={
-            "help": "pretrain/instruct: weight of the hinge on two documents' memory cosine (apple 0, small instruct 50)."
-        },
-    )
-    memory_cosine_ceiling: float = field(
-        default=0.8, metadata={"help": "Cosine between two documents' memories that the hinge tolerates."}
-    )
-    topk_temperature: float = field(default=0.02, metadata={"help": "Temperature of the straight-through top-k."})
     query_reasoner_init: str = field(
         default="encoder",
         metadata={
@@ -242,25 +222,8 @@ class ClaraTrainingArguments(TrainingArguments):
     doc_max_length: int | None = field(default=None, metadata={"help": "Fresh models: document tokens read (256)."})
     compr_rate: int | None = field(default=None, metadata={"help": "Fresh models: document tokens per memory token (16)."})
     lora_r: int | None = field(default=None, metadata={"help": "Fresh models: LoRA rank of every adapter (16)."})
-    memory_projection: str | None = field(
-        default=None,
-        metadata={
-            "help": "Fresh models: 'token_embeddings' feeds the generator token-embedding mixtures, 'token_norm' raw "
-            "states at a token embedding's norm (default: raw states).",
-            "choices": [projection for projection in MEMORY_PROJECTIONS if projection is not None],
-        },
-    )
-    memory_row_init: str = field(
-        default="mean",
-        metadata={
-            "help": "Fresh models: memory-token rows at the vocabulary mean (HF's resize, Apple's) or 'spread' at the "
-            "vocabulary's per-dimension spread.",
-            "choices": MEMORY_ROW_INITS,
-        },
-    )
-    freeze_compressor: bool | None = field(
-        default=None,
-        metadata={"help": "pretrain/instruct: train the generator only, on a frozen compressor (default: False)."},
+    freeze_compressor: bool = field(
+        default=False, metadata={"help": "pretrain/instruct: train the generator only, on a frozen compressor."}
     )
     freeze_generator: bool = field(
         default=False, metadata={"help": "Any stage: keep the decoder adapter frozen; train the compressor/reasoner."}
@@ -284,10 +247,11 @@ class ClaraTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Decoder tokens per example (default 2048; 1024 for e2e)."}
     )
     learning_rate: float | None = field(
-        default=None, metadata={"help": "Peak learning rate (default: 1e-4, e2e 5e-6, as Apple's scripts)."}
+        default=None, metadata={"help": "Peak learning rate (default: the recipe's; Apple's 1e-4, e2e 5e-6)."}
     )
     lr_scheduler_type: str | None = field(
-        default=None, metadata={"help": "Scheduler (default: cosine_with_min_lr with min_lr_rate 0.1; e2e constant)."}
+        default=None,
+        metadata={"help": "Scheduler (default: the recipe's; Apple's cosine_with_min_lr, min_lr_rate 0.1; e2e constant)."},
     )
     adam_beta2: float = field(default=0.95, metadata={"help": "Beta2 for AdamW (Apple's 0.95)."})
     warmup_ratio: float = field(default=0.03, metadata={"help": "Linear warmup over this fraction of the steps."})
@@ -299,38 +263,23 @@ class ClaraTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         if self.stage not in STAGES_BY_NAME:
-            raise ValueError(f"stage={self.stage!r} is not one of {STAGE_NAMES}")
+            known = f" (Apple's {self.stage!r} is {stage_name(self.stage)!r})" if self.stage in STAGES else ""
+            raise ValueError(f"stage={self.stage!r} is not one of {STAGE_NAMES}{known}")
         if self.query_reasoner_init not in QUERY_REASONER_INITS:
             raise ValueError(f"query_reasoner_init={self.query_reasoner_init!r} is not one of {QUERY_REASONER_INITS}")
-        if self.recipe not in RECIPES:
-            raise ValueError(f"recipe={self.recipe!r} is not one of {tuple(RECIPES)}")
-        stage = STAGES_BY_NAME[self.stage]
-        defaults = {
-            "mse_weight": DEFAULT_MSE_WEIGHT,
-            "retrieval_weight": DEFAULT_RETRIEVAL_WEIGHT,
-            "channel_rows": 0.0,
-            "reconstruction_rows": 0.0,
-            "memory_contrast_weight": 0.0,
-            "memory_cosine_weight": 0.0,
-            "learning_rate": stage.learning_rate,
-            "lr_scheduler_type": stage.lr_scheduler_type,
-            "freeze_compressor": False,
-        }
-        defaults.update(RECIPES[self.recipe][self.stage])
-        for name, value in defaults.items():
+        recipe = {**load_recipe(BASE_RECIPE).get(self.stage, {}), **load_recipe(self.recipe).get(self.stage, {})}
+        for name, value in recipe.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.channel_rows is None:
+            self.channel_rows = 0.0
+        loss = ClaraLossConfig(**{name: getattr(self, name) for name in LOSS_FIELDS if getattr(self, name) is not None})
+        for name, value in loss.to_dict().items():
+            setattr(self, name, value)
         if self.freeze_compressor and self.stage == "e2e":
             raise ValueError("freeze_compressor=True is for the pretrain and instruct stages; e2e always freezes it")
         if self.freeze_compressor and self.freeze_generator:
             raise ValueError("freeze_compressor=True and freeze_generator=True together leave nothing to train")
-        weights = ("mse_weight", "retrieval_weight", "memory_contrast_weight", "memory_cosine_weight")
-        if any(getattr(self, name) < 0 for name in weights):
-            raise ValueError(
-                "loss weights must be >= 0, got " + ", ".join(f"{name}={getattr(self, name)}" for name in weights)
-            )
-        if not -1 <= self.memory_cosine_ceiling < 1:
-            raise ValueError(f"memory_cosine_ceiling={self.memory_cosine_ceiling} must be in [-1, 1)")
         if self.memory_cosine_weight and self.stage == "e2e":
             raise ValueError("memory_cosine_weight is for the pretrain and instruct stages (e2e's compressor is frozen)")
         if self.memory_contrast_weight and self.stage == "e2e":
@@ -351,26 +300,31 @@ class ClaraTrainingArguments(TrainingArguments):
             raise ValueError("in_batch_negatives needs retrieval_only=True and cache_candidate_memory=True")
         if self.cache_candidate_memory and self.stage != "e2e":
             raise ValueError(f"cache_candidate_memory is for the e2e stage (its frozen compressor), not {self.stage!r}")
-        if self.reconstruction_rows < 0 or (self.reconstruction_rows and self.stage != "instruct"):
-            raise ValueError(
-                f"reconstruction_rows={self.reconstruction_rows} must be >= 0, and is for the instruct stage only"
-            )
-        if self.memory_row_init not in MEMORY_ROW_INITS:
-            raise ValueError(f"memory_row_init={self.memory_row_init!r} is not one of {MEMORY_ROW_INITS}")
         if self.channel_rows < 0 or (self.channel_rows and self.stage != "pretrain"):
             raise ValueError(f"channel_rows={self.channel_rows} must be >= 0, and is for the pretrain stage only")
-        if not self.topk_temperature > 0:
-            raise ValueError(f"topk_temperature={self.topk_temperature} must be > 0")
         if self.lr_scheduler_type == "cosine_with_min_lr" and not self.lr_scheduler_kwargs:
             self.lr_scheduler_kwargs = {"min_lr_rate": 0.1}
         if self.decoder_max_length is None:
-            self.decoder_max_length = stage.decoder_max_length
+            self.decoder_max_length = STAGES_BY_NAME[self.stage].decoder_max_length
         if not self.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
             # Without `use_cpu`, accelerate starts no process group on a CPU-only machine: every torchrun process
             # would train alone on all the data. With it, the processes form a gloo group (data parallel).
             logger.info("No accelerator: data parallelism over CPU processes (gloo), as with --use_cpu")
             self.use_cpu = True
         super().__post_init__()
+
+    @property
+    def loss_config(self) -> ClaraLossConfig:
+        """The run's loss weights, as the model's `forward` reads them."""
+        return ClaraLossConfig(**{name: getattr(self, name) for name in LOSS_FIELDS})
+
+    def training_settings(self) -> dict:
+        """What `training_settings.json` holds: the stage, the recipe, the loss weights, CLaRa's other arguments and
+        the learning-rate schedule, as this run resolved them (`config.json` holds the model, not the run)."""
+        own = [f.name for f in fields(self) if f.name not in TrainingArguments.__dataclass_fields__]
+        settings = {name: getattr(self, name) for name in own if name not in LOSS_FIELDS}
+        schedule = ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_ratio", "seed")
+        return {**settings, "loss": self.loss_config.to_dict(), **{name: getattr(self, name) for name in schedule}}
 
 
 @dataclass
@@ -409,32 +363,21 @@ def load_model_for_stage(model_name_or_path: str, args: ClaraTrainingArguments) 
     architecture = {name: getattr(args, name) for name in ARCHITECTURE_FIELDS if getattr(args, name) is not None}
     if not is_clara_checkpoint(model_name_or_path):
         logger.info(f"Building a fresh CLaRa ({stage}) on the backbone {model_name_or_path}")
-        model = ClaraForRAG.from_backbone(model_name_or_path, training_stage=stage, **architecture, **overrides)
-        if args.memory_row_init == "spread":
-            model.spread_memory_rows()
-        return model
-    if args.memory_row_init != "mean":
-        raise ValueError(
-            f"memory_row_init={args.memory_row_init!r} is for a fresh model; {model_name_or_path} is a CLaRa checkpoint "
-            "and keeps its trained memory rows"
-        )
-    model = ClaraForRAG.from_pretrained(model_name_or_path, training_stage=stage, **overrides)
+        return ClaraForRAG.from_backbone(model_name_or_path, training_stage=stage, **architecture, **overrides)
+    saved = read_config(resolve_checkpoint_dir(model_name_or_path, "", None, None, None, False))
     differ = {
-        name: (value, getattr(model.config, name))
-        for name, value in architecture.items()
-        if getattr(model.config, name) != value
+        name: (value, getattr(saved, name)) for name, value in architecture.items() if getattr(saved, name) != value
     }
     changed = {name: architecture[name] for name in differ}
-    if differ and _is_length_curriculum(model.config, changed):
-        logger.info(f"Length curriculum: same {model.n_mem_tokens} memory tokens, now reading {differ}")
-        return ClaraForRAG.from_pretrained(model_name_or_path, training_stage=stage, **overrides, **changed)
-    if differ:
+    if differ and not _is_length_curriculum(saved, changed):
         raise ValueError(
             f"{model_name_or_path} is a CLaRa checkpoint with its own architecture; these arguments differ from it "
             f"(given, checkpoint): {differ}. Drop them, start from a backbone, or keep doc_max_length // compr_rate "
             "(a length curriculum)."
         )
-    return model
+    if differ:
+        logger.info(f"Length curriculum: same {saved.n_mem_tokens} memory tokens, now reading {differ}")
+    return ClaraForRAG.from_pretrained(model_name_or_path, training_stage=stage, **overrides, **changed)
 
 
 def _is_length_curriculum(config, changed: dict) -> bool:
@@ -470,19 +413,14 @@ def is_clara_checkpoint(name: str) -> bool:
 
 
 def prepare_model_for_stage(model: ClaraForRAG, args: ClaraTrainingArguments) -> None:
-    """Set the model up for `args.stage`: `training_stage` and loss settings in its config (so they are saved with
-    it), a query reasoner for `e2e` if it has none, and exactly the stage's adapters (plus the memory rows when the
-    compressor trains) trainable."""
+    """Set the model up for `args.stage`: `training_stage` in its config, the run's loss weights on the model
+    (`model.loss_config`; saved with the run, not in `config.json`), a query reasoner for `e2e` if it has none, and
+    exactly the stage's adapters (plus the memory rows when the compressor trains) trainable."""
     config = model.config
     config.training_stage = STAGES_BY_NAME[args.stage].training_stage
-    config.mse_weight = args.mse_weight
-    config.mse_stop_gradient = args.mse_stop_gradient
-    config.retrieval_weight = args.retrieval_weight
-    config.memory_contrast_weight = args.memory_contrast_weight
-    config.memory_contrast_margin = args.memory_contrast_margin
-    config.memory_cosine_weight = args.memory_cosine_weight
-    config.memory_cosine_ceiling = args.memory_cosine_ceiling
-    config.topk_temperature = args.topk_temperature
+    model.loss_config = args.loss_config
+    for name, value in args.loss_config.to_dict().items():
+        setattr(config, name, value)
     if args.generation_top_k is not None:
         config.generation_top_k = args.generation_top_k
     if args.optimize_mem_tokens is not None:
@@ -550,6 +488,14 @@ class ClaraTrainer(Trainer):
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._n_parameters = None
 
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        # Every checkpoint and the final model carry the settings they were trained with.
+        super()._save(output_dir, state_dict=state_dict)
+        path = os.path.join(output_dir or self.args.output_dir, TRAINING_SETTINGS_FILE)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.args.training_settings(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         # warmup_stable_decay needs its decay length in steps, which only this call knows (max_steps or epochs).
         kwargs = self.args.lr_scheduler_kwargs or {}  # None on transformers 5, {} on 4
@@ -559,7 +505,7 @@ class ClaraTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
-        outputs = model(**inputs)  # the model weighs the loss terms (config.mse_weight, config.retrieval_weight)
+        outputs = model(**inputs)  # the model weighs the loss terms with the run's loss_config
         for name in ("ce_loss", "mse_loss", "retrieval_loss", "memory_contrast_loss", "memory_cosine_loss"):
             if (term := getattr(outputs, name)) is not None:
                 self._metrics[mode][name].append(self.accelerator.gather(term.detach()).mean().item())
@@ -663,8 +609,6 @@ def train_clara(script_args: ClaraScriptArguments, args: ClaraTrainingArguments,
     )
     if args.channel_rows:
         train_dataset = with_channel_rows(train_dataset, args.channel_rows, args.seed)
-    if args.reconstruction_rows:
-        train_dataset = with_reconstruction_rows(train_dataset, args.reconstruction_rows, args.seed)
     eval_dataset = None
     if script_args.eval_data:
         eval_dataset = load_clara_jsonl(script_args.eval_data, args.stage, n_candidates=args.n_candidates)
@@ -707,6 +651,7 @@ __all__ = [
     "compress_candidates",
     "is_clara_checkpoint",
     "load_model_for_stage",
+    "load_recipe",
     "prepare_model_for_stage",
     "train_clara",
 ]

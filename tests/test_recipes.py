@@ -1,7 +1,8 @@
-"""Training recipes: `--recipe small`'s defaults, random-word channel rows, reconstruction rows, spread memory rows,
-the memory-cosine hinge, the MSE stop-gradient, and the length curriculum (a checkpoint goes on with longer documents
+"""Training recipes: recipe files (by name and by path) and `--recipe small`'s defaults, random-word channel rows,
+the memory-cosine hinge, the memory contrast, and the length curriculum (a checkpoint goes on with longer documents
 when its memory-token count stays the same)."""
 
+import json
 import re
 
 import datasets
@@ -9,15 +10,18 @@ import pytest
 import torch
 
 from conftest import make_tiny_clara
-from modeling_clara.data import (
-    FEATURES,
-    RECONSTRUCTION_QUESTION,
-    load_clara_jsonl,
-    with_channel_rows,
-    with_reconstruction_rows,
-)
+from modeling_clara.configuration_clara import ClaraLossConfig
+from modeling_clara.data import FEATURES, load_clara_jsonl, with_channel_rows
 from modeling_clara.modeling_clara import memory_cosine_hinge
-from modeling_clara.training import ClaraTrainer, ClaraTrainingArguments, load_model_for_stage, prepare_model_for_stage
+from modeling_clara.training import (
+    RECIPES_DIR,
+    ClaraTrainer,
+    ClaraTrainingArguments,
+    load_model_for_stage,
+    load_recipe,
+    prepare_model_for_stage,
+    recipe_names,
+)
 from test_data import write_jsonl
 from test_training import batch_for, instruct_rows, no_dropout, pretrain_rows, training_args
 
@@ -41,6 +45,64 @@ def test_small_recipe_changes_only_the_defaults(tmp_path):
     assert (apple_instruct.memory_contrast_weight, apple_instruct.memory_cosine_weight) == (0.0, 0.0)
     frozen = ClaraTrainingArguments(output_dir=str(tmp_path), stage="instruct", recipe="small", freeze_compressor=True)
     assert frozen.freeze_compressor is True
+
+
+def test_every_recipe_value_has_a_reason_and_loads():
+    assert recipe_names() == ["apple", "small"]
+    for name in recipe_names():
+        with open(f"{RECIPES_DIR}/{name}.json", encoding="utf-8") as f:
+            recipe = json.load(f)
+        assert recipe["description"]
+        for settings in recipe["stages"].values():
+            assert all(set(setting) == {"value", "reason"} and len(setting["reason"]) > 10 for setting in settings.values())
+        assert set(load_recipe(name)) == {"pretrain", "instruct", "e2e"}
+
+
+def write_recipe(path, stages: dict) -> str:
+    path.write_text(json.dumps({"description": "a test recipe", "stages": stages}))
+    return str(path)
+
+
+def test_a_recipe_file_given_by_path_sets_what_is_not_given(tmp_path):
+    path = write_recipe(tmp_path / "mine.json", {
+        "stage1": {"memory_cosine_weight": {"value": 7.0, "reason": "Apple's stage names name stages too"},
+                   "learning_rate": {"value": 3e-4, "reason": "a rate between Apple's and small's"}},
+    })
+    assert load_recipe(path) == {"pretrain": {"memory_cosine_weight": 7.0, "learning_rate": 3e-4}}
+    args = ClaraTrainingArguments(output_dir=str(tmp_path), stage="pretrain", recipe=path, memory_cosine_ceiling=0.5)
+    assert (args.memory_cosine_weight, args.learning_rate, args.memory_cosine_ceiling) == (7.0, 3e-4, 0.5)
+    assert (args.lr_scheduler_type, args.mse_weight) == ("cosine_with_min_lr", 0.1)  # Apple's recipe lies under it
+    assert args.loss_config == ClaraLossConfig(memory_cosine_weight=7.0, memory_cosine_ceiling=0.5)
+    e2e = ClaraTrainingArguments(output_dir=str(tmp_path), stage="e2e", recipe=path)  # a stage it leaves out
+    assert (e2e.memory_cosine_weight, e2e.learning_rate) == (0.0, 5e-6)
+
+
+@pytest.mark.parametrize(
+    "stages, message",
+    [
+        ({"pretrain": {"mse_weight": 0.0}}, "write it as"),
+        ({"pretrain": {"mse_weight": {"value": 0.0, "reason": ""}}}, "write it as"),
+        ({"pretrain": {"output_dir": {"value": "x", "reason": "not a recipe's"}}}, "'output_dir': not an argument"),
+        ({"stage9": {}}, "stage 'stage9'"),
+        ({"pretrain": {"mse_weight": {"value": -1.0, "reason": "a negative weight"}}}, "mse_weight=-1.0"),
+    ],
+)
+def test_bad_recipe_files_are_refused_naming_the_value(tmp_path, stages, message):
+    path = write_recipe(tmp_path / "bad.json", stages)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ClaraTrainingArguments(output_dir=str(tmp_path), stage="pretrain", recipe=path)
+
+
+def test_loss_config_checks_its_values():
+    assert ClaraLossConfig().to_dict() == {
+        "mse_weight": 0.1, "retrieval_weight": 0.0, "memory_contrast_weight": 0.0, "memory_contrast_margin": 1.0,
+        "memory_cosine_weight": 0.0, "memory_cosine_ceiling": 0.8, "topk_temperature": 0.02,
+    }
+    for kwargs, message in [({"retrieval_weight": -0.1}, "retrieval_weight=-0.1"),
+                            ({"topk_temperature": 0.0}, "topk_temperature=0.0"),
+                            ({"memory_contrast_margin": "1"}, "memory_contrast_margin='1'")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ClaraLossConfig(**kwargs)
 
 
 @pytest.mark.parametrize("kwargs, decay_steps", [({}, 4), ({"lr_scheduler_kwargs": {"num_decay_steps": 2}}, 2)])
@@ -68,9 +130,6 @@ def test_warmup_stable_decay_decays_over_the_last_fifth_unless_told(tiny_llama_d
         ({"memory_contrast_weight": -0.5}, "memory_contrast_weight=-0.5"),
         ({"stage": "e2e", "memory_contrast_weight": 1.0}, "pretrain and instruct stages"),
         ({"memory_contrast_weight": 1.0, "per_device_train_batch_size": 1}, "per_device_train_batch_size >= 2"),
-        ({"reconstruction_rows": 0.5}, "instruct stage only"),
-        ({"stage": "instruct", "reconstruction_rows": -0.5}, "reconstruction_rows=-0.5"),
-        ({"memory_row_init": "zeros"}, "memory_row_init='zeros'"),
         ({"memory_cosine_weight": -1.0}, "memory_cosine_weight=-1.0"),
         ({"memory_cosine_ceiling": 1.0}, "memory_cosine_ceiling=1.0"),
         ({"stage": "e2e", "memory_cosine_weight": 1.0}, "memory_cosine_weight is for the pretrain and instruct"),
@@ -120,38 +179,6 @@ def test_channel_rows_need_a_vocabulary():
         with_channel_rows(pretrain_dataset(["An ox is."]), 1.0, seed=0)  # no word of 3+ letters
 
 
-def test_reconstruction_rows_ask_for_a_rows_first_document():
-    rows = {"question": [f"Q{i}?" for i in range(6)], "docs": [[f"first {i}", f"second {i}"] for i in range(6)],
-            "answer": [f"A{i}" for i in range(6)]}
-    dataset = datasets.Dataset.from_dict(rows, features=FEATURES["instruct"])
-    mixed = with_reconstruction_rows(dataset, rows_per_row=0.5, seed=1)
-    added = [row for row in mixed if row["question"] == RECONSTRUCTION_QUESTION]
-    assert len(mixed) == 9 and len(added) == 3
-    assert all(row["docs"] in rows["docs"] and row["answer"] == row["docs"][0] for row in added)
-    assert sorted(row["question"] for row in mixed if row not in added) == rows["question"]  # every task row kept
-    assert with_reconstruction_rows(dataset, 0.5, seed=1)["docs"] == mixed["docs"]  # seeded
-    assert with_reconstruction_rows(dataset, 0.0, seed=1)["docs"] == rows["docs"]
-
-
-def test_spread_memory_rows_differ_and_keep_the_vocabulary_scale(tiny_llama_dir, tmp_path):
-    args = training_args(tmp_path, "pretrain", memory_row_init="spread", doc_max_length=32, compr_rate=8, lora_r=4)
-    model = load_model_for_stage(str(tiny_llama_dir), args)
-    embeddings = model.get_input_embeddings().weight.detach()
-    memory, vocabulary = embeddings[model.processor.mem_token_ids], embeddings[: model.config.base_vocab_size]
-    mean_init = load_model_for_stage(str(tiny_llama_dir), training_args(tmp_path, "pretrain", doc_max_length=32,
-                                                                         compr_rate=8, lora_r=4))
-    mean_rows = mean_init.get_input_embeddings().weight.detach()[mean_init.processor.mem_token_ids]
-    assert torch.allclose(mean_rows, mean_rows[0].expand_as(mean_rows), atol=1e-3)  # HF's resize: one vector
-    # As far apart as two vocabulary rows typically are, where the mean init puts them at one point.
-    typical_distance = torch.cdist(vocabulary, vocabulary).median()
-    assert torch.pdist(memory).min() > 0.5 * typical_distance
-    torch.testing.assert_close(memory.std(dim=0).mean(), vocabulary.std(dim=0).mean(), rtol=0.5, atol=0)
-    saved = tmp_path / "saved"
-    model.save_pretrained(saved)
-    with pytest.raises(ValueError, match="keeps its trained memory rows"):
-        load_model_for_stage(str(saved), training_args(tmp_path, "pretrain", memory_row_init="spread"))
-
-
 def test_memory_cosine_hinge_is_over_different_documents_only():
     memory = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]]])
     ids = torch.tensor([[5, 6], [7, 8], [5, 6]])  # documents 0 and 2 are one text: their cosine 1 is no collapse
@@ -180,21 +207,6 @@ def test_memory_cosine_loss_is_weighted_into_the_loss_and_reaches_the_compressor
     prepare_model_for_stage(model, training_args(tmp_path, "instruct"))
     with torch.no_grad():
         assert model(**batch_for(model, "instruct", instruct_rows(3), tmp_path)).memory_cosine_loss is None  # off by default
-
-
-def test_mse_stop_gradient_keeps_the_value_and_changes_the_gradient(tiny_llama_dir, tmp_path):
-    grads, values = [], []
-    for stop in (False, True):
-        model = make_tiny_clara(tiny_llama_dir, training_stage="stage1")
-        prepare_model_for_stage(model, training_args(tmp_path, "pretrain", mse_stop_gradient=stop))
-        assert model.config.mse_stop_gradient is stop  # saved with the model
-        model.eval()  # no dropout: both runs see the same states
-        outputs = model(**batch_for(model, "pretrain", pretrain_rows(2), tmp_path))
-        outputs.mse_loss.backward()
-        values.append(outputs.mse_loss.item())
-        grads.append(torch.cat([p.grad.flatten() for n, p in model.named_parameters() if "lora_A.encoder" in n]))
-    assert values[0] == pytest.approx(values[1])
-    assert not torch.allclose(grads[0], grads[1])
 
 
 def test_length_curriculum_keeps_memory_tokens_and_weights(tiny_llama_dir, tmp_path):
@@ -237,4 +249,4 @@ def test_memory_contrast_is_off_by_default(tiny_llama_dir, tmp_path):
     prepare_model_for_stage(model, training_args(tmp_path, "instruct"))
     with torch.no_grad():
         outputs = model(**batch_for(model, "instruct", instruct_rows(2), tmp_path))
-    assert outputs.memory_contrast_loss is None and model.config.memory_contrast_weight == 0.0
+    assert outputs.memory_contrast_loss is None and model.loss_config.memory_contrast_weight == 0.0

@@ -1,8 +1,11 @@
 """Training the three CLaRa stages with the HF Trainer: what trains, where gradients go, accumulation, checkpointing,
 data parallelism, resuming after a kill, the CLI chain, and an overfit smoke test to answer F1 ~ 1.0."""
 
+import argparse
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,7 +19,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 
 from conftest import make_tiny_clara
 from modeling_clara import ClaraForRAG, cli
+from modeling_clara.checkpoints import SHIPPED_MODEL_DIR
+from modeling_clara.cli.eval import add_model_arguments
 from modeling_clara.cli.train import parse_train_args
+from modeling_clara.configuration_clara import ClaraConfig, ClaraLossConfig, resolve_stage, stage_name
 from modeling_clara.data import load_clara_jsonl, make_collator
 from modeling_clara.modeling_clara import contrastive_retrieval_loss
 from modeling_clara.metrics.clara_qa.clara_qa import score_example
@@ -27,6 +33,7 @@ from modeling_clara.processing_clara import (
     SYSTEM_PROMPT_QA,
 )
 from modeling_clara.training import (
+    TRAINING_SETTINGS_FILE,
     ClaraTrainer,
     ClaraTrainingArguments,
     load_model_for_stage,
@@ -168,6 +175,46 @@ def test_e2e_from_a_checkpoint_without_query_reasoner(tiny_llama_dir, tmp_path, 
         elif "lora_B" in name:
             assert not parameter.any()  # a fresh LoRA starts as the identity
     assert {adapter_of(n) for n, p in model.named_parameters() if p.requires_grad and adapter_of(n)} == {QUERY, DECODER}
+
+
+def test_apple_stage_names_are_aliases_of_ours():
+    assert [stage_name(name) for name in ("stage1", "stage1_2", "stage2")] == ["pretrain", "instruct", "e2e"]
+    assert [stage_name(name) for name in ("pretrain", "instruct", "e2e")] == ["pretrain", "instruct", "e2e"]
+    assert resolve_stage("instruct") is resolve_stage("stage1_2")
+    assert resolve_stage("stage2_reasoning").training_stage == "stage2_reasoning"
+    with pytest.raises(ValueError, match="'stage2_reasoning' is not trained here"):
+        stage_name("stage2_reasoning")
+    with pytest.raises(ValueError, match="stage 'stage9' is not one of"):
+        stage_name("stage9")
+    argv = ["--model", "embedded", "--data", "x.jsonl", "--output_dir", "out"]
+    assert parse_train_args(["--stage", "stage1_2", *argv])[1].stage == "instruct"
+    with pytest.raises(SystemExit):
+        parse_train_args(["--stage", "stage9", *argv])
+    eval_parser = argparse.ArgumentParser()
+    add_model_arguments(eval_parser)
+    assert eval_parser.parse_args(["--model", "embedded", "--data", "x.jsonl", "--stage", "stage2"]).stage == "e2e"
+    assert eval_parser.parse_args(["--model", "embedded", "--data", "x.jsonl"]).stage == "instruct"
+
+
+def test_a_bad_training_stage_is_a_clear_error_and_overrides_are_checked():
+    with pytest.raises(ValueError, match=r"training_stage='instruct' is not one of Apple's stages.*'stage1_2'"):
+        ClaraConfig(training_stage="instruct")
+    config = ClaraConfig(doc_max_length=64, compr_rate=4)
+    config.update({"compr_rate": 8, "generation_top_k": 2})
+    assert (config.compr_rate, config.generation_top_k, config.n_mem_tokens) == (8, 2, 8)
+    for overrides, message in [({"training_stage": "stage3"}, "training_stage='stage3'"),
+                               ({"compr_rate": 128}, "compr_rate=128 leaves no memory token"),
+                               ({"lora_r": 4, "generation_top_k": 0}, "generation_top_k=0")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            config.update(overrides)
+        assert (config.training_stage, config.compr_rate, config.generation_top_k, config.lora_r) == ("stage1_2", 8, 2, 16)
+
+
+def test_the_shipped_config_holds_no_training_knob():
+    shipped = json.loads((Path(SHIPPED_MODEL_DIR) / "config.json").read_text())
+    training_knobs = {f.name for f in dataclasses.fields(ClaraLossConfig)} | {"mse_stop_gradient", "memory_projection"}
+    assert not training_knobs & shipped.keys()
+    assert {"doc_max_length", "compr_rate", "generation_top_k", "lora_r", "training_stage"} <= shipped.keys()
 
 
 def test_checkpoint_architecture_cannot_be_overridden(tiny_llama_dir, tmp_path):
@@ -494,7 +541,11 @@ def test_three_stages_chain_from_the_cli(tiny_llama_dir, tmp_path, data_files, c
 
     configs = [json.loads((stage / "config.json").read_text()) for stage in (stage1, stage2, stage3)]
     assert [c["training_stage"] for c in configs] == ["stage1", "stage1_2", "stage2"]
-    assert configs[2]["retrieval_weight"] == 0.5 and configs[2]["generation_top_k"] == 2
+    settings = [json.loads((stage / TRAINING_SETTINGS_FILE).read_text()) for stage in (stage1, stage2, stage3)]
+    assert [s["stage"] for s in settings] == ["pretrain", "instruct", "e2e"]
+    assert settings[2]["loss"] == {**ClaraLossConfig().to_dict(), "retrieval_weight": 0.5}  # the run's, given
+    assert settings[0]["recipe"] == "apple" and settings[0]["learning_rate"] == 1e-2
+    assert configs[2]["generation_top_k"] == 2
     first = log_history(stage1)
     assert {"ce_loss", "mse_loss"} <= first[0].keys() and "eval_ce_loss" in first[-1]
     assert {"ce_loss", "mse_loss", "retrieval_loss", "retrieval_recall"} <= log_history(stage3)[0].keys()

@@ -8,6 +8,7 @@ from transformers import HfArgumentParser
 from transformers.utils import logging
 
 from .. import training
+from ..configuration_clara import stage_name
 from ..training import ClaraScriptArguments, ClaraTrainingArguments, train_clara
 
 
@@ -22,6 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
     for action in parser._actions:
         if action.dest == "output_dir":
             action.required = True  # the trained model goes there; no silent `trainer_output`
+        if action.dest == "stage":
+            action.type = stage_name  # Apple's names (stage1, stage1_2, stage2) are accepted as aliases
     parser.set_defaults(run=run)
 
 
