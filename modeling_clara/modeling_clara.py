@@ -13,6 +13,7 @@ every saved checkpoint (`trust_remote_code`): `configuration_clara.py` (config, 
 """
 
 import contextlib
+import copy
 import os
 import time
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput, logging
 
 # Every sibling file any of these imports is imported here too: loading a local folder with `trust_remote_code`,
@@ -39,6 +40,7 @@ from .checkpoints import (
     resolve_checkpoint_dir,
     split_clara_state,
 )
+from .generation import generate_completions
 from .configuration_clara import DECODER_ADAPTER, ENCODER_ADAPTER, QUERY_REASONER_ADAPTER, STAGES, ClaraConfig
 from .processing_clara import (
     ClaraProcessor,
@@ -97,6 +99,20 @@ class ClaraOutput(ModelOutput):
     logits: torch.FloatTensor | None = None
     topk_indices: torch.LongTensor | None = None
     retrieval_scores: torch.FloatTensor | None = None
+
+
+@dataclass
+class ClaraPromptStart:
+    """The tokens every answer prompt starts with and the generator's cache of them ([`ClaraForRAG.cache_prompt_start`])."""
+
+    input_ids: list[int]
+    past_key_values: Cache
+
+    def cache_for(self, batch_size: int) -> Cache:
+        """A copy of the cache for a batch (`generate` extends the cache it is given)."""
+        cache = copy.deepcopy(self.past_key_values)
+        cache.batch_repeat_interleave(batch_size)
+        return cache
 
 
 def differentiable_topk(scores: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -556,6 +572,36 @@ class ClaraForRAG(ClaraPreTrainedModel):
         return (scores[0], indices[0]) if single else (scores, indices)
 
     @torch.no_grad()
+    def select_documents(
+        self, questions: str | list[str], doc_embeds: torch.Tensor | list[torch.Tensor], k: int | None = None
+    ) -> tuple[list[torch.Tensor], list[list[int]], list[list[float] | None]]:
+        """Which of its candidates each question reads: the rule of [`answer`].
+
+        With a query reasoner and more candidates than `k`, the top `k` by retrieval, best first; otherwise all of
+        them, in the given order. Decided per question, so a batch selects exactly as its questions one at a time.
+
+        Args:
+            questions (`str` or `list[str]`).
+            doc_embeds: `(n_candidates, n_mem, hidden)` for one question, a list of those for a list of questions.
+            k (`int`, *optional*): Defaults to `config.generation_top_k`.
+        Returns:
+            `(memories, indices, scores)`, one entry per question: the memory to read `(n_read, n_mem, hidden)`, the
+            positions read among the candidates, and their cosine scores (`None` where nothing was retrieved).
+        """
+        k = self.config.generation_top_k if k is None else k
+        check_positive("k", k)
+        questions, doc_embeds = self._check_questions_and_embeds(questions, doc_embeds)
+        indices = [list(range(len(d))) for d in doc_embeds]
+        scores = [None] * len(questions)
+        to_rank = [i for i, d in enumerate(doc_embeds) if self.has_query_reasoner and len(d) > k]
+        if to_rank:
+            ranked_scores, ranked = self.retrieve([questions[i] for i in to_rank], [doc_embeds[i] for i in to_rank], k=k)
+            for i, s, idx in zip(to_rank, ranked_scores, ranked):
+                scores[i], indices[i] = s.tolist(), idx.tolist()
+        memories = [candidates[idx] for candidates, idx in zip(doc_embeds, indices)]
+        return memories, indices, scores
+
+    @torch.no_grad()
     def answer(
         self,
         questions: str | list[str],
@@ -568,8 +614,9 @@ class ClaraForRAG(ClaraPreTrainedModel):
     ) -> str | list[str] | dict | list[dict]:
         """Answer questions from compressed documents, given or retrieved from a [`ClaraIndex`].
 
-        With a query reasoner and more candidates than `k` (default `config.generation_top_k`), the top-k by
-        retrieval are read, best first; otherwise all given documents, in the given order.
+        The documents read are chosen by [`select_documents`]: with a query reasoner and more candidates than `k`
+        (default `config.generation_top_k`), the top-k by retrieval, best first; otherwise all given documents, in the
+        given order.
 
         Args:
             questions (`str` or `list[str]`).
@@ -584,68 +631,132 @@ class ClaraForRAG(ClaraPreTrainedModel):
         Returns:
             The answer (`str`), or a list for a list of questions; dicts with `return_dict=True`.
         """
+        single = isinstance(questions, str)
         k = self.config.generation_top_k if k is None else k
         check_positive("k", k)
         if index is not None:
             if doc_embeds is not None:
                 raise ValueError("pass either `doc_embeds` or `index`, not both")
-            return self._answer_from_index(questions, index, k, return_dict, max_new_tokens, **generate_kwargs)
-        if doc_embeds is None:
+            questions = check_texts(questions, "questions")
+            results = index.search(questions, k=k)
+            memories = [index.embeddings(result.positions).to(device=self.device, dtype=self.dtype) for result in results]
+            indices, scores = [r.ids for r in results], [r.scores for r in results]
+        elif doc_embeds is None:
             raise ValueError("`answer` needs `doc_embeds` (from `compress`) or an `index`")
-        single = isinstance(questions, str)
-        questions, doc_embeds = self._check_questions_and_embeds(questions, doc_embeds)
-        # Per question, so a batch answers exactly like its questions one at a time.
-        indices = [list(range(len(d))) for d in doc_embeds]
-        scores = [None] * len(questions)
-        to_rank = [i for i, d in enumerate(doc_embeds) if self.has_query_reasoner and len(d) > k]
-        if to_rank:
-            ranked_scores, ranked = self.retrieve([questions[i] for i in to_rank], [doc_embeds[i] for i in to_rank], k=k)
-            for i, s, idx in zip(to_rank, ranked_scores, ranked):
-                scores[i], indices[i] = s.tolist(), idx.tolist()
-        selected = [candidates[idx] for candidates, idx in zip(doc_embeds, indices)]
-        answers = [
-            text.strip()
-            for text in self._generate_from_embeds(questions, selected, max_new_tokens=max_new_tokens, **generate_kwargs)
-        ]
-        return _format_answers(answers, indices, scores, return_dict, single)
+        else:
+            memories, indices, scores = self.select_documents(questions, doc_embeds, k)
+            questions = [questions] if single else list(questions)
+        answers = self._generate_from_embeds(questions, memories, max_new_tokens=max_new_tokens, **generate_kwargs)
+        answers = [text.strip() for text in answers]
+        if return_dict:
+            answers = [{"answer": a, "doc_indices": i, "scores": s} for a, i, s in zip(answers, indices, scores)]
+        return answers[0] if single else answers
 
-    def _answer_from_index(self, questions, index, k, return_dict, max_new_tokens, **generate_kwargs):
-        single = isinstance(questions, str)
-        questions = check_texts(questions, "questions")
-        results = index.search(questions, k=k)
-        selected = [index.embeddings(result.positions).to(device=self.device, dtype=self.dtype) for result in results]
-        answers = [
-            text.strip()
-            for text in self._generate_from_embeds(questions, selected, max_new_tokens=max_new_tokens, **generate_kwargs)
+    @torch.no_grad()
+    def generate_from_memory(
+        self,
+        questions: list[str],
+        memories: list[torch.Tensor],
+        max_new_tokens: int | None = None,
+        prompt_start: ClaraPromptStart | None = None,
+        **generate_kwargs,
+    ) -> list[str]:
+        """Answer each question from the documents in its memory, read in the given order (no retrieval).
+
+        Args:
+            questions (`list[str]`).
+            memories (`list[torch.Tensor]`): Per question, `(n_docs, n_mem, hidden)` from `compress` or an index.
+            max_new_tokens (`int`, *optional*): Defaults to `config.max_new_tokens`.
+            prompt_start ([`ClaraPromptStart`], *optional*): From [`cache_prompt_start`]: the prompt start every
+                answer shares is run once, not once per question (a batch's prefill then runs only the rest).
+            generate_kwargs: Passed to `generate` (greedy by default).
+        Returns:
+            The answers, stripped.
+        Raises:
+            [`PromptTooLongError`]: naming the questions whose prompt is longer than the generator takes.
+        """
+        questions, memories = self._check_questions_and_embeds(questions, memories)
+        texts = self._generate_from_embeds(
+            questions, memories, max_new_tokens=max_new_tokens, prompt_start=prompt_start, **generate_kwargs
+        )
+        return [text.strip() for text in texts]
+
+    @torch.no_grad()
+    def generate_with_backbone(self, prompts: list[str], max_new_tokens: int | None = None, **generate_kwargs) -> list[str]:
+        """Completions of the bare backbone (every adapter off) to text prompts already in its chat template: what
+        text retrieval-augmented generation with the same backbone answers, the baseline CLaRa is compared with.
+
+        Returns:
+            The completions, stripped; greedy unless `generate_kwargs` ask for sampling.
+        """
+        prompts = check_texts(prompts, "prompts")
+        with self.adapters_disabled():
+            return generate_completions(
+                self.decoder, self.tokenizer, prompts, max_new_tokens or self.config.max_new_tokens, **generate_kwargs
+            )
+
+    @torch.no_grad()
+    def cache_prompt_start(self) -> ClaraPromptStart:
+        """The tokens every answer prompt starts with (the chat template up to the first document slot) and the
+        generator's keys and values for them, for [`generate_from_memory`]. Valid while the decoder adapter and the
+        added-token rows stay as they are (a server's model, not one in training)."""
+        start = self.processor.answer_prompt_start()
+        with self.adapter(DECODER_ADAPTER):
+            cache = self.decoder(input_ids=torch.tensor([start], device=self.device), use_cache=True).past_key_values
+        return ClaraPromptStart(start, cache)
+
+    def generator_inputs(
+        self, questions: list[str], memories: list[torch.Tensor], prompt_start: ClaraPromptStart | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The generator's inputs for answering each question from its memory: `inputs_embeds`, `(batch, seq,
+        hidden)`, the left-padded answer prompts with the document slots holding the memory, and `attention_mask`.
+
+        Other generators (vLLM) take these; the rows without padding are each prompt as [`answer`] reads it.
+        """
+        questions, memories = self._check_questions_and_embeds(questions, memories)
+        return self._generator_inputs(questions, memories, prompt_start=prompt_start)
+
+    def _generator_inputs(
+        self,
+        questions: list[str],
+        memories: list[torch.Tensor],
+        task: str = "answer",
+        paraphrase_instructions: list[int | None] | None = None,
+        prompt_start: ClaraPromptStart | None = None,
+    ) -> dict[str, torch.Tensor]:
+        instructions = paraphrase_instructions or [None] * len(questions)
+        prompts = [
+            self.processor.build_prompt(len(docs), task=task, question=q, paraphrase_instruction=p)[0]
+            for q, docs, p in zip(questions, memories, instructions)
         ]
-        ids, scores = [r.ids for r in results], [r.scores for r in results]
-        return _format_answers(answers, ids, scores, return_dict, single)
+        if prompt_start is None:
+            inputs = self.processor.tokenize_prompts(prompts)
+        else:
+            inputs = self.processor.pad_after_start(prompt_start.input_ids, self.processor.prompt_ids(prompts))
+        inputs = {name: tensor.to(self.device) for name, tensor in inputs.items()}
+        memory = torch.cat(memories).to(self.device)  # (total docs, n_mem, hidden), in question order
+        inputs_embeds = self._replace_memory_embeddings(inputs["input_ids"], memory, [len(docs) for docs in memories])
+        return {"inputs_embeds": inputs_embeds, "attention_mask": inputs["attention_mask"]}
 
     def _generate_from_embeds(
         self,
         questions: list[str],
-        selected: list[torch.Tensor],
+        memories: list[torch.Tensor],
         task: str = "answer",
         max_new_tokens: int | None = None,
         paraphrase_instructions: list[int | None] | None = None,
+        prompt_start: ClaraPromptStart | None = None,
         **generate_kwargs,
     ) -> list[str]:
-        """Generate from prompts whose document slots hold `selected[i]` (`(n_docs_i, n_mem, hidden)`)."""
-        instructions = paraphrase_instructions or [None] * len(questions)
-        prompts = [
-            self.processor.build_prompt(len(docs), task=task, question=q, paraphrase_instruction=p)[0]
-            for q, docs, p in zip(questions, selected, instructions)
-        ]
-        inputs = {name: t.to(self.device) for name, t in self.processor.tokenize_prompts(prompts).items()}
-        inputs_embeds = self._replace_memory_embeddings(
-            inputs["input_ids"], torch.cat(selected), [len(docs) for docs in selected]
-        )
+        """Generate from prompts whose document slots hold `memories[i]` (`(n_docs_i, n_mem, hidden)`); the decoded
+        text, unstripped as Apple's methods return it."""
+        inputs = self._generator_inputs(questions, memories, task, paraphrase_instructions, prompt_start)
         generate_kwargs = {"do_sample": False, **generate_kwargs}
         generate_kwargs["max_new_tokens"] = max_new_tokens or self.config.max_new_tokens
+        if prompt_start is not None:
+            generate_kwargs["past_key_values"] = prompt_start.cache_for(len(questions))
         with self.adapter(DECODER_ADAPTER):
-            output_ids = self.decoder.generate(
-                inputs_embeds=inputs_embeds, attention_mask=inputs["attention_mask"], **generate_kwargs
-            )
+            output_ids = self.decoder.generate(**inputs, **generate_kwargs)
         return self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
 
     def _replace_memory_embeddings(
@@ -1168,12 +1279,6 @@ def _lora_adapter_of(parameter_name: str) -> str | None:
             return parts[i + 1]
     return None
 
-def _format_answers(answers, doc_indices, scores, return_dict: bool, single: bool):
-    if return_dict:
-        answers = [{"answer": a, "doc_indices": i, "scores": s} for a, i, s in zip(answers, doc_indices, scores)]
-    return answers[0] if single else answers
-
-
 def _check_questions_and_documents(questions, documents, allow_empty_questions: bool = False):
     if not isinstance(questions, (list, tuple)) or not questions:
         raise TypeError(f"`questions` must be a non-empty list of str, got {questions!r:.80}")
@@ -1195,4 +1300,4 @@ def _check_questions_and_documents(questions, documents, allow_empty_questions: 
 ClaraConfig.register_for_auto_class()
 ClaraForRAG.register_for_auto_class("AutoModel")
 
-__all__ = ["ClaraForRAG", "ClaraOutput", "ClaraPreTrainedModel", "ClaraProcessor", "differentiable_topk"]
+__all__ = ["ClaraForRAG", "ClaraOutput", "ClaraPreTrainedModel", "ClaraProcessor", "ClaraPromptStart", "differentiable_topk"]

@@ -239,15 +239,55 @@ class ClaraProcessor:
         return prompt, render(conversation, tokenize=False, add_generation_prompt=False, enable_thinking=False)
 
     def tokenize_prompts(self, prompts: list[str], max_length: int = MAX_PROMPT_TOKENS) -> dict[str, torch.Tensor]:
-        """Left-padded generator inputs, without special tokens; prompts longer than `max_length` are an error."""
-        encoded = self.tokenizer(prompts, add_special_tokens=False)
-        too_long = [i for i, ids in enumerate(encoded["input_ids"]) if len(ids) > max_length]
+        """Left-padded generator inputs, without special tokens; prompts longer than `max_length` are an error
+        ([`PromptTooLongError`])."""
+        return self.tokenizer.pad({"input_ids": self.prompt_ids(prompts, max_length)}, padding="longest",
+                                  return_tensors="pt")
+
+    def prompt_ids(self, prompts: list[str], max_length: int = MAX_PROMPT_TOKENS) -> list[list[int]]:
+        """Token ids of generator prompts, without special tokens: the one check of the generator's prompt length.
+
+        Raises:
+            [`PromptTooLongError`]: naming every prompt longer than `max_length` tokens.
+        """
+        ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        too_long = {i: len(seq) for i, seq in enumerate(ids) if len(seq) > max_length}
         if too_long:
-            raise ValueError(
-                f"prompt {too_long[0]} has {len(encoded['input_ids'][too_long[0]])} tokens, more than "
-                f"max_length={max_length}; shorten the question or read fewer documents"
-            )
-        return self.tokenizer.pad(encoded, padding="longest", return_tensors="pt")
+            raise PromptTooLongError(too_long, max_length)
+        return ids
+
+    def answer_prompt_start(self) -> list[int]:
+        """The tokens every answer prompt starts with: the chat template's turns up to the first document slot."""
+        ids = self.prompt_ids([self.build_prompt(1, task="answer", question="")[0]])[0]
+        return ids[: ids.index(self.mem_token_ids[0])]
+
+    def pad_after_start(self, start: list[int], prompts_ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        """`input_ids` and `attention_mask`, `(n, seq)` each, laid out as `start`, left padding, the rest of each prompt.
+
+        Every row keeps `start` at positions 0..len(start)-1, so one cache of `start` serves the whole batch; the
+        attention mask numbers each row's positions as in the plain left-padded layout ([`tokenize_prompts`]).
+        """
+        if any(ids[: len(start)] != start for ids in prompts_ids):
+            raise ValueError("a prompt does not start with the given start of the prompt template")
+        rest = self.tokenizer.pad({"input_ids": [ids[len(start) :] for ids in prompts_ids]}, padding="longest",
+                                  return_tensors="pt")
+        start_ids = torch.tensor(start, dtype=rest["input_ids"].dtype).expand(len(prompts_ids), -1)
+        return {
+            "input_ids": torch.cat([start_ids, rest["input_ids"]], dim=1),
+            "attention_mask": torch.cat([torch.ones_like(start_ids), rest["attention_mask"]], dim=1),
+        }
+
+
+class PromptTooLongError(ValueError):
+    """Generator prompts longer than the generator takes: `lengths` maps each one's position to its token count."""
+
+    def __init__(self, lengths: dict[int, int], max_length: int):
+        self.lengths, self.max_length = lengths, max_length
+        first, n_tokens = next(iter(lengths.items()))
+        super().__init__(
+            f"prompt {first} has {n_tokens} tokens, more than max_length={max_length}; shorten the question or read "
+            "fewer documents"
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -276,6 +316,7 @@ def check_positive(name: str, value) -> None:
 
 __all__ = [
     "ClaraProcessor",
+    "PromptTooLongError",
     "add_clara_special_tokens",
     "check_positive",
     "check_texts",

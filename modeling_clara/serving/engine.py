@@ -6,12 +6,13 @@ its result, so the rest of its batch still runs. Answers are chosen per request 
 applies (retrieve the top `k` when the model has a query reasoner and more than `k` candidates, otherwise read the
 documents in order), so a batched request answers exactly as it would alone.
 
-One shortcut makes a batch cheaper without changing what it computes (beyond float rounding): the generator runs
-the start that every answer prompt shares once, not once per request (`TransformersGenerator`). (Questions are
-encoded without the encoder layout's padding by the model itself, `ClaraForRAG.encode_queries`.)
+Which documents a request reads (`select_documents`), the prompt-length check (a `PromptTooLongError` of the
+processor) and generation (`generate_from_memory`) are the model's; the engine only groups requests. One shortcut
+makes a batch cheaper without changing what it computes (beyond float rounding), and the model provides it too: the
+start every answer prompt shares runs once, not once per request (`cache_prompt_start`). Questions are encoded
+without the encoder layout's padding by `ClaraForRAG.encode_queries` itself.
 """
 
-import copy
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Protocol
@@ -19,10 +20,9 @@ from typing import Protocol
 import torch
 from transformers.utils import logging
 
-from ..configuration_clara import DECODER_ADAPTER
 from ..index import ClaraIndex
 from ..modeling_clara import ClaraForRAG
-from ..processing_clara import MAX_PROMPT_TOKENS
+from ..processing_clara import PromptTooLongError
 
 logger = logging.get_logger(__name__)
 
@@ -77,63 +77,26 @@ class Generator(Protocol):
 
 
 class TransformersGenerator:
-    """Greedy generation with transformers `generate`: a whole batch in one call, the shared prompt start run once.
+    """Greedy generation with the model's `generate_from_memory`: a whole batch in one call, the shared prompt start
+    run once.
 
     Every answer prompt starts with the same tokens, the chat template's system turn up to the first document slot
-    (37 of the shipped model's 93 prompt tokens with 2 documents). Their keys and values are computed once, at the
-    first call, and each batch starts from a copy of that cache, so prefill (compute-bound on CPU: it grows with
-    the tokens of the whole batch) runs only the rest of each prompt. Rows are laid out as shared start, left
-    padding, rest of the prompt: the start stays at positions 0..P-1 in every row, and `generate` numbers each
-    row's positions from its attention mask, so every token sits where it would in `answer`'s left-padded prompt.
+    (37 of the shipped model's 93 prompt tokens with 2 documents). The model caches their keys and values once
+    (`cache_prompt_start`, at the first call) and each batch starts from a copy of that cache, so prefill
+    (compute-bound on CPU: it grows with the tokens of the whole batch) runs only the rest of each prompt.
     """
 
     name = "transformers"
 
     def __init__(self, model: ClaraForRAG):
         self.model = model
-        self._prefix_ids: list[int] | None = None
-        self._prefix_cache = None  # the shared start's keys and values, for a batch of one
+        self._prompt_start = None
 
-    @torch.no_grad()
     def generate(self, questions: list[str], memories: list[torch.Tensor], max_new_tokens: int) -> list[str]:
-        model = self.model
-        prompts = [model.processor.build_prompt(len(m), task="answer", question=q)[0]
-                   for q, m in zip(questions, memories)]
-        prefix, cache = self._shared_start()
-        prompts_ids = model.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        input_ids, attention_mask = self._layout_after(prefix, prompts_ids)
-        memory = torch.cat(memories).to(model.device)  # (total docs, n_mem, hidden), in request order
-        inputs_embeds = model._replace_memory_embeddings(input_ids, memory, [len(m) for m in memories])
-        cache = copy.deepcopy(cache)
-        cache.batch_repeat_interleave(len(prompts))
-        with model.adapter(DECODER_ADAPTER):
-            output_ids = model.decoder.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                                past_key_values=cache, do_sample=False, max_new_tokens=max_new_tokens)
-        return [text.strip() for text in model.tokenizer.batch_decode(output_ids, skip_special_tokens=True)]
-
-    def _shared_start(self) -> tuple[list[int], object]:
-        """The tokens every answer prompt starts with, and their cache (computed on the first call)."""
-        if self._prefix_cache is None:
-            model = self.model
-            prompt = model.processor.build_prompt(1, task="answer", question="")[0]
-            ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            self._prefix_ids = ids[: ids.index(model.processor.mem_token_ids[0])]
-            prefix = torch.tensor([self._prefix_ids], device=model.device)
-            with model.adapter(DECODER_ADAPTER):
-                self._prefix_cache = model.decoder(input_ids=prefix, use_cache=True).past_key_values
-        return self._prefix_ids, self._prefix_cache
-
-    def _layout_after(self, prefix: list[int], prompts_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(input_ids, attention_mask)`, `(n, seq)` each: the shared start, left padding, the rest of each prompt."""
-        if any(ids[: len(prefix)] != prefix for ids in prompts_ids):
-            raise RuntimeError("an answer prompt does not start with the shared start of the prompt template")
-        rest = self.model.tokenizer.pad({"input_ids": [ids[len(prefix) :] for ids in prompts_ids]}, padding="longest",
-                                        return_tensors="pt")
-        n = len(prompts_ids)
-        start = torch.tensor(prefix).expand(n, -1)
-        input_ids = torch.cat([start, rest["input_ids"]], dim=1)
-        attention_mask = torch.cat([torch.ones_like(start), rest["attention_mask"]], dim=1)
-        return input_ids.to(self.model.device), attention_mask.to(self.model.device)
+        if self._prompt_start is None:
+            self._prompt_start = self.model.cache_prompt_start()
+        return self.model.generate_from_memory(questions, memories, max_new_tokens=max_new_tokens,
+                                               prompt_start=self._prompt_start)
 
     def close(self) -> None:
         pass  # runs in this process: nothing to release
@@ -199,14 +162,9 @@ class ClaraServingEngine:
         from_index = [i for i in valid if requests[i].documents is None]
         for k, positions in _group_by([requests[i] for i in from_index], lambda r: r.k).items():
             chosen.update(self._choose_from_index([from_index[p] for p in positions], requests, k))
-        for i in valid:
-            results[i] = self._prompt_problem(requests[i], n_docs=len(chosen[i][0]))
-        valid = [i for i in valid if results[i] is None]
-        if valid:
-            answers = self.generator.generate([requests[i].question for i in valid], [chosen[i][0] for i in valid],
-                                              max_new_tokens=requests[valid[0]].max_new_tokens)
-            for i, text in zip(valid, answers):
-                results[i] = AnswerResult(text, chosen[i][1])
+        answers = self._generate(requests, valid, chosen, results)
+        for i, text in answers.items():
+            results[i] = AnswerResult(text, chosen[i][1])
         return results
 
     def answer_problem(self, request: AnswerRequest) -> RequestError | None:
@@ -218,22 +176,16 @@ class ClaraServingEngine:
         return self.search_problem()
 
     def _choose_given(self, requests, positions: list[int], memories: list[torch.Tensor]) -> dict:
-        """Per request: the memory to read and its hits. As `model.answer`: retrieve the top k only when the model
-        has a query reasoner and more than k documents were given."""
-        chosen = {}
-        to_rank = [p for p, memory in zip(positions, memories) if self.model.has_query_reasoner and len(memory) > requests[p].k]
-        memory_of = dict(zip(positions, memories))
-        for p in positions:  # read in order, unscored
-            chosen[p] = (memory_of[p], [Hit(str(j), None, text) for j, text in enumerate(requests[p].documents)])
-        for k, group in _group_by([requests[p] for p in to_rank], lambda r: r.k).items():
-            ranked = [to_rank[g] for g in group]
-            all_scores, all_indices = self.model.retrieve(
-                [requests[p].question for p in ranked], [memory_of[p] for p in ranked], k=k
+        """Per request: the memory to read and its hits, chosen by `model.select_documents` (one call per `k`)."""
+        chosen, memory_of = {}, dict(zip(positions, memories))
+        for k, group in _group_by([requests[p] for p in positions], lambda r: r.k).items():
+            group = [positions[g] for g in group]
+            selected, indices, scores = self.model.select_documents(
+                [requests[p].question for p in group], [memory_of[p] for p in group], k=k
             )
-            for p, scores, indices in zip(ranked, all_scores, all_indices):
-                idx = indices.tolist()
-                hits = [Hit(str(j), score, requests[p].documents[j]) for j, score in zip(idx, scores.tolist())]
-                chosen[p] = (memory_of[p][idx], hits)
+            for p, memory, idx, score in zip(group, selected, indices, scores):
+                score = score or [None] * len(idx)  # read in order, unscored
+                chosen[p] = (memory, [Hit(str(j), s, requests[p].documents[j]) for j, s in zip(idx, score)])
         return chosen
 
     def _choose_from_index(self, positions: list[int], requests, k: int) -> dict:
@@ -243,14 +195,23 @@ class ClaraServingEngine:
             for p, result in zip(positions, found)
         }
 
-    def _prompt_problem(self, request: AnswerRequest, n_docs: int) -> RequestError | None:
-        """A prompt the generator would refuse, found before it could fail the whole batch."""
-        prompt = self.model.processor.build_prompt(n_docs, task="answer", question=request.question)[0]
-        n_tokens = len(self.model.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        if n_tokens <= MAX_PROMPT_TOKENS:
-            return None
-        return RequestError("question", f"the prompt with {n_docs} documents has {n_tokens} tokens, more than the "
-                            f"generator's {MAX_PROMPT_TOKENS}; shorten the question or lower k")
+    def _generate(self, requests, positions: list[int], chosen: dict, results: list) -> dict[int, str]:
+        """The answers of the requests at `positions`; a request whose prompt the generator refuses gets a
+        `RequestError` in `results` instead, and the others are generated without it."""
+        while positions:
+            try:
+                answers = self.generator.generate([requests[i].question for i in positions],
+                                                  [chosen[i][0] for i in positions],
+                                                  max_new_tokens=requests[positions[0]].max_new_tokens)
+                return dict(zip(positions, answers))
+            except PromptTooLongError as error:
+                for position, n_tokens in error.lengths.items():
+                    n_docs = len(chosen[positions[position]][0])
+                    results[positions[position]] = RequestError(
+                        "question", f"the prompt with {n_docs} documents has {n_tokens} tokens, more than the "
+                        f"generator's {error.max_length}; shorten the question or lower k")
+                positions = [i for p, i in enumerate(positions) if p not in error.lengths]
+        return {}
 
 
 def _group_by(items: list, key) -> dict:

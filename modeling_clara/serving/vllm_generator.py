@@ -83,24 +83,10 @@ class VllmGenerator:
 
 @torch.no_grad()
 def prompt_embeddings(model: ClaraForRAG, questions: list[str], memories: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per question, `(prompt_length, hidden)`: the answer prompt's token embeddings, document slots holding memory.
-
-    The same layout `answer` builds (without padding): document j fills the n_mem positions starting at the first
-    memory token + j * (n_mem + sep).
-    """
-    processor, embed = model.processor, model.get_input_embeddings()
-    slot_length = model.n_mem_tokens + (1 if model.config.sep else 0)
-    result = []
-    for question, memory in zip(questions, memories):
-        prompt = processor.build_prompt(len(memory), task="answer", question=question)[0]
-        input_ids = processor.tokenize_prompts([prompt])["input_ids"][0].to(model.device)
-        embeds = embed(input_ids).clone()  # (prompt_length, hidden)
-        first = int((input_ids == processor.mem_token_ids[0]).nonzero()[0])
-        for j, document in enumerate(memory):
-            start = first + j * slot_length
-            embeds[start : start + model.n_mem_tokens] = document.to(device=embeds.device, dtype=embeds.dtype)
-        result.append(embeds.cpu())
-    return result
+    """Per question, `(prompt_length, hidden)`: the answer prompt's token embeddings with the document slots holding
+    memory, as the model lays them out for its own generator (`generator_inputs`), without the padding."""
+    inputs = model.generator_inputs(questions, memories)
+    return [embeds[mask.bool()].cpu() for embeds, mask in zip(inputs["inputs_embeds"], inputs["attention_mask"])]
 
 
 def export_backbone(model: ClaraForRAG, directory: Path) -> Path:
