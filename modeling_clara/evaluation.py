@@ -24,7 +24,6 @@ batch: rerunning a command skips the examples already there (a run with other se
 error). Each run also writes `<run>.summary.json` and `.summary.md`; `<output-dir>/summary.md` collects them all.
 """
 
-import hashlib
 import json
 import os
 import time
@@ -37,9 +36,10 @@ from transformers.utils import logging
 
 from .backbone import EMBEDDED_BACKBONE
 from .data import check_e2e_candidates
+from .fingerprint import adapter_weights, weights_sha256
 from .generation import generate_completions
 from .jsonl import append_jsonl, read_for_resume, read_jsonl, record_settings, write_text_atomic
-from .metrics.clara_qa.clara_qa import recall_at_k, score_example
+from .metrics import recall_at_k, score_example
 from .modeling_clara import ClaraForRAG
 from .processing_clara import SYSTEM_PROMPT_ANSWER, check_positive
 from .text_retrieval import load_text_retriever, oracle_candidates
@@ -233,14 +233,10 @@ class Ranker:
 
 
 def adapter_digest(model: ClaraForRAG) -> str:
-    """A digest of the model's LoRA weights. Results are resumed by model name, and a name can be reused (a retrained
-    `shipped`, a checkpoint folder written again): the digest tells the two models apart. Fresh models are seeded."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if "lora_" in name:
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+    """The first 16 hex digits of [`weights_sha256`] over the model's LoRA weights. Results are resumed by model name,
+    and a name can be reused (a retrained `shipped`, a checkpoint folder written again): the digest tells the two
+    models apart. Fresh models are seeded."""
+    return weights_sha256(adapter_weights(model))[:16]
 
 
 def _non_gold_candidates(example: EvalExample) -> list[int]:
@@ -397,7 +393,7 @@ def evaluate_file(
     data: str | os.PathLike,
     method: str | EvalMethod = "clara",
     setting: str = "normal",
-    k: int = 5,
+    k: int | None = None,
     limit: int | None = None,
     batch_size: int = 4,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
@@ -409,10 +405,12 @@ def evaluate_file(
     Args:
         method: A name of `METHODS`, or an [`EvalMethod`] (to share its compression cache between runs).
         setting: `"normal"` or `"oracle"` (see the module docstring).
+        k: Documents read per question; default: the model's `generation_top_k`.
         model_name: Recorded with CLaRa runs; defaults to the model's `name_or_path`.
     """
     if setting not in SETTINGS:
         raise ValueError(f"setting={setting!r} is not one of {SETTINGS}")
+    k = model.config.generation_top_k if k is None else k
     check_positive("k", k)
     runner = method if isinstance(method, EvalMethod) else EvalMethod(method, model)
     setting = runner.setting(setting)
@@ -523,31 +521,7 @@ def collect_summaries(output_dir: str | os.PathLike) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Models
-
-
-def load_model_for_eval(
-    name: str,
-    compr_rate: int = 16,
-    doc_max_length: int = 256,
-    training_stage: str = "stage1_2",
-    seed: int = 0,
-    device: str | None = None,
-    memory_projection: str | None = None,
-) -> ClaraForRAG:
-    """`"embedded"`: a fresh CLaRa on the embedded backbone (untrained; `seed` fixes its new token rows;
-    `memory_projection` as in [`ClaraConfig`]); else a saved CLaRa (folder or Hub id, ours or Apple's) loaded with
-    `from_pretrained`."""
-    if name == EMBEDDED_BACKBONE:
-        torch.manual_seed(seed)
-        model = ClaraForRAG.from_backbone(
-            EMBEDDED_BACKBONE, compr_rate=compr_rate, doc_max_length=doc_max_length, training_stage=training_stage,
-            memory_projection=memory_projection,
-        )
-    else:
-        model = ClaraForRAG.from_pretrained(name)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval()
+# Output folders
 
 
 def default_output_dir(model: ClaraForRAG, name: str) -> str:

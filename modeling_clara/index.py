@@ -15,28 +15,27 @@ previous index loadable. Shards are read lazily with `safetensors.safe_open` (me
 them chunk by chunk and only the rows asked for are materialised.
 """
 
-import hashlib
 import json
 import math
 import os
 import shutil
 import uuid
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import torch
 import torch.nn.functional as F
-from accelerate import PartialState
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.utils import logging
 
-from .configuration_clara import ENCODER_ADAPTER
+from .corpus import corpus_fingerprint, read_corpus
+from .fingerprint import compressor_weights, weights_sha256
 from .jsonl import write_text_atomic
+from .loading import distributed_state
 from .modeling_clara import ClaraForRAG, cosine_scores
-from .processing_clara import check_positive, check_texts
+from .processing_clara import check_positive
 
 logger = logging.get_logger(__name__)
 
@@ -64,46 +63,11 @@ class SearchResult:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Corpus and fingerprints
-
-
-def read_corpus(corpus, first_id: int = 0) -> datasets.Dataset:
-    """A corpus as a `Dataset` with string columns `id` and `text`.
-
-    Accepts a list of texts, a `datasets.Dataset` with a `text` (or `contents`) column and an optional `id` column,
-    or a JSONL path with those fields per line. Documents without ids are numbered from `first_id`.
-    """
-    if isinstance(corpus, (str, os.PathLike)):
-        path = Path(corpus)
-        if not path.is_file():
-            raise FileNotFoundError(f"corpus file not found: {path}")
-        corpus = datasets.load_dataset("json", data_files=str(path), split="train")
-    if isinstance(corpus, list):
-        texts = check_texts(corpus, "corpus")
-        return datasets.Dataset.from_dict({"id": [str(first_id + i) for i in range(len(texts))], "text": texts})
-    if not isinstance(corpus, datasets.Dataset):
-        raise TypeError(f"corpus must be a list of str, a datasets.Dataset or a JSONL path, got {type(corpus).__name__}")
-    text_column = next((c for c in ("text", "contents") if c in corpus.column_names), None)
-    if text_column is None:
-        raise ValueError(f"corpus needs a `text` (or `contents`) column; it has {corpus.column_names}")
-    texts = check_texts(list(corpus[text_column]), f"corpus[{text_column!r}]")
-    if "id" in corpus.column_names:
-        ids = [str(i) for i in corpus["id"]]
-        repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
-        if repeated:
-            raise ValueError(f"corpus ids must be unique; repeated: {repeated[:5]}")
-    else:
-        ids = [str(first_id + i) for i in range(len(texts))]
-    return datasets.Dataset.from_dict({"id": ids, "text": texts})
+# Fingerprints
 
 
 def compressor_fingerprint(model: ClaraForRAG) -> dict:
     """What decides a document's embedding: backbone, layout, and a hash of the encoder adapter and added rows."""
-    digest = hashlib.sha256()
-    state = model.clara_state_dict()
-    for key in sorted(k for k in state if k.startswith(f"{ENCODER_ADAPTER}.") or k.startswith("added_")):
-        digest.update(key.encode())
-        digest.update(state[key].float().numpy().tobytes())
     config = model.config
     return {
         "backbone": str(config.decoder_model_name),
@@ -112,15 +76,8 @@ def compressor_fingerprint(model: ClaraForRAG) -> dict:
         "n_mem_tokens": model.n_mem_tokens,
         "hidden_size": model.hidden_size,
         "different_mem_tokens": config.different_mem_tokens,
-        "compressor_sha256": digest.hexdigest(),
+        "compressor_sha256": weights_sha256(compressor_weights(model)),
     }
-
-
-def corpus_fingerprint(documents: datasets.Dataset) -> str:
-    digest = hashlib.sha256()
-    for row in documents:
-        digest.update(row["id"].encode() + b"\0" + row["text"].encode() + b"\0")
-    return digest.hexdigest()
 
 
 def check_fingerprint(index_fingerprint: dict, model: ClaraForRAG, where: str) -> None:
@@ -151,8 +108,8 @@ class _Shard:
 
     @classmethod
     def from_embeddings(cls, embeddings: torch.Tensor) -> "_Shard":
-        norms = embeddings.flatten(start_dim=1).float().norm(dim=-1)
-        return cls(embeddings.detach().cpu().contiguous(), norms)
+        embeddings = embeddings.detach().cpu().contiguous()  # shards live in host memory, whatever compressed them
+        return cls(embeddings, embeddings.flatten(start_dim=1).float().norm(dim=-1))
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         return self._embeddings[start:stop]
@@ -349,7 +306,7 @@ class ClaraIndex:
         return torch.stack(rows)
 
     def _exact_candidates(self, query_reps: torch.Tensor, k: int) -> list[list[int]]:
-        queries = F.normalize(query_reps.float(), dim=-1)
+        queries = F.normalize(query_reps.float().cpu(), dim=-1)  # scored where the shards are
         best_scores = torch.full((len(queries), 0), float("-inf"))
         best_positions = torch.zeros((len(queries), 0), dtype=torch.long)
         deleted = torch.tensor(sorted(self.deleted), dtype=torch.long)
@@ -426,7 +383,8 @@ class ClaraIndex:
             self.faiss_index.hnsw.efSearch = options["ef_search"]
 
     def _faiss_vectors(self, embeds: torch.Tensor, pooled: bool):
-        vectors = embeds.float().mean(dim=1) if pooled else embeds.float().flatten(start_dim=1)
+        embeds = embeds.float().cpu()
+        vectors = embeds.mean(dim=1) if pooled else embeds.flatten(start_dim=1)
         return F.normalize(vectors, dim=-1).numpy()
 
     # -- saving and loading ---------------------------------------------------------------------------------------
@@ -525,10 +483,36 @@ class ClaraIndex:
         return [self._position_of[i] for i in ids]
 
 
-def distributed_state() -> PartialState:
-    # Without an accelerator, accelerate forms a process group only when asked for CPU (gloo): otherwise every
-    # process launched by `accelerate launch` / `torchrun` would believe it is alone and build everything.
-    return PartialState(cpu=not torch.accelerator.is_available())
+def open_or_build_index(model: ClaraForRAG, corpus=None, index_dir: str | os.PathLike | None = None,
+                        batch_size: int = 8) -> ClaraIndex:
+    """The index of `corpus` for `model`, kept in `index_dir`: the one cache policy of every job that indexes a corpus.
+
+    The index in `index_dir` is reused when `model` compresses as its builder did and (with `corpus`) it holds exactly
+    the corpus's documents, ids and texts; otherwise the corpus is compressed into `index_dir` again, with a warning
+    saying why (a build interrupted there resumes). Without `index_dir` the index is built in memory.
+
+    Args:
+        corpus: Texts, a `datasets.Dataset`, a JSONL path or `"shipped"` (see [`read_corpus`]). Without it, the index
+            in `index_dir` is opened as it is.
+    Raises:
+        `ValueError`: neither argument given, or only `index_dir`, whose index another compressor built.
+        `FileNotFoundError`: only `index_dir`, and it holds no index.
+    """
+    if corpus is None and index_dir is None:
+        raise ValueError("open_or_build_index needs a corpus, an index_dir, or both")
+    documents = None if corpus is None else read_corpus(corpus)
+    if index_dir is not None and (corpus is None or (Path(index_dir) / CURRENT_FILE).exists()):
+        try:
+            index = ClaraIndex.load(index_dir, model=model)
+        except ValueError as error:  # another compressor built it
+            if documents is None:
+                raise
+            logger.warning(f"rebuilding {index_dir}: {error}")
+        else:
+            if documents is None or corpus_fingerprint(index.documents) == corpus_fingerprint(documents):
+                return index
+            logger.warning(f"rebuilding {index_dir}: it holds other documents than the corpus given")
+    return ClaraIndex.build(model, documents, batch_size=batch_size, output_dir=index_dir)
 
 
 def _training_sample(vectors: list, max_rows: int = 100_000):

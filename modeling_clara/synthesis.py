@@ -8,12 +8,13 @@ questions about the passage's sentences that no kept answer comes from, a bounde
 
 Output rows are Apple's stage-1 format (`data_type`, `question`, `answers`, `docs`), ready for
 `clara train --stage pretrain`. The run appends passage by passage and records each finished passage in
-`<out>.progress.jsonl`; running the same command again continues after the last finished passage.
+`<output>.progress.jsonl`; running the same command again continues after the last finished passage.
 
 ```bash
-clara synthesize --corpus passages.jsonl --out pretrain.jsonl                        # embedded SmolLM2 generator
-clara synthesize --generator Qwen/Qwen2.5-7B-Instruct --corpus passages.jsonl --out pretrain.jsonl
-clara synthesize --endpoint http://127.0.0.1:8000/v1 --generator served-name --corpus ... --out ...   # e.g. vLLM
+clara synthesize --corpus passages.jsonl --output-dir stage1_data           # embedded SmolLM2 generator
+clara synthesize --generator Qwen/Qwen2.5-7B-Instruct --corpus passages.jsonl --output-dir stage1_data
+clara synthesize --endpoint http://127.0.0.1:8000/v1 --generator served-name --corpus ... --output-dir ...  # e.g. vLLM
+clara train --stage pretrain --model embedded --data stage1_data/pretrain.jsonl --output-dir runs/stage1
 ```
 """
 
@@ -34,10 +35,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from transformers.utils import logging
 
 from .backbone import EMBEDDED_BACKBONE, resolve_backbone_path
+from .corpus import read_corpus
 from .generation import generate_completions
-from .index import read_corpus
 from .jsonl import append_jsonl, read_for_resume, record_settings
-from .metrics.clara_qa.clara_qa import normalize_answer, token_f1
+from .metrics import normalize_answer, token_f1
 from .processing_clara import check_positive
 
 logger = logging.get_logger(__name__)
@@ -78,6 +79,8 @@ _QA_LINE = re.compile(
 _PARAPHRASE_HEADER = re.compile(r"^\s*(here is|here's|rewritten passage|paraphrase)[^.!?]*:\s*$", re.I)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 MIN_SENTENCE_WORDS = 4  # shorter pieces are titles or fragments, not facts to cover
+# The rows' file in `clara synthesize --output-dir`: stage-1 data is what `clara train --stage pretrain` reads.
+OUTPUT_FILE = "pretrain.jsonl"
 
 
 @dataclass
@@ -479,7 +482,8 @@ def synthesize(generator, corpus, out: str | os.PathLike, config: SynthesisConfi
     Args:
         generator: A `LocalGenerator`, an `OpenAICompatibleGenerator`, or anything with `name` and
             `generate(prompts, max_new_tokens, temperature) -> list[str]`.
-        corpus: A JSONL path (`text`, optional `id`), a list of passages or a `datasets.Dataset` (see `read_corpus`).
+        corpus: A JSONL path (`text`, optional `id`), `"shipped"`, a list of passages or a `datasets.Dataset` (see
+            `read_corpus`).
         out: The output JSONL; `<out>.progress.jsonl` and `<out>.config.json` are written beside it.
         config (`SynthesisConfig`, *optional*): The run's knobs.
         batch_size (`int`): Passages processed together (their prompts go to the generator as one list).

@@ -1,8 +1,8 @@
 """QA answer metrics of CLaRa's evaluation: EM, token F1 and Cover-EM, under two scoring protocols.
 
-`evaluate.load("<path to this folder>")` loads it offline. The pure functions below are importable too
-(`from modeling_clara.metrics.clara_qa.clara_qa import score_example`); this file imports nothing from the
-package, because `evaluate` runs it as a standalone script.
+`evaluate.load("<path to this folder>")` loads it offline. The scores are the pure functions of `scores.py` beside
+this file (`from modeling_clara.metrics import score_example` imports them without `evaluate`); this file imports
+nothing else from the package, because `evaluate` copies the folder and runs it as a standalone script.
 
 - Apple's protocol (keys `apple_*`, apple/ml-clara `evaluation/evaluate.py`): against the first gold answer
   only; "True"/"False" read as "yes"/"no"; F1 is 0 when either side is yes/no/noanswer and they differ.
@@ -11,17 +11,11 @@ package, because `evaluate` runs it as a standalone script.
 Scores are fractions in [0, 1], averaged over examples.
 """
 
-import re
-import string
-from collections import Counter
-
 import datasets
 import evaluate
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = set(string.punctuation)
-_BOOLEANS = {"True": "yes", "False": "no"}
-_CLOSED_ANSWERS = ("yes", "no", "noanswer")
+# A single-dot import of a file beside this one: `evaluate` copies it along (`evaluate.loading.get_imports`).
+from .scores import score_example
 
 _DESCRIPTION = __doc__
 _KWARGS_DESCRIPTION = """
@@ -33,62 +27,6 @@ Returns:
     accepted answer), each the mean over examples in [0, 1].
 """
 _CITATION = "CLaRa, arXiv 2511.18659; SQuAD answer normalisation (Rajpurkar et al., 2016)."
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
-    return " ".join(_ARTICLES.sub(" ", text).split())
-
-
-def _normalized(text: str) -> str:
-    return normalize_answer(_BOOLEANS.get(text, text))
-
-
-def exact_match(prediction: str, answer: str) -> float:
-    return float(_normalized(prediction) == _normalized(answer))
-
-
-def cover_exact_match(prediction: str, answer: str) -> float:
-    """1 when every normalised token of the answer appears among the prediction's tokens."""
-    predicted = set(_normalized(prediction).split())
-    return float(all(token in predicted for token in _normalized(answer).split()))
-
-
-def token_f1(prediction: str, answer: str) -> float:
-    predicted, gold = _normalized(prediction), _normalized(answer)
-    if (predicted in _CLOSED_ANSWERS or gold in _CLOSED_ANSWERS) and predicted != gold:
-        return 0.0
-    common = sum((Counter(predicted.split()) & Counter(gold.split())).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(predicted.split()), common / len(gold.split())
-    return 2 * precision * recall / (precision + recall)
-
-
-SCORERS = {"em": exact_match, "f1": token_f1, "cover_em": cover_exact_match}
-
-
-def score_example(prediction: str, answers: list[str]) -> dict[str, float]:
-    """Both protocols for one example: `apple_*` against `answers[0]`, the others maximised over `answers`."""
-    if not isinstance(prediction, str):
-        raise TypeError(f"prediction must be a str, got {type(prediction).__name__}: {prediction!r:.80}")
-    if isinstance(answers, str) or not isinstance(answers, (list, tuple)) or not answers:
-        raise ValueError(f"answers must be a non-empty list of str, got {answers!r:.80}")
-    if not all(isinstance(a, str) for a in answers):
-        raise TypeError(f"answers must all be str, got {answers!r:.80}")
-    scores = {f"apple_{name}": scorer(prediction, answers[0]) for name, scorer in SCORERS.items()}
-    scores.update({name: max(scorer(prediction, a) for a in answers) for name, scorer in SCORERS.items()})
-    return scores
-
-
-def recall_at_k(ranked_indices: list[int], positives: list[int], k: int) -> float:
-    """|top-k of the ranking ∩ positives| / |positives|."""
-    if not positives:
-        raise ValueError(f"positives must be a non-empty list of candidate indices, got {positives!r}")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    return len(set(ranked_indices[:k]) & set(positives)) / len(set(positives))
 
 
 class ClaraQA(evaluate.Metric):
