@@ -9,14 +9,14 @@
 #   CORPUS=passages.jsonl LIMIT= GENERATOR=Qwen/Qwen2.5-7B-Instruct bash examples/synthesize_stage1_data.sh
 #   CORPUS=passages.jsonl LIMIT= ENDPOINT=http://127.0.0.1:8000/v1 GENERATOR=Qwen/Qwen2.5-32B-Instruct bash ...
 set -euo pipefail
-CORPUS=${CORPUS:-modeling_clara/shipped/corpus.jsonl}
-OUT=${OUT:-runs/synthesis/pretrain.jsonl}
+CORPUS=${CORPUS:-shipped}
+OUTPUT_DIR=${OUTPUT_DIR:-runs/synthesis}
 LIMIT=${LIMIT-8}
 
 # Killed? Run the same command again: it continues after the last finished passage.
-clara synthesize --corpus "$CORPUS" --out "$OUT" --generator "${GENERATOR:-embedded}" \
+clara synthesize --corpus "$CORPUS" --output-dir "$OUTPUT_DIR" --generator "${GENERATOR:-embedded}" \
   ${ENDPOINT:+--endpoint "$ENDPOINT"} ${LIMIT:+--limit "$LIMIT"}
 
-clara train --stage pretrain --model embedded --data "$OUT" --output_dir "${OUT%/*}/stage1" \
+clara train --stage pretrain --model embedded --data "$OUTPUT_DIR/pretrain.jsonl" --output-dir "$OUTPUT_DIR/stage1" \
   --doc_max_length 256 --compr_rate 16 --per_device_train_batch_size 2 --max_steps "${MAX_STEPS:-10}" \
   --logging_steps 1

@@ -1,9 +1,11 @@
 """`clara eval`: data validation, document selection (Oracle), metrics and recall in summaries, resuming, CLI runs."""
 
+import hashlib
 import json
 
 import evaluate
 import pytest
+import torch
 
 import modeling_clara.evaluation as evaluation
 from conftest import DATA_DIR, make_tiny_clara
@@ -19,8 +21,7 @@ from modeling_clara.evaluation import (
     text_prompt,
     truncate_passage,
 )
-from modeling_clara.metrics import CLARA_QA_METRIC_PATH
-from modeling_clara.metrics.clara_qa.clara_qa import recall_at_k
+from modeling_clara.metrics import CLARA_QA_METRIC_PATH, recall_at_k
 from modeling_clara.processing_clara import SYSTEM_PROMPT_ANSWER
 
 ROWS = [
@@ -332,6 +333,36 @@ def test_cli_eval_end_to_end(saved_tiny_clara, data_file, tmp_path, capsys):
 
     assert main(argv) == 0  # a rerun only re-reads the predictions
     assert capsys.readouterr().out == table
+
+
+def test_cli_eval_reads_generation_top_k_unless_told(saved_tiny_clara, tiny_clara, data_file, tmp_path):
+    common = ["eval", "--model", saved_tiny_clara, "--data", str(data_file), "--limit", "1", "--max-new-tokens", "2",
+              "--method", "clara"]
+    assert main([*common, "--output-dir", str(tmp_path / "default")]) == 0
+    assert main([*common, "-k", "1", "--output-dir", str(tmp_path / "told")]) == 0
+    k = tiny_clara.config.generation_top_k
+    assert k != 5  # the fixed default of other tools: this checks the model's own is read
+    assert [p.name for p in (tmp_path / "default" / "tiny_dev").glob("*.jsonl")] == [f"clara-normal-k{k}.jsonl"]
+    assert [p.name for p in (tmp_path / "told" / "tiny_dev").glob("*.jsonl")] == ["clara-normal-k1.jsonl"]
+
+
+def test_cli_eval_builds_a_fresh_clara_on_a_backbone(tiny_llama_dir, data_file, tmp_path):
+    argv = ["eval", "--model", str(tiny_llama_dir), "--compr-rate", "8", "--doc-max-length", "32", "--data",
+            str(data_file), "--limit", "1", "--max-new-tokens", "2", "--method", "clara", "--device", "cpu"]
+    assert main([*argv, "--output-dir", str(tmp_path)]) == 0
+    config = json.loads(next((tmp_path / "tiny_dev").glob("clara-normal-k*.config.json")).read_text())
+    assert config["compr_rate"] == 8 and config["backbone"] == str(tiny_llama_dir)
+    assert config["adapters"] == ["decoder_adapter", "encoder_adapter"]  # a fresh instruct (stage1_2) CLaRa
+
+
+def test_adapter_digest_hashes_the_lora_weights_as_before(tiny_clara):
+    """The digest is recorded with results; float32 models keep the digest of their earlier runs."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tiny_clara.state_dict().items()):
+        if "lora_" in name:
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    assert evaluation.adapter_digest(tiny_clara) == digest.hexdigest()[:16]
 
 
 def test_cli_eval_retrieval(saved_tiny_clara, data_file, tmp_path, capsys):

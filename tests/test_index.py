@@ -1,6 +1,7 @@
 """ClaraIndex: build / save / load / add / delete / search, fingerprints, FAISS, atomic save, resumable and
 data-parallel builds, and the `clara index` / `clara ask` CLI, on tiny random CLaRa models."""
 
+import hashlib
 import json
 import os
 import signal
@@ -14,8 +15,11 @@ import torch
 from conftest import DATA_DIR, make_tiny_clara
 
 from modeling_clara import ClaraForRAG, ClaraIndex
+from modeling_clara.checkpoints import SHIPPED_CORPUS_FILE
 from modeling_clara.cli import main as clara_main
-from modeling_clara.index import CURRENT_FILE, FAISS_KINDS
+from modeling_clara.corpus import read_corpus
+from modeling_clara.fingerprint import compressor_weights, weights_sha256
+from modeling_clara.index import CURRENT_FILE, FAISS_KINDS, compressor_fingerprint, open_or_build_index
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 
@@ -134,10 +138,76 @@ def test_an_index_refuses_a_model_that_compresses_differently(model, corpus, tin
     ClaraIndex.load(tmp_path / "idx", model=same_compressor)
 
 
+def test_the_compressor_fingerprint_hashes_the_encoder_adapter_and_added_rows_only(model, tiny_llama_dir):
+    state = model.clara_state_dict()
+    compressor = {k: v for k, v in state.items() if k.startswith("encoder_adapter.") or k.startswith("added_")}
+    assert compressor.keys() == compressor_weights(model).keys() and len(compressor) > 2
+    assert not any(k.startswith(("decoder_adapter.", "query_reasoner_adapter.")) for k in compressor)
+    # The digest's definition, written out: names and float32 bytes in name order (indexes saved earlier stay valid).
+    digest = hashlib.sha256()
+    for key in sorted(compressor):
+        digest.update(key.encode())
+        digest.update(compressor[key].float().numpy().tobytes())
+    assert compressor_fingerprint(model)["compressor_sha256"] == digest.hexdigest()
+    assert weights_sha256(dict(reversed(list(compressor.items())))) == digest.hexdigest()  # dict order is irrelevant
+    changed = {**compressor, next(iter(compressor)): next(iter(compressor.values())) + 1e-3}
+    assert weights_sha256(changed) != digest.hexdigest()
+    other = make_tiny_clara(tiny_llama_dir, seed=1)
+    assert compressor_fingerprint(other)["compressor_sha256"] != digest.hexdigest()
+
+
+def _saved_version(index_dir) -> str:
+    return (Path(index_dir) / CURRENT_FILE).read_text().strip()
+
+
+def test_open_or_build_index_reuses_an_index_only_for_the_same_compressor_and_corpus(
+    model, corpus, tiny_llama_dir, tmp_path, caplog
+):
+    index_dir = tmp_path / "idx"
+    built = open_or_build_index(model, corpus[:6], index_dir)
+    version = _saved_version(index_dir)
+    reused = open_or_build_index(model, corpus[:6], index_dir)
+    assert _saved_version(index_dir) == version  # loaded, not written again
+    assert all(shard.path is not None for shard in reused.shards)
+    torch.testing.assert_close(reused.embeddings(list(range(6))), built.embeddings(list(range(6))), rtol=0, atol=0)
+    # Without a corpus the folder is opened as it is.
+    assert list(open_or_build_index(model, index_dir=index_dir).documents["text"]) == corpus[:6]
+
+    with caplog.at_level("WARNING", logger="modeling_clara.index"):
+        other_corpus = open_or_build_index(model, corpus[:7], index_dir)
+    assert "other documents" in caplog.text and _saved_version(index_dir) != version
+    assert len(other_corpus) == 7
+
+    other_model = make_tiny_clara(tiny_llama_dir, seed=1)
+    version = _saved_version(index_dir)
+    with pytest.raises(ValueError, match="compressor_sha256"):  # no corpus to rebuild from
+        open_or_build_index(other_model, index_dir=index_dir)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="modeling_clara.index"):
+        rebuilt = open_or_build_index(other_model, corpus[:7], index_dir)
+    assert "compressor_sha256" in caplog.text and _saved_version(index_dir) != version
+    torch.testing.assert_close(rebuilt.embeddings(list(range(7))), other_model.compress(corpus[:7]), rtol=1e-4, atol=1e-5)
+
+
+def test_open_or_build_index_names_what_is_missing(model, corpus, tmp_path):
+    with pytest.raises(ValueError, match="needs a corpus, an index_dir, or both"):
+        open_or_build_index(model)
+    with pytest.raises(FileNotFoundError, match="not a CLaRa index"):
+        open_or_build_index(model, index_dir=tmp_path / "nothing")
+    in_memory = open_or_build_index(model, corpus[:3])
+    assert len(in_memory) == 3 and all(shard.path is None for shard in in_memory.shards)
+
+
+def test_the_shipped_corpus_is_a_corpus_name():
+    shipped = read_corpus("shipped")
+    assert len(shipped) > 0 and shipped[0]["text"].strip()
+    assert list(shipped["id"]) == [json.loads(line)["id"] for line in open(SHIPPED_CORPUS_FILE, encoding="utf-8")]
+
+
 @pytest.mark.parametrize("kind", FAISS_KINDS)
 @pytest.mark.parametrize("pooled", [False, True])
 def test_faiss_candidates_are_rescored_exactly(model, kind, pooled, tmp_path):
-    corpus = real_passages(80)
+    corpus = read_corpus("shipped")["text"][:80]  # enough rows to train FAISS's cells and codebooks
     index = ClaraIndex.build(model, corpus, batch_size=16)
     exact = index.search(["Who directed it?", "What year?"], k=5)
     index.build_faiss(kind, pooled=pooled, nlist=2, pq_m=4 if pooled else 16, nprobe=2)
@@ -260,7 +330,7 @@ def test_data_parallel_build_with_two_processes(saved_model_dir, model, corpus, 
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "modeling_clara.cli", "index", "build", "--model", str(saved_model_dir),
-               "--corpus", str(corpus_path), "--out", str(out), "--shard-size", "3"]
+               "--corpus", str(corpus_path), "--output-dir", str(out), "--shard-size", "3"]
     process = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=600, cwd=REPO_DIR)
     assert process.returncode == 0, process.stderr[-3000:]
     # Shards 1 and 3 on process 0, shards 2 and 4 on process 1: each compressed once, by one process.
@@ -278,12 +348,18 @@ def test_cli_build_search_add_delete_ask(saved_model_dir, corpus, tmp_path, caps
     extra_path = tmp_path / "extra.jsonl"
     extra_path.write_text("".join(json.dumps({"id": f"e{i}", "text": t}) + "\n" for i, t in enumerate(corpus[10:])))
     out = str(tmp_path / "idx")
-    assert clara_main(["index", "build", "--model", str(saved_model_dir), "--corpus", str(corpus_path), "--out", out,
-                       "--faiss", "flat"]) == 0
+    assert clara_main(["index", "build", "--model", str(saved_model_dir), "--corpus", str(corpus_path),
+                       "--output-dir", out, "--faiss", "flat"]) == 0
     assert "10 documents" in capsys.readouterr().out
     assert clara_main(["index", "search", out, "Who won the match?", "-k", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and lines[0].lstrip().startswith("1. [d")
+    assert clara_main(["index", "search", out, "Who won the match?", "--top-k", "4", "--device", "cpu"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 4
+    # Without -k, as many hits as the model reads: its generation_top_k.
+    assert clara_main(["index", "search", out, "Who won the match?"]) == 0
+    generation_top_k = ClaraForRAG.from_pretrained(str(saved_model_dir)).config.generation_top_k
+    assert len(capsys.readouterr().out.strip().splitlines()) == generation_top_k
     assert clara_main(["index", "add", out, "--corpus", str(extra_path)]) == 0
     assert "10 -> 12 documents" in capsys.readouterr().out
     assert clara_main(["index", "delete", out, "d0", "e1"]) == 0

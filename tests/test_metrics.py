@@ -1,10 +1,13 @@
 """QA metrics on hand-checked examples, and the `evaluate` module loading offline."""
 
+import subprocess
+import sys
+
 import evaluate
 import pytest
 
-from modeling_clara.metrics import CLARA_QA_METRIC_PATH
-from modeling_clara.metrics.clara_qa.clara_qa import (
+from modeling_clara.metrics import (
+    CLARA_QA_METRIC_PATH,
     cover_exact_match,
     exact_match,
     normalize_answer,
@@ -68,6 +71,15 @@ def test_evaluate_module_loads_offline_and_matches_functions(monkeypatch):
     for key, value in result.items():
         assert value == pytest.approx(sum(s[key] for s in per_example) / 3)
     assert result["em"] == pytest.approx(2 / 3) and result["apple_em"] == pytest.approx(1 / 3)
+
+
+def test_scoring_and_synthesis_need_no_evaluate():
+    """`clara synthesize` verifies answers with token F1 on a base install: the scores import no eval extra."""
+    check = ("import sys; import modeling_clara.metrics, modeling_clara.synthesis, modeling_clara.cli.synthesize; "
+             "print(sorted(m for m in ('evaluate', 'modeling_clara.index') if m in sys.modules))")
+    process = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert process.stdout.strip() == "[]"
 
 
 def test_bad_input():

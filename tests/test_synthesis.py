@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from modeling_clara.data import load_clara_jsonl
 from modeling_clara.synthesis import (
+    OUTPUT_FILE,
     PROMPTS,
     LocalGenerator,
     OpenAICompatibleGenerator,
@@ -280,9 +281,10 @@ def test_resuming_with_other_settings_or_over_a_foreign_file_is_refused(stub_ser
 @pytest.mark.slow
 def test_cli_run_killed_and_rerun_writes_every_row_once(stub_server, stub_corpus, tmp_path):
     _StubHandler.delay = 0.05  # slow enough to kill the run part-way
-    out = tmp_path / "o.jsonl"
+    out = tmp_path / "synthesized" / OUTPUT_FILE
     command = [sys.executable, "-m", "modeling_clara.cli", "synthesize", "--endpoint", stub_server, "--generator",
-               "stub", "--corpus", str(stub_corpus), "--out", str(out), "--batch-size", "1", "--max-workers", "1"]
+               "stub", "--corpus", str(stub_corpus), "--output-dir", str(out.parent), "--batch-size", "1",
+               "--max-workers", "1"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     progress = progress_path(out)
     deadline = time.time() + 120

@@ -2,21 +2,22 @@
 
 import argparse
 
-from .index import open_index, print_hits
+from .index import RECORDED_MODEL, open_index, print_hits
+from .options import add_model_option, add_top_k_option
 
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> None:
     ask = subparsers.add_parser(name, help=help)
     ask.add_argument("--index", required=True)
     ask.add_argument("question")
-    ask.add_argument("--model", default=None, help="default: the model recorded in the index")
-    ask.add_argument("-k", "--top-k", type=int, default=None, help="documents read (default: generation_top_k)")
+    add_model_option(ask, required=False, default=RECORDED_MODEL)
+    add_top_k_option(ask)
     ask.add_argument("--max-new-tokens", type=int, default=None)
     ask.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    index = open_index(args.index, args.model)
+    index = open_index(args.index, args.model, args.device)
     out = index.model.answer(args.question, index=index, k=args.top_k, return_dict=True,
                              max_new_tokens=args.max_new_tokens)
     print("Retrieved:")

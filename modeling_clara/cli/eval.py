@@ -4,7 +4,7 @@ import argparse
 from pathlib import Path
 
 from .. import evaluation
-from ..configuration_clara import TRAINING_STAGES
+from ..configuration_clara import STAGE_NAMES, STAGES_BY_NAME, stage_name
 from ..evaluation import (
     DEFAULT_MAX_NEW_TOKENS,
     METHODS,
@@ -15,9 +15,10 @@ from ..evaluation import (
     default_output_dir,
     evaluate_file,
     expand_data_paths,
-    load_model_for_eval,
     markdown_table,
 )
+from ..loading import is_clara_checkpoint, load_model
+from .options import add_model_option, add_output_dir_option, add_top_k_option, top_k
 
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> None:
@@ -27,37 +28,40 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
     add_model_arguments(parser)
     parser.add_argument("--method", nargs="+", default=["clara"], choices=METHODS)
     parser.add_argument("--setting", nargs="+", default=["normal"], choices=SETTINGS)
-    parser.add_argument("--top-k", type=int, default=5, help="documents read per question")
+    add_top_k_option(parser)
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.set_defaults(run=run)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """The model, data and output options that `clara eval` and `clara eval-retrieval` share."""
-    parser.add_argument("--model", required=required, help="'embedded' (a fresh, untrained CLaRa on the embedded "
-                        "backbone) or a saved CLaRa: folder or Hub id, ours or Apple's")
+    add_model_option(parser, required=required)
     parser.add_argument("--data", required=True, nargs="+", help="end-to-end JSONL files or folders of them")
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N examples of each file")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--output-dir", default=None, help="default: eval_results/<model name>")
-    group = parser.add_argument_group("--model embedded only")
+    add_output_dir_option(parser, "default: eval_results/<model name>")
+    group = parser.add_argument_group("a backbone --model only (`embedded`, ...: a fresh, untrained CLaRa)")
     group.add_argument("--compr-rate", type=int, default=16)
     group.add_argument("--doc-max-length", type=int, default=256)
-    group.add_argument("--training-stage", default="stage1_2", choices=TRAINING_STAGES,
-                       help="decides the adapters; stage2 adds a (fresh) query reasoner")
+    group.add_argument("--stage", type=stage_name, default="instruct", choices=STAGE_NAMES,
+                       help="decides the adapters, as `clara train --stage` (Apple's stage1, stage1_2, stage2 too); "
+                       "e2e adds a (fresh) query reasoner")
     group.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
 
-def load_model(args: argparse.Namespace):
-    return load_model_for_eval(
-        args.model, args.compr_rate, args.doc_max_length, args.training_stage, args.seed, args.device
-    )
+def load_eval_model(args: argparse.Namespace):
+    """`--model` on `--device`; a backbone gets a fresh CLaRa with the architecture options."""
+    architecture = {}
+    if not is_clara_checkpoint(args.model):
+        architecture = dict(compr_rate=args.compr_rate, doc_max_length=args.doc_max_length,
+                            training_stage=STAGES_BY_NAME[args.stage].training_stage)
+    return load_model(args.model, device=args.device, seed=args.seed, **architecture)
 
 
 def run(args: argparse.Namespace) -> int:
     files = expand_data_paths(args.data)
-    model = load_model(args)
+    model = load_eval_model(args)
+    k = top_k(args, model)
     output_dir = args.output_dir or default_output_dir(model, args.model)
     compressed = CompressedDocuments(model)
     methods = [EvalMethod(name, model, compressed) for name in dict.fromkeys(args.method)]
@@ -69,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
                     continue
                 done.add((data, method.name, method.setting(setting)))
                 summaries.append(evaluate_file(
-                    model, data, method, setting, args.top_k, args.limit, args.batch_size, args.max_new_tokens,
+                    model, data, method, setting, k, args.limit, args.batch_size, args.max_new_tokens,
                     output_dir, model_name=args.model,
                 ))
     (Path(output_dir) / "summary.md").write_text(markdown_table(collect_summaries(output_dir)))

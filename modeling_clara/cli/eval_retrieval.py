@@ -3,7 +3,7 @@
 import argparse
 
 from ..evaluation import RANKERS, Ranker, default_output_dir, evaluate_retrieval, expand_data_paths, markdown_table
-from .eval import add_model_arguments, load_model
+from .eval import add_model_arguments, load_eval_model
 
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> None:
@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     if "clara" in args.ranker:
         if args.model is None:
             raise SystemExit("--ranker clara needs --model")
-        model = load_model(args)
+        model = load_eval_model(args)
     output_dir = args.output_dir or (default_output_dir(model, args.model) if model else "eval_results/retrieval")
     rankers = [Ranker(name, model) for name in dict.fromkeys(args.ranker)]
     summaries = [

@@ -2,8 +2,11 @@
 
 import argparse
 
-from ..index import DEFAULT_SHARD_SIZE, FAISS_KINDS, ClaraIndex, distributed_state
-from ..modeling_clara import ClaraForRAG
+from ..index import DEFAULT_SHARD_SIZE, FAISS_KINDS, ClaraIndex
+from ..loading import distributed_state, load_model
+from .options import CORPUS_HELP, add_model_option, add_output_dir_option, add_top_k_option, top_k
+
+RECORDED_MODEL = "the model recorded in the index"
 
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> None:
@@ -12,9 +15,9 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
 
     build = commands.add_parser("build", help="compress a corpus into an index (resumable; data-parallel under "
                                 "accelerate launch / torchrun)")
-    build.add_argument("--model", required=True, help="a saved CLaRa (folder or Hub id, ours or Apple's)")
-    build.add_argument("--corpus", required=True, help="JSONL with `text` (or `contents`) and optional `id` per line")
-    build.add_argument("--out", required=True, help="index folder")
+    add_model_option(build)
+    build.add_argument("--corpus", required=True, help=CORPUS_HELP)
+    add_output_dir_option(build, "index folder", required=True, deprecated="--out")
     build.add_argument("--batch-size", type=int, default=8)
     build.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
     build.add_argument("--faiss", choices=FAISS_KINDS, default=None, help="also build an approximate FAISS index")
@@ -24,14 +27,14 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
     search = commands.add_parser("search", help="top-k documents of a question")
     search.add_argument("index")
     search.add_argument("question")
-    search.add_argument("--model", default=None, help="default: the model recorded in the index")
-    search.add_argument("-k", "--top-k", type=int, default=10)
+    add_model_option(search, required=False, default=RECORDED_MODEL)
+    add_top_k_option(search, verb="returned")
     search.set_defaults(run=run_search)
 
     add = commands.add_parser("add", help="compress and add documents to an index")
     add.add_argument("index")
-    add.add_argument("--corpus", required=True)
-    add.add_argument("--model", default=None, help="default: the model recorded in the index")
+    add.add_argument("--corpus", required=True, help=CORPUS_HELP)
+    add_model_option(add, required=False, default=RECORDED_MODEL)
     add.add_argument("--batch-size", type=int, default=8)
     add.set_defaults(run=run_add)
 
@@ -41,13 +44,13 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
     delete.set_defaults(run=run_delete)
 
 
-def open_index(path: str, model_name: str | None) -> ClaraIndex:
+def open_index(path: str, model_name: str | None, device: str | None = None) -> ClaraIndex:
     """The index at `path` with its model attached: `model_name`, else the one the index records."""
     index = ClaraIndex.load(path)
     name = model_name or index.model_name
     if not name:
         raise SystemExit(f"{path} records no model; pass --model")
-    index.attach_model(ClaraForRAG.from_pretrained(name))
+    index.attach_model(load_model(name, device=device))
     return index
 
 
@@ -57,23 +60,24 @@ def print_hits(ids: list[str], scores: list[float], texts: list[str]) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    model = ClaraForRAG.from_pretrained(args.model)
-    index = ClaraIndex.build(model, args.corpus, args.batch_size, args.shard_size, output_dir=args.out)
+    model = load_model(args.model, device=args.device)
+    index = ClaraIndex.build(model, args.corpus, args.batch_size, args.shard_size, output_dir=args.output_dir)
     if args.faiss and distributed_state().is_main_process:
         index.build_faiss(args.faiss, pooled=args.pooled)
-        index.save(args.out)
-    print(f"{args.out}: {len(index)} documents, {index.fingerprint['n_mem_tokens']} memory tokens each")
+        index.save(args.output_dir)
+    print(f"{args.output_dir}: {len(index)} documents, {index.fingerprint['n_mem_tokens']} memory tokens each")
     return 0
 
 
 def run_search(args: argparse.Namespace) -> int:
-    result = open_index(args.index, args.model).search(args.question, k=args.top_k)
+    index = open_index(args.index, args.model, args.device)
+    result = index.search(args.question, k=top_k(args, index.model))
     print_hits(result.ids, result.scores, result.texts)
     return 0
 
 
 def run_add(args: argparse.Namespace) -> int:
-    index = open_index(args.index, args.model)
+    index = open_index(args.index, args.model, args.device)
     before = len(index)
     index.add(args.corpus, batch_size=args.batch_size)
     index.save(args.index)

@@ -2,18 +2,28 @@
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 from .. import synthesis
 from ..backbone import EMBEDDED_BACKBONE
-from ..synthesis import LocalGenerator, OpenAICompatibleGenerator, SynthesisConfig, stats_table, synthesize
+from ..synthesis import (
+    OUTPUT_FILE,
+    LocalGenerator,
+    OpenAICompatibleGenerator,
+    SynthesisConfig,
+    stats_table,
+    synthesize,
+)
+from .options import CORPUS_HELP, add_output_dir_option
 
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> None:
     parser = subparsers.add_parser(
         name, help=help, description=synthesis.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--corpus", required=True, help="JSONL with `text` (or `contents`) and optional `id` per line")
-    parser.add_argument("--out", required=True, help="output JSONL in Apple's stage-1 format")
+    parser.add_argument("--corpus", required=True, help=CORPUS_HELP)
+    add_output_dir_option(parser, f"folder of the output: {OUTPUT_FILE} in Apple's stage-1 format, with the run's "
+                          "settings and progress", required=True, deprecated="--out", deprecated_dest="output_file")
     parser.add_argument("--generator", default=EMBEDDED_BACKBONE,
                         help="HF causal LM name or path ('embedded': SmolLM2-135M-Instruct), or the served model's "
                         "name with --endpoint")
@@ -49,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
                                               seed=args.seed)
     else:
         generator = LocalGenerator(args.generator, batch_size=args.generation_batch_size, device=args.device)
-    stats = synthesize(generator, args.corpus, args.out, config, batch_size=args.batch_size, limit=args.limit)
+    output = Path(args.output_dir) / OUTPUT_FILE if args.output_dir else args.output_file
+    stats = synthesize(generator, args.corpus, output, config, batch_size=args.batch_size, limit=args.limit)
     print(stats_table(stats))
     return 0
