@@ -455,10 +455,10 @@ def restore_progress(out: Path, settings: dict) -> tuple[set[str], Counter]:
     recorded = config_path(out)
     if not recorded.exists() and out.exists() and out.stat().st_size:
         raise ValueError(
-            f"{out} exists but has no {recorded.name}: not a synthesis run to resume; choose another --out"
+            f"{out} exists but has no {recorded.name}: not a synthesis run to resume; choose another --output-dir"
         )
     record_settings(recorded, settings, conflict=f"{out} was written with other settings",
-                    advice="use another --out or the same settings to resume")
+                    advice="use another --output-dir or the same settings to resume")
     done, stats, end = set(), Counter(), 0
     for record in read_for_resume(progress_path(out)):
         done.add(record["id"])
