@@ -72,16 +72,14 @@ def load_recipe(name_or_path: str) -> dict[str, dict]:
     """The values a recipe sets, per stage: `{"pretrain": {"learning_rate": 5e-4, ...}, ...}`.
 
     Args:
-        name_or_path (`str`): A recipe of the package ([`recipe_names`]: `apple`, `small`) or the path of a JSON file
+        name_or_path (`str`): A recipe of the package ([`recipe_names`]: `apple`, `small`) or the path of a `.json` file
             `{"description": str, "stages": {stage: {argument: {"value": v, "reason": str}}}}`, where a stage is
             `pretrain`, `instruct` or `e2e` (Apple's names too) and an argument one of [`ClaraTrainingArguments`] whose
             default is unset (`None`), such as the loss weights, `channel_rows`, `learning_rate`.
     """
     path = name_or_path if name_or_path.endswith(".json") else os.path.join(RECIPES_DIR, f"{name_or_path}.json")
     if not os.path.isfile(path):
-        raise ValueError(
-            f"recipe={name_or_path!r} is neither a recipe of this package {recipe_names()} nor a JSON file"
-        )
+        raise ValueError(f"recipe={name_or_path!r} is neither a recipe of this package {recipe_names()} nor a JSON file")
     with open(path, encoding="utf-8") as f:
         try:
             recipe = json.load(f)
@@ -92,14 +90,19 @@ def load_recipe(name_or_path: str) -> dict[str, dict]:
     settable = recipe_settable_arguments()
     values = {}
     for stage, settings in recipe["stages"].items():
-        name = stage_name(stage)
+        try:
+            name = stage_name(stage)
+        except ValueError as error:
+            raise ValueError(f"recipe {path}: {error}") from error
         values[name] = {}
         for argument, setting in settings.items():
             where = f"recipe {path}, stage {stage!r}, {argument!r}"
             if argument not in settable:
                 raise ValueError(f"{where}: not an argument a recipe sets; those are {sorted(settable)}")
             if not isinstance(setting, dict) or setting.keys() != {"value", "reason"} or not setting["reason"]:
-                raise ValueError(f"{where}: write it as {{\"value\": ..., \"reason\": \"why this value\"}}, got {setting!r}")
+                raise ValueError(
+                    f"{where}: write it as {{\"value\": ..., \"reason\": \"why this value\"}}, got {setting!r}"
+                )
             values[name][argument] = setting["value"]
     return values
 
@@ -136,7 +139,7 @@ class ClaraTrainingArguments(TrainingArguments, ClaraLossArguments):
         recipe (`str`, *optional*, defaults to `"apple"`):
             Values for the arguments below that are not given: a recipe of the package, `"apple"` (Apple's scripts) or
             `"small"` (for small backbones on little compute: no MSE, random-word channel rows in `pretrain`, the
-            memory hinges, higher learning rates, an InfoNCE warm-up in `e2e`), or the path of a recipe JSON file
+            memory hinges, higher learning rates, an InfoNCE warm-up in `e2e`), or the path of a recipe `.json` file
             (see [`load_recipe`]). Apple's recipe lies under every other.
         mse_weight, retrieval_weight, memory_contrast_weight, memory_contrast_margin, memory_cosine_weight,
         memory_cosine_ceiling, topk_temperature (`float`, *optional*):
@@ -187,8 +190,8 @@ class ClaraTrainingArguments(TrainingArguments, ClaraLossArguments):
         learning_rate (`float`, *optional*):
             Default: the recipe's; Apple's scripts: 1e-4 (`pretrain`, `instruct`), 5e-6 (`e2e`).
         lr_scheduler_type (`str`, *optional*):
-            Default: the recipe's; Apple's: `cosine_with_min_lr` with `min_lr_rate=0.1` (`min_lr = 0.1 * lr`), `constant`
-            for `e2e`. `warmup_stable_decay` (the small recipe's instruct stage) decays over the last fifth of the steps
+            Default: the recipe's; Apple's: `cosine_with_min_lr` with `min_lr_rate=0.1` (`min_lr = 0.1 * lr`),
+            `constant` for `e2e`. `warmup_stable_decay` (the small recipe's instruct stage) decays over the last fifth of the steps
             unless `lr_scheduler_kwargs` gives `num_decay_steps`.
 
     Other changed defaults: `adam_beta2=0.95`, `warmup_ratio=0.03` (Apple's), `remove_unused_columns=False` (the
@@ -197,11 +200,16 @@ class ClaraTrainingArguments(TrainingArguments, ClaraLossArguments):
 
     stage: str = field(
         default="pretrain",
-        metadata={"help": "CLaRa stage: pretrain, instruct, e2e (Apple's stage1, stage1_2, stage2).", "choices": STAGE_NAMES},
+        metadata={
+            "help": "CLaRa stage: pretrain, instruct, e2e (Apple's stage1, stage1_2, stage2).", "choices": STAGE_NAMES
+        },
     )
     recipe: str = field(
         default=BASE_RECIPE,
-        metadata={"help": "Values of the arguments not given: a recipe of the package (apple, small) or a recipe JSON file."},
+        metadata={
+            "help": "Values of the arguments not given: a recipe of the package (apple, small) or the path of a recipe "
+            ".json file."
+        },
     )
     channel_rows: float | None = field(
         default=None, metadata={"help": "pretrain: random-word-list rows added per training row (apple 0, small 0.67)."}

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_clara
+from modeling_clara import cli
 from modeling_clara.configuration_clara import ClaraLossConfig
 from modeling_clara.data import FEATURES, load_clara_jsonl, with_channel_rows
 from modeling_clara.modeling_clara import memory_cosine_hinge
@@ -91,6 +92,11 @@ def test_bad_recipe_files_are_refused_naming_the_value(tmp_path, stages, message
     path = write_recipe(tmp_path / "bad.json", stages)
     with pytest.raises(ValueError, match=re.escape(message)):
         ClaraTrainingArguments(output_dir=str(tmp_path), stage="pretrain", recipe=path)
+
+
+def test_clara_train_names_a_bad_recipe_without_a_traceback(tmp_path):
+    with pytest.raises(SystemExit, match=re.escape("clara train: recipe='nope' is neither a recipe of this package")):
+        cli.main(["train", "--recipe", "nope", "--model", "embedded", "--data", "x.jsonl", "--output_dir", str(tmp_path)])
 
 
 def test_loss_config_checks_its_values():

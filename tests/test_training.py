@@ -207,7 +207,8 @@ def test_a_bad_training_stage_is_a_clear_error_and_overrides_are_checked():
                                ({"lora_r": 4, "generation_top_k": 0}, "generation_top_k=0")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             config.update(overrides)
-        assert (config.training_stage, config.compr_rate, config.generation_top_k, config.lora_r) == ("stage1_2", 8, 2, 16)
+        unchanged = (config.training_stage, config.compr_rate, config.generation_top_k, config.lora_r)
+        assert unchanged == ("stage1_2", 8, 2, 16)
 
 
 def test_the_shipped_config_holds_no_training_knob():

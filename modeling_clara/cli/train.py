@@ -45,7 +45,10 @@ def _arguments_from_namespace(namespace: argparse.Namespace) -> tuple[ClaraScrip
 
 
 def run(namespace: argparse.Namespace) -> int:
-    script_args, args = _arguments_from_namespace(namespace)
+    try:
+        script_args, args = _arguments_from_namespace(namespace)
+    except ValueError as error:  # a bad value or combination of options, named by the arguments' checks
+        raise SystemExit(f"clara train: {error}") from error
     logging.set_verbosity(args.get_process_log_level())
     result = train_clara(script_args, args)
     if args.process_index == 0:
