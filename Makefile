@@ -28,8 +28,11 @@ install:
 demo: install
 	$(PYTHON) examples/quickstart.py
 
+# Every tier (plain `pytest` runs the fast one): tests/ and research/tests (pytest.ini's testpaths).
+ALL_TIERS = -m "slow or not slow"
+
 test: install
-	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest tests -q
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q $(ALL_TIERS)
 
 $(PYTHON5):
 	$(PYTHON) -m venv $(VENV5)
@@ -43,4 +46,4 @@ demo-transformers5: install-transformers5
 # Needs the pinned stack installed too (`make install`): the cross-stack tests run it as the other side.
 test-transformers5: install-transformers5
 	HF_HUB_OFFLINE=1 CLARA_OTHER_PYTHON="$$($(PYTHON) -c 'import sys; print(sys.executable)')" \
-		$(PYTHON5) -m pytest $(STACK_TESTS) -q
+		$(PYTHON5) -m pytest $(STACK_TESTS) -q $(ALL_TIERS)

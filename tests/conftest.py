@@ -31,12 +31,6 @@ CONFORMANCE_DIR = FIXTURES_DIR / "conformance"
 DATA_DIR = FIXTURES_DIR / "data"
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "integration: uses the real embedded backbone (slower)")
-    config.addinivalue_line("markers", "slow: minutes on 2 CPU cores (overfit runs, subprocesses, kills); "
-                            "`pytest -m 'not slow'` is the fast tier, CI runs everything")
-
-
 @pytest.fixture(autouse=True)
 def grad_mode_is_left_on():
     """A test (or code it calls in-process) that switches autograd off globally breaks every later training test

@@ -67,9 +67,9 @@ def candidate_rows(rows: list[dict], n_docs: int, seed: int, answer_key: str) ->
     return out
 
 
-def with_reconstruction_rows(rows: list[dict], seed: int) -> list[dict]:
-    """Each document's QA row, then a row asking to restate it (Apple's paraphrase task with the document itself as
-    target: only the memory tokens can inform it), shuffled."""
+def with_document_restatement_rows(rows: list[dict], seed: int) -> list[dict]:
+    """Each document's QA row and a row asking to restate the whole document (Apple's paraphrase task with the
+    document itself as target: only the memory tokens can inform it), shuffled together."""
     mixed = []
     for row in rows:
         mixed += [row, {"data_type": "paraphrase", "answers": row["docs"], "docs": row["docs"]}]
@@ -110,7 +110,7 @@ def main() -> None:
     rows = [json.loads(line) for line in open(args.source, encoding="utf-8")]
     train, heldout = split_documents(rows, args.n_heldout, args.seed)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(args.out_dir / "stage1_pretrain.jsonl", with_reconstruction_rows(train, args.seed) if args.reconstruction else train)
+    write_jsonl(args.out_dir / "stage1_pretrain.jsonl", with_document_restatement_rows(train, args.seed) if args.reconstruction else train)
     write_jsonl(args.out_dir / "stage1_heldout.jsonl", heldout)
     write_jsonl(args.out_dir / "stage1_short.jsonl", short_reconstruction_rows(train, args.short_reconstruction_words))
     write_jsonl(args.out_dir / "stage2_instruct.jsonl",

@@ -15,13 +15,15 @@ so `ln K` spread over the target's tokens. Rung 3's reference is the prior (`ce_
 tokens, so one model can climb them in order (a length curriculum: `clara train` accepts a checkpoint with a new
 `doc_max_length`/`compr_rate` when `doc_max_length // compr_rate` stays the same).
 
-    python benchmarks/ladder.py --rungs 1 2 --arms apple mse0            # ~10 min per arm and rung on 2 cores
-    python benchmarks/ladder.py --rungs 3a --arms small --max-steps 300  # ~35 min
-    python benchmarks/ladder.py --rungs 2 --untrained                    # the untrained model's probe, ~1 min
-    python benchmarks/ladder.py --rungs 3b --arms small --max-steps 100 \
-        --from runs/ladder/rung3a-small-seed0/pretrain                        # the length curriculum: 3b after 3a
+    python research/ladder.py --rungs 1 2 --arms apple mse0            # ~10 min per arm and rung on 2 cores
+    python research/ladder.py --rungs 3a --arms small --max-steps 300  # ~35 min
+    python research/ladder.py --rungs 2 --untrained                    # the untrained model's probe, ~1 min
+    python research/ladder.py --rungs 3b --arms small --max-steps 100 \
+        --from runs/ladder/rung3a-small-seed0/pretrain                      # the length curriculum: 3b after 3a
 
-Results are appended to `<out>/results.jsonl` (a finished rung/arm is not run again) and printed as a table.
+Rungs 3a-3c read Apple's SCP sample (`--scp-sample`): they train on the shipped model's training documents and probe
+its held-out ones, the passages of the bundled corpus. Results are appended to `<out>/results.jsonl` (a finished
+rung/arm is not run again) and printed as a table. research/README.md holds the measured table.
 """
 
 import argparse
@@ -29,7 +31,6 @@ import hashlib
 import json
 import math
 import random
-import sys
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,12 +39,13 @@ from transformers import TrainerCallback
 
 from modeling_clara import ClaraForRAG
 from modeling_clara.backbone import resolve_embedded_backbone
-from modeling_clara.probing import ProbeCase, make_probe_collator, probe_memory_use, probe_row
+from modeling_clara.checkpoints import SHIPPED_CORPUS_FILE
 from modeling_clara.cli.train import parse_train_args
+from modeling_clara.probing import ProbeCase, make_probe_collator, probe_memory_use, probe_row
 from modeling_clara.training import train_clara
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "shipped_model"))
-from prepare_data import DEFAULT_SOURCE, short_reconstruction_rows, split_documents  # noqa: E402
+# The sample the shipped model trained on (examples/shipped_model/prepare_data.py reads the same file).
+DEFAULT_SCP_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "clara_pretrain_sample.jsonl"
 
 # Arms differ only in what they name; every arm trains with the same batch and peak learning rate (COMMON_ARGS), the
 # loss ablations at a constant rate, the small recipe on its own schedule (constant in stage 1, warmup-stable-decay
@@ -52,30 +54,11 @@ CONSTANT_LR = ["--lr_scheduler_type", "constant"]
 ARMS = {
     "apple": CONSTANT_LR,  # Apple's loss: CE + 0.1 * MSE
     "mse0": ["--mse_weight", "0", *CONSTANT_LR],
-    "mse_stopgrad": ["--mse_stop_gradient", "true", *CONSTANT_LR],  # 0.1 * MSE, no gradient into the document-side mean
     # The small recipe: no MSE, random-word channel rows (pretrain), the memory contrast (instruct), the memory-cosine
     # hinge (both).
     "small": ["--recipe", "small"],
-    # The small recipe without the hinge: what README's `small` rows measured, all of them run before the hinge
-    # joined the recipe.
+    # The small recipe without the memory-cosine hinge (the table's `small` rows measured before the hinge joined it).
     "small_no_hinge": ["--recipe", "small", "--memory_cosine_weight", "0"],
-    # The memory-scale ablation: the small recipe without the hinge, its raw memory states rescaled to a token
-    # embedding's norm (~1/15 of theirs on SmolLM2-135M). Does the scale alone do what the hinge does?
-    "small_no_hinge_token_norm": ["--recipe", "small", "--memory_cosine_weight", "0", "--memory_projection", "token_norm"],
-    # The small recipe with memory in the generator's input-token space (a content prior: each memory state becomes
-    # the mixture of token embeddings its LM head predicts).
-    "small_token_embeddings": ["--recipe", "small", "--memory_projection", "token_embeddings"],
-    # The small recipe with each memory slot's input row drawn at the vocabulary's spread (HF's resize starts them all
-    # at one vector, the vocabulary mean).
-    "small_spread": ["--recipe", "small", "--memory_row_init", "spread"],
-    # The small recipe with half as many reconstruction rows as QA rows mixed into instruct (ICAE's autoencoding).
-    "small_reconstruct": ["--recipe", "small", "--reconstruction_rows", "0.5"],
-    # The small recipe with the memory-cosine hinge: two passages' memories must stay under cosine 0.8 (an untrained
-    # compressor writes 0.983 on the rung's held-out passages; runs that stayed closed ended at 0.96-1.00). Weight 50: at weight 1
-    # its gradient on the encoder adapter was 1/57 of the answer loss's (0.042 vs 2.38 at the first batch) and 60
-    # steps left the cosine where it started. The recipe has since taken the hinge into both stages, so this arm is
-    # now `small`; its rows carry this name.
-    "small_cosine": ["--recipe", "small", "--memory_cosine_weight", "50"],
     # No MSE, the memory contrast: each target must cost 1 nat/token less from its own memory than from another row's
     # (compressor and generator both train).
     "contrast": ["--mse_weight", "0", "--memory_contrast_weight", "1", *CONSTANT_LR],
@@ -133,17 +116,39 @@ def facts_rung(rng: random.Random) -> Rung:
     return Rung("2", "instruct", 32, 4, 200, rows, cases, "answer", n_choices=len(next(iter(ATTRIBUTES.values()))))
 
 
-def passages_rung(name: str, doc_max_length: int, compr_rate: int, n_words: int | None, max_steps: int) -> Rung:
+def reconstruction_row(text: str) -> dict:
+    """A stage-1 row whose target is its document itself: only the memory can inform it."""
+    return {"data_type": "paraphrase", "answers": [text], "docs": [text]}
+
+
+def first_words(text: str, n_words: int) -> str:
+    return " ".join(text.split()[:n_words])
+
+
+def shipped_split(scp_sample: Path) -> tuple[list[dict], list[dict]]:
+    """Apple's SCP sample split as the shipped model's data was: the held-out rows are the bundled corpus's passages
+    (in its order), every other row is a training row."""
+    bundled = [json.loads(line)["text"] for line in open(SHIPPED_CORPUS_FILE, encoding="utf-8")]
+    rows = {row["docs"][0]: row for row in map(json.loads, open(scp_sample, encoding="utf-8"))}
+    missing = [text for text in bundled if text not in rows]
+    if missing:
+        raise ValueError(f"{scp_sample} is not the sample the shipped model trained on: it lacks {len(missing)} of "
+                         f"the bundled passages, e.g. {missing[0]!r:.80}")
+    heldout = set(bundled)
+    return [row for text, row in rows.items() if text not in heldout], [rows[text] for text in bundled]
+
+
+def passages_rung(name: str, doc_max_length: int, compr_rate: int, n_words: int | None, max_steps: int,
+                  scp_sample: Path) -> Rung:
     """Real passages of Apple's SCP sample (the shipped model's split): reconstruction rows of the first `n_words`
     words (whole passages and their QA rows when `n_words` is None); probed on 24 held-out passages."""
-    source = [json.loads(line) for line in open(DEFAULT_SOURCE, encoding="utf-8")]
-    train, heldout = split_documents(source, n_heldout=100, seed=0)
+    train, heldout = shipped_split(scp_sample)
     if n_words is None:
-        rows = train + [{"data_type": "paraphrase", "answers": r["docs"], "docs": r["docs"]} for r in train]
+        rows = train + [reconstruction_row(r["docs"][0]) for r in train]
         texts = [r["docs"][0] for r in heldout]
     else:
-        rows = short_reconstruction_rows(train, n_words)
-        texts = [r["answers"][0] for r in short_reconstruction_rows(heldout, n_words)]
+        rows = [reconstruction_row(first_words(r["docs"][0], n_words)) for r in train]
+        texts = [first_words(r["docs"][0], n_words) for r in heldout]
     random.Random(0).shuffle(rows)
     cases = [ProbeCase("", texts[i], texts[i], texts[i + 1]) for i in range(24)]
     answer_cases = [
@@ -155,14 +160,14 @@ def passages_rung(name: str, doc_max_length: int, compr_rate: int, n_words: int 
                 answer_cases=answer_cases)
 
 
-def build_rung(name: str, max_steps: int | None) -> Rung:
+def build_rung(name: str, max_steps: int | None, scp_sample: Path = DEFAULT_SCP_SAMPLE) -> Rung:
     rng = random.Random(0)
     rung = {
         "1": lambda: code_word_rung(rng),
         "2": lambda: facts_rung(rng),
-        "3a": lambda: passages_rung("3a", 64, 4, 40, 300),
-        "3b": lambda: passages_rung("3b", 128, 8, 80, 300),
-        "3c": lambda: passages_rung("3c", 256, 16, None, 300),
+        "3a": lambda: passages_rung("3a", 64, 4, 40, 300, scp_sample),
+        "3b": lambda: passages_rung("3b", 128, 8, 80, 300, scp_sample),
+        "3c": lambda: passages_rung("3c", 256, 16, None, 300, scp_sample),
     }[name]()
     if max_steps is not None:
         rung.max_steps = max_steps
@@ -246,17 +251,18 @@ def train_stage(rung: Rung, stage: str, rows: list[dict], model: str, run_dir: P
         return {"global_step": state["global_step"], "train_runtime": finished_runtime(state)}
     data = run_dir / f"{stage}.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    argv = [
+    argv = train_argv(rung, stage, model, data, output, arm, seed, max_steps)
+    return train_clara(*parse_train_args(argv), callbacks=callbacks)
+
+
+def train_argv(rung: Rung, stage: str, model: str, data: Path, output: Path, arm: str, seed: int,
+               max_steps: int) -> list[str]:
+    """The `clara train` arguments of one stage of the arm on the rung."""
+    return [
         "--stage", stage, "--model", model, "--data", str(data), "--output_dir", str(output),
         "--doc_max_length", str(rung.doc_max_length), "--compr_rate", str(rung.compr_rate),
         "--max_steps", str(max_steps), "--seed", str(seed), *COMMON_ARGS, *ARMS[arm],
     ]
-    return train_clara(*parse_train_args(argv), callbacks=callbacks)
-
-
-def reconstruction_rows(rows: list[dict]) -> list[dict]:
-    """Stage-1 rows whose target is the document itself, for each instruct row's documents."""
-    return [{"data_type": "paraphrase", "answers": [doc], "docs": [doc]} for row in rows for doc in row["docs"]]
 
 
 def trained_steps(output: Path) -> tuple[int, float]:
@@ -289,8 +295,9 @@ def run_arm(rung: Rung, arm: str, out: Path, seed: int, pretrain_steps: int | No
         source, (steps, runtime) = str(start_from), trained_steps(start_from)
     if arm == "small" and rung.stage == "instruct" and pretrain_steps != 0:
         # The small recipe as a pipeline: stage 1 (reconstruction + channel rows) opens the memory, then instruction
-        # tuning with the memory contrast trains compressor and generator (RECIPES["small"]["instruct"]).
-        opened = train_stage(rung, "pretrain", reconstruction_rows(rung.train_rows), source, run_dir, arm, seed, [],
+        # tuning with the memory contrast trains compressor and generator (the recipe's `instruct` stage).
+        reconstruction = [reconstruction_row(doc) for row in rung.train_rows for doc in row["docs"]]
+        opened = train_stage(rung, "pretrain", reconstruction, source, run_dir, arm, seed, [],
                              rung.max_steps if pretrain_steps is None else pretrain_steps)
         source, steps, runtime = (str(run_dir / "pretrain"), steps + opened["global_step"],
                                   runtime + opened["train_runtime"])
@@ -324,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="steps of the small recipe's stage 1 before an instruct rung (default: the rung's budget; "
                              "0: none, the instruct stage trains from the backbone)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scp-sample", type=Path, default=DEFAULT_SCP_SAMPLE,
+                        help="Apple's SCP sample (clara_pretrain_sample.jsonl), the data of rungs 3a-3c")
     parser.add_argument("--out", type=Path, default=Path("runs/ladder"))
     parser.add_argument("--trained", type=Path, default=None,
                         help="probe this finished `clara train` output as the (single) rung and arm instead of training")
@@ -344,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     results_file = args.out / "results.jsonl"
     done = [json.loads(line) for line in results_file.open()] if results_file.exists() else []
     for rung_name in args.rungs:
-        rung = build_rung(rung_name, args.max_steps)
+        rung = build_rung(rung_name, args.max_steps, args.scp_sample)
         for arm in args.arms:
             origin = str(args.start_from) if args.start_from is not None else None
             if any(r["rung"] == rung_name and r["arm"] == arm and r["seed"] == args.seed and r.get("from") == origin
