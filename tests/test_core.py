@@ -204,6 +204,18 @@ def test_from_pretrained_rejects_unknown_arguments(tiny_llama_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
+    "override, message",
+    [({"topk_temperature": 0}, "topk_temperature=0"), ({"training_stage": "stage9"}, "training_stage='stage9'"),
+     ({"generation_top_k": 0}, "generation_top_k=0")],
+)
+def test_from_pretrained_overrides_are_checked_as_the_config_checks_them(tiny_llama_dir, tmp_path, override, message):
+    make_tiny_clara(tiny_llama_dir).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        ClaraForRAG.from_pretrained(str(tmp_path), **override)
+    assert ClaraForRAG.from_pretrained(str(tmp_path), generation_top_k=3).config.generation_top_k == 3
+
+
+@pytest.mark.parametrize(
     "call, error, message",
     [
         (lambda m, e: m.compress([]), TypeError, "`documents`"),

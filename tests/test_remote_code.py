@@ -1,12 +1,16 @@
 """A saved CLaRa loads with `trust_remote_code` in a process where this package cannot be imported."""
 
+import ast
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import torch
 
 from conftest import make_tiny_clara
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1] / "modeling_clara"
 
 DOCS = ["Paris is the capital of France.", "The Seine flows through Paris."]
 
@@ -42,3 +46,20 @@ def test_remote_code_load_in_clean_process(tiny_llama_dir, tmp_path):
     embeds = model.compress(DOCS)
     assert torch.equal(remote["embeds"], embeds)
     assert remote["answer"] == model.answer("Which river flows through Paris?", embeds)
+
+
+def sibling_imports(path: Path) -> set[str]:
+    """The sibling files a code file imports with a single-dot import (`from .x import y`)."""
+    tree = ast.parse(path.read_text())
+    return {f"{node.module}.py" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1}
+
+
+def test_saved_checkpoint_carries_the_model_file_its_mixins_and_every_file_they_import(tiny_llama_dir, tmp_path):
+    make_tiny_clara(tiny_llama_dir).save_pretrained(tmp_path)
+    direct = sibling_imports(PACKAGE_DIR / "modeling_clara.py")
+    assert {"adapters_clara.py", "apple_methods_clara.py", "checkpoint_io_clara.py"} <= direct
+    for name in direct:
+        # transformers copies only what the model file imports itself when it loads a local folder
+        assert sibling_imports(PACKAGE_DIR / name) <= direct, name
+        assert "modeling_clara.py" not in sibling_imports(PACKAGE_DIR / name), f"{name} imports the model file"
+        assert (tmp_path / name).read_text() == (PACKAGE_DIR / name).read_text()
