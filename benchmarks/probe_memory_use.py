@@ -17,8 +17,8 @@ to almost the same vectors, and no decoder can read them.
 
 import argparse
 
-from modeling_clara.configuration_clara import MEMORY_PROJECTIONS
-from modeling_clara.evaluation import load_eval_data, load_model_for_eval
+from modeling_clara.evaluation import load_eval_data
+from modeling_clara.loading import load_model
 from modeling_clara.probing import PROBE_TARGETS, ProbeCase, probe_memory_use
 
 
@@ -41,14 +41,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", nargs="+", default=["shipped"], help="'embedded' (untrained), 'shipped' or paths")
     parser.add_argument("--data", required=True, help="evaluation JSONL (question, docs, pos_index, answers)")
     parser.add_argument("--n-questions", type=int, default=40)
-    parser.add_argument("--memory-projection", choices=[p for p in MEMORY_PROJECTIONS if p is not None], default=None,
-                        help="for 'embedded': build the untrained model with this memory projection")
     parser.add_argument("--target", choices=PROBE_TARGETS, default="answer",
                         help="score the gold answer, or the reconstruction of the gold passage")
     args = parser.parse_args(argv)
     cases = probe_cases(args.data, args.n_questions, args.target)
     results = {
-        name: probe_memory_use(load_model_for_eval(name, memory_projection=args.memory_projection), cases, args.target)
+        name: probe_memory_use(load_model(name, seed=0), cases, args.target)
         for name in args.model
     }
     print(f"{len(cases)} questions of {args.data}; {args.target} cross-entropy (nats/token), teacher-forced")

@@ -37,7 +37,6 @@ from transformers.utils import logging
 from .backbone import EMBEDDED_BACKBONE
 from .data import check_e2e_candidates
 from .fingerprint import adapter_weights, weights_sha256
-from .generation import generate_completions
 from .jsonl import append_jsonl, read_for_resume, read_jsonl, record_settings, write_text_atomic
 from .metrics import recall_at_k, score_example
 from .modeling_clara import ClaraForRAG
@@ -178,9 +177,8 @@ def text_prompt(model: ClaraForRAG, question: str, passages: list[str]) -> str:
 
 
 def generate_text(model: ClaraForRAG, prompts: list[str], max_new_tokens: int, **generate_kwargs) -> list[str]:
-    """Greedy answers of the bare backbone (every adapter disabled, re-enabled after) to text prompts."""
-    with model.adapters_disabled():
-        return generate_completions(model.decoder, model.tokenizer, prompts, max_new_tokens, **generate_kwargs)
+    """Greedy answers of the bare backbone to text prompts ([`ClaraForRAG.generate_with_backbone`])."""
+    return model.generate_with_backbone(prompts, max_new_tokens, **generate_kwargs)
 
 
 def count_tokens(tokenizer, prompts: list[str]) -> list[int]:
