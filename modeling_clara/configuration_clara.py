@@ -167,8 +167,12 @@ class ClaraLossConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 QUANTIZATIONS = ("no", "int4", "int8")
-# How memory states enter the generator: None = as they are (Apple), or as token-embedding mixtures.
-MEMORY_PROJECTIONS = (None, "token_embeddings", "token_norm")
+# Settings of a training run that config.json files written by clara-hf 0.1.0 carry. They say how that checkpoint was
+# trained, not what the model is (a run's are in its training_settings.json), so a config drops them when it loads.
+RUN_SETTINGS_IN_CONFIGS = (
+    "mse_weight", "mse_stop_gradient", "retrieval_weight", "memory_contrast_weight", "memory_contrast_margin",
+    "memory_cosine_weight", "memory_cosine_ceiling", "topk_temperature",
+)
 
 
 class ClaraConfig(PretrainedConfig):
@@ -214,36 +218,6 @@ class ClaraConfig(PretrainedConfig):
             Apple's flag: load every adapter of a checkpoint regardless of `training_stage`.
         stage2_retrieval_top_n (`int`, *optional*, defaults to 1):
             Kept for Apple compatibility (external retrieval service, not used here).
-        topk_temperature (`float`, *optional*, defaults to 0.02):
-            Temperature of the straight-through top-k on cosine scores (Apple's value).
-        mse_weight (`float`, *optional*, defaults to 0.1):
-            Weight of the memory/document hidden-state MSE in the loss while the compressor trains.
-        mse_stop_gradient (`bool`, *optional*, defaults to `False`):
-            Detach the document-side mean in the MSE, so the term moves the memory toward the document and not both
-            toward each other (Apple's MSE lets gradient reach both sides).
-        retrieval_weight (`float`, *optional*, defaults to 0.0):
-            Weight of the contrastive retrieval loss over `pos_index` in the end-to-end stage (0 = logged only).
-        memory_contrast_weight (`float`, *optional*, defaults to 0.0):
-            Weight of the memory-contrast hinge on compression batches (0 = off, Apple's objective): each example's
-            target should cost at least `memory_contrast_margin` nats per token less from its own memory than from
-            another example's. One more generator pass per step.
-        memory_contrast_margin (`float`, *optional*, defaults to 1.0):
-            That margin, in nats per target token.
-        memory_cosine_weight (`float`, *optional*, defaults to 0.0):
-            Weight of the memory-cosine hinge on compression batches (0 = off, Apple's objective): the cosine between
-            the flattened memories of two different documents of the batch should stay under
-            `memory_cosine_ceiling`. Keeps the compressor from writing one memory for every document.
-        memory_cosine_ceiling (`float`, *optional*, defaults to 0.8):
-            That ceiling.
-        memory_projection (`str`, *optional*):
-            How the compressor's memory states become generator inputs (and retrieval vectors). `None` (Apple's
-            CLaRa, the default): the last-layer states as they are. `"token_embeddings"` (this package's option for
-            small backbones trained on little data): each state `h` is replaced by the mixture of the backbone's
-            input-token embeddings that its LM head predicts, `softmax(lm_head(h)) @ embed_tokens`, so memory lies in
-            the space the generator already reads. On SmolLM2-135M the raw states share one direction ~15x the norm
-            of a token embedding and derail the untrained generator; the mixtures do not (README, "Shipped model").
-            `"token_norm"`: each state keeps its direction, rescaled to the mean norm of the input-token embeddings
-            (the memory-scale ablation: the norm alone, without moving the states into the token space).
         base_vocab_size (`int`, *optional*):
             Vocabulary size of the backbone before CLaRa's special tokens were added; rows from here on are the
             ones CLaRa trains and saves. Filled in when the model is built.
@@ -268,15 +242,6 @@ class ClaraConfig(PretrainedConfig):
         quantization: str = "no",
         pure_inference: bool = False,
         stage2_retrieval_top_n: int = 1,
-        topk_temperature: float = 0.02,
-        mse_weight: float = 0.1,
-        mse_stop_gradient: bool = False,
-        retrieval_weight: float = 0.0,
-        memory_contrast_weight: float = 0.0,
-        memory_contrast_margin: float = 1.0,
-        memory_cosine_weight: float = 0.0,
-        memory_cosine_ceiling: float = 0.8,
-        memory_projection: str | None = None,
         base_vocab_size: int | None = None,
         **kwargs,
     ):
@@ -295,16 +260,14 @@ class ClaraConfig(PretrainedConfig):
         self.quantization = quantization
         self.pure_inference = pure_inference
         self.stage2_retrieval_top_n = stage2_retrieval_top_n
-        self.topk_temperature = topk_temperature
-        self.mse_weight = mse_weight
-        self.mse_stop_gradient = mse_stop_gradient
-        self.retrieval_weight = retrieval_weight
-        self.memory_contrast_weight = memory_contrast_weight
-        self.memory_contrast_margin = memory_contrast_margin
-        self.memory_cosine_weight = memory_cosine_weight
-        self.memory_cosine_ceiling = memory_cosine_ceiling
-        self.memory_projection = memory_projection
         self.base_vocab_size = base_vocab_size
+        for name in RUN_SETTINGS_IN_CONFIGS:
+            kwargs.pop(name, None)
+        if kwargs.pop("memory_projection", None) is not None:
+            raise ValueError(
+                "this config has a memory_projection, which this version of CLaRa does not implement: its memory "
+                "would reach the generator in another space than it was trained in"
+            )
         super().__init__(**kwargs)
         self._check_fields()
         if doc_max_length % compr_rate:
@@ -346,10 +309,6 @@ class ClaraConfig(PretrainedConfig):
             raise ValueError(f"quantization={self.quantization!r} is not one of {QUANTIZATIONS}")
         if not self.lora:
             raise ValueError("lora=False (full fine-tuning or a separate compressor) is not supported; use lora=True")
-        if self.memory_projection not in MEMORY_PROJECTIONS:
-            raise ValueError(f"memory_projection={self.memory_projection!r} is not one of {MEMORY_PROJECTIONS}")
-        if not self.topk_temperature > 0:
-            raise ValueError(f"topk_temperature={self.topk_temperature} must be > 0")
 
     @property
     def n_mem_tokens(self) -> int:

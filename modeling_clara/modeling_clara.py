@@ -31,7 +31,14 @@ from .apple_methods_clara import ClaraAppleMethodsMixin
 from .backbone import load_backbone, resolve_backbone_path
 from .checkpoint_io_clara import ClaraCheckpointMixin
 from .checkpoints import WEIGHTS_FILE  # noqa: F401  (imported by checkpoint_io_clara.py; see above)
-from .configuration_clara import DECODER_ADAPTER, ENCODER_ADAPTER, QUERY_REASONER_ADAPTER, STAGES, ClaraConfig
+from .configuration_clara import (
+    DECODER_ADAPTER,
+    ENCODER_ADAPTER,
+    QUERY_REASONER_ADAPTER,
+    STAGES,
+    ClaraConfig,
+    ClaraLossConfig,
+)
 from .generation import generate_completions
 from .processing_clara import (
     ClaraProcessor,
@@ -52,12 +59,12 @@ class ClaraOutput(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor`, *optional*):
-            The training objective, which the Trainer minimises as it is: `ce_loss`, plus `config.mse_weight *
-            mse_loss` on compression batches while the compressor trains, plus `config.retrieval_weight *
-            retrieval_loss` on end-to-end batches with positives (that term alone on retrieval-only batches, which
-            have no decoder inputs), plus `config.memory_contrast_weight * memory_contrast_loss` and
-            `config.memory_cosine_weight * memory_cosine_loss` on compression batches when those weights are set (the
-            latter, like the MSE, while the compressor trains).
+            The training objective, which the Trainer minimises as it is, weighted by the model's `loss_config`
+            ([`ClaraLossConfig`]): `ce_loss`, plus `mse_weight * mse_loss` on compression batches while the
+            compressor trains, plus `retrieval_weight * retrieval_loss` on end-to-end batches with positives (that
+            term alone on retrieval-only batches, which have no decoder inputs), plus `memory_contrast_weight *
+            memory_contrast_loss` and `memory_cosine_weight * memory_cosine_loss` on compression batches when those
+            weights are set (the latter, like the MSE, while the compressor trains).
         ce_loss (`torch.FloatTensor`, *optional*):
             Cross-entropy of the generator on the target tokens (labels != -100).
         mse_loss (`torch.FloatTensor`, *optional*):
@@ -66,11 +73,11 @@ class ClaraOutput(ModelOutput):
             Multi-positive InfoNCE of the query reasoner's cosine scores over the gold candidates.
         memory_contrast_loss (`torch.FloatTensor`, *optional*):
             Hinge `max(0, margin + CE(own memory) - CE(another example's memory))`, averaged over the examples
-            (compression batches with `config.memory_contrast_weight > 0`).
+            (compression batches with `loss_config.memory_contrast_weight > 0`).
         memory_cosine_loss (`torch.FloatTensor`, *optional*):
             Hinge `max(0, cosine - memory_cosine_ceiling)` between the flattened memories of every two different
-            documents of the batch, averaged over the pairs (compression batches with `config.memory_cosine_weight >
-            0` and two different documents).
+            documents of the batch, averaged over the pairs (compression batches with
+            `loss_config.memory_cosine_weight > 0` and two different documents).
         logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`, *optional*):
             Generator logits.
         topk_indices (`torch.LongTensor` of shape `(batch_size, k)`, *optional*):
@@ -231,6 +238,9 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         self._configure_greedy_generation()
         self._trainable_adapters: tuple[str, ...] = ()
         self._embedding_grad_hook = None
+        # The weights of the loss terms are a setting of a training run, not of the model: `ClaraTrainer` sets the
+        # run's here (and saves them with its output); without one, `forward` weighs them as Apple's objective does.
+        self.loss_config = ClaraLossConfig()
         for name in STAGES[config.training_stage].adapters if adapter_names is None else adapter_names:
             self.add_lora_adapter(name)
         self.post_init()
@@ -618,8 +628,8 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         split), compressed with gradients; the generator reads them in that order."""
         doc_embeds, mse_loss = self._encode_documents(enc_input_ids, enc_attention_mask)
         memory_cosine_loss = memory_contrast_loss = None
-        if self.config.memory_cosine_weight:
-            memory_cosine_loss = memory_cosine_hinge(doc_embeds, enc_input_ids, self.config.memory_cosine_ceiling)
+        if self.loss_config.memory_cosine_weight:
+            memory_cosine_loss = memory_cosine_hinge(doc_embeds, enc_input_ids, self.loss_config.memory_cosine_ceiling)
         batch_size = dec_input_ids.shape[0]
         if docs_per_example is None:
             docs_per_example = [doc_embeds.shape[0] // batch_size] * batch_size
@@ -627,7 +637,7 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         if self.config.training_form == "compressor":
             doc_embeds = doc_embeds.detach()
         decoded = self._decode(dec_input_ids, dec_attention_mask, labels, doc_embeds, docs_per_example)
-        if self.config.memory_contrast_weight and labels is not None:
+        if self.loss_config.memory_contrast_weight and labels is not None:
             memory_contrast_loss = self._memory_contrast_loss(
                 dec_input_ids, dec_attention_mask, labels, doc_embeds, docs_per_example, decoded.logits
             )
@@ -657,7 +667,7 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         query_reps = self._encode_queries(query_input_ids, query_attention_mask)
         scores, weights, topk_indices = self._select_top_k(query_reps, candidate_embeds)
         if positive_mask is not None:
-            retrieval_loss = contrastive_retrieval_loss(scores, positive_mask.bool(), self.config.topk_temperature)
+            retrieval_loss = contrastive_retrieval_loss(scores, positive_mask.bool(), self.loss_config.topk_temperature)
         if dec_input_ids is None:
             return self._retrieval_only_output(retrieval_loss, mse_loss, topk_indices, scores)
         selected = torch.einsum("bkn,bnmh->bkmh", weights.to(candidate_embeds.dtype), candidate_embeds)
@@ -678,7 +688,7 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         hidden)` and the straight-through top `generation_top_k` of them (all, when fewer)."""
         scores = cosine_scores(query_reps, candidate_embeds)
         k = min(self.config.generation_top_k, candidate_embeds.shape[1])
-        weights, indices = differentiable_topk(scores, k, self.config.topk_temperature)
+        weights, indices = differentiable_topk(scores, k, self.loss_config.topk_temperature)
         return scores, weights, indices
 
     def _decode(self, dec_input_ids, dec_attention_mask, labels, doc_embeds, docs_per_example):
@@ -691,7 +701,7 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         if retrieval_loss is None:
             raise ValueError("an end-to-end batch without decoder inputs trains on the retrieval loss: give positive_mask")
         return ClaraOutput(
-            loss=self.config.retrieval_weight * retrieval_loss,
+            loss=self.loss_config.retrieval_weight * retrieval_loss,
             mse_loss=mse_loss,
             retrieval_loss=retrieval_loss,
             topk_indices=topk_indices,
@@ -715,7 +725,7 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         with self.adapter(DECODER_ADAPTER):
             other_logits = self.decoder(inputs_embeds=inputs_embeds, attention_mask=dec_attention_mask).logits
         own_ce, other_ce = (per_example_cross_entropy(scores, labels) for scores in (logits, other_logits))
-        return F.relu(self.config.memory_contrast_margin + own_ce - other_ce).mean()
+        return F.relu(self.loss_config.memory_contrast_margin + own_ce - other_ce).mean()
 
     def _combine_losses(
         self, ce_loss, mse_loss, retrieval_loss, memory_contrast_loss=None, memory_cosine_loss=None
@@ -726,13 +736,13 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         loss = ce_loss
         # Decided by what trains, not by grad mode, so an evaluation reports the loss training minimises.
         if mse_loss is not None and ENCODER_ADAPTER in self._trainable_adapters:
-            loss = loss + self.config.mse_weight * mse_loss
-        if retrieval_loss is not None and self.config.retrieval_weight:
-            loss = loss + self.config.retrieval_weight * retrieval_loss
+            loss = loss + self.loss_config.mse_weight * mse_loss
+        if retrieval_loss is not None and self.loss_config.retrieval_weight:
+            loss = loss + self.loss_config.retrieval_weight * retrieval_loss
         if memory_contrast_loss is not None:
-            loss = loss + self.config.memory_contrast_weight * memory_contrast_loss
+            loss = loss + self.loss_config.memory_contrast_weight * memory_contrast_loss
         if memory_cosine_loss is not None and ENCODER_ADAPTER in self._trainable_adapters:  # a compressor-only term
-            loss = loss + self.config.memory_cosine_weight * memory_cosine_loss
+            loss = loss + self.loss_config.memory_cosine_weight * memory_cosine_loss
         return loss
 
 

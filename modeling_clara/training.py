@@ -427,8 +427,6 @@ def prepare_model_for_stage(model: ClaraForRAG, args: ClaraTrainingArguments) ->
     config = model.config
     config.training_stage = STAGES_BY_NAME[args.stage].training_stage
     model.loss_config = args.loss_config
-    for name, value in args.loss_config.to_dict().items():
-        setattr(config, name, value)
     if args.generation_top_k is not None:
         config.generation_top_k = args.generation_top_k
     if args.optimize_mem_tokens is not None:

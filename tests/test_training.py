@@ -218,6 +218,41 @@ def test_the_shipped_config_holds_no_training_knob():
     assert {"doc_max_length", "compr_rate", "generation_top_k", "lora_r", "training_stage"} <= shipped.keys()
 
 
+def test_run_settings_in_an_older_config_are_dropped_on_load(tmp_path):
+    """config.json files written by clara-hf 0.1.0 carry the loss weights of the stage that saved them: they load,
+    and the weights are not read or written back (a run's weights are in its training_settings.json)."""
+    run_settings = {"mse_weight": 0.1, "mse_stop_gradient": False, "retrieval_weight": 1.0, "topk_temperature": 0.02,
+                    "memory_contrast_weight": 0.0, "memory_contrast_margin": 1.0, "memory_projection": None}
+    (tmp_path / "config.json").write_text(json.dumps({**ClaraConfig(lora_r=8).to_dict(), **run_settings}))
+    config = ClaraConfig.from_pretrained(tmp_path)
+    assert config.lora_r == 8 and not any(hasattr(config, name) for name in run_settings)
+    config.save_pretrained(tmp_path / "saved")
+    assert not run_settings.keys() & json.loads((tmp_path / "saved" / "config.json").read_text()).keys()
+    (tmp_path / "config.json").write_text(json.dumps({**ClaraConfig().to_dict(), "memory_projection": "token_norm"}))
+    with pytest.raises(ValueError, match="memory_projection"):
+        ClaraConfig.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_overrides_are_checked(tiny_llama_dir, tmp_path):
+    make_tiny_clara(tiny_llama_dir).save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match=re.escape("training_stage='instruct' is not one of Apple's stages")):
+        ClaraForRAG.from_pretrained(str(tmp_path / "saved"), training_stage="instruct")
+    with pytest.raises(ValueError, match="generation_top_k=0"):
+        ClaraForRAG.from_pretrained(str(tmp_path / "saved"), generation_top_k=0)
+    with pytest.raises(TypeError, match="mse_weight"):  # a run setting: ClaraTrainingArguments takes it
+        ClaraForRAG.from_pretrained(str(tmp_path / "saved"), mse_weight=0.5)
+
+
+def test_the_trainer_hands_the_loss_weights_to_the_model_not_its_config(tiny_llama_dir, tmp_path):
+    model = make_tiny_clara(tiny_llama_dir, training_stage="stage1_2")
+    assert model.loss_config == ClaraLossConfig()  # Apple's objective until a run sets its own
+    prepare_model_for_stage(model, training_args(tmp_path, "instruct", mse_weight=0.3, memory_cosine_weight=2.0))
+    assert model.loss_config == ClaraLossConfig(mse_weight=0.3, memory_cosine_weight=2.0)
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert not {f.name for f in dataclasses.fields(ClaraLossConfig)} & saved.keys()
+
+
 def test_checkpoint_architecture_cannot_be_overridden(tiny_llama_dir, tmp_path):
     make_tiny_clara(tiny_llama_dir).save_pretrained(tmp_path / "saved")
     with pytest.raises(ValueError, match=r"doc_max_length.*\(64, 32\)"):
@@ -331,7 +366,7 @@ def test_retrieval_only_trains_the_query_reasoner_on_the_retrieval_loss(tiny_lla
     assert "dec_input_ids" not in batch and "labels" not in batch
     model.eval()
     outputs = model(**batch)
-    expected = contrastive_retrieval_loss(outputs.retrieval_scores, batch["positive_mask"], model.config.topk_temperature)
+    expected = contrastive_retrieval_loss(outputs.retrieval_scores, batch["positive_mask"], model.loss_config.topk_temperature)
     torch.testing.assert_close(outputs.loss, expected)
     assert outputs.ce_loss is None and outputs.logits is None
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -546,7 +581,7 @@ def test_three_stages_chain_from_the_cli(tiny_llama_dir, tmp_path, data_files, c
     assert [s["stage"] for s in settings] == ["pretrain", "instruct", "e2e"]
     assert settings[2]["loss"] == {**ClaraLossConfig().to_dict(), "retrieval_weight": 0.5}  # the run's, given
     assert settings[0]["recipe"] == "apple" and settings[0]["learning_rate"] == 1e-2
-    assert configs[2]["generation_top_k"] == 2
+    assert configs[2]["generation_top_k"] == 2 and "retrieval_weight" not in configs[2]
     first = log_history(stage1)
     assert {"ce_loss", "mse_loss"} <= first[0].keys() and "eval_ce_loss" in first[-1]
     assert {"ce_loss", "mse_loss", "retrieval_loss", "retrieval_recall"} <= log_history(stage3)[0].keys()
