@@ -166,6 +166,7 @@ class ClaraLossConfig:
     def to_dict(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+
 QUANTIZATIONS = ("no", "int4", "int8")
 # Settings of a training run that config.json files written by clara-hf 0.1.0 carry. They say how that checkpoint was
 # trained, not what the model is (a run's are in its training_settings.json), so a config drops them when it loads.
@@ -183,7 +184,8 @@ class ClaraConfig(PretrainedConfig):
 
     Field names and meanings follow Apple's `CLaRaConfig` (apple/ml-clara, `openrlhf/models/modeling_clara.py`),
     so Apple's `config.json` files load as they are; fields Apple keeps for code paths this package does not
-    implement (a separate BERT compressor, `compr_*`) are stored and written back untouched.
+    implement (a separate BERT compressor, `compr_*`) are stored and written back untouched. How a model is trained
+    (the loss weights) is not configuration: see [`ClaraLossConfig`].
 
     Args:
         decoder_model_name (`str`, *optional*, defaults to `"embedded"`):
