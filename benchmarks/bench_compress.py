@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
 
 from modeling_clara import ClaraForRAG
+from modeling_clara.backbone import load_backbone, resolve_backbone_path
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "clara_pretrain_sample.jsonl"
 
@@ -28,6 +30,15 @@ def load_documents(path: Path, n_docs: int) -> list[str]:
             if len(documents) >= n_docs:
                 break
     return documents[:n_docs]
+
+
+def plain_backbone(model: ClaraForRAG) -> PreTrainedModel:
+    """The model's backbone loaded again on its own, without LoRA layers, its vocabulary resized to CLaRa's tokenizer
+    so that it reads the same token ids."""
+    config = model.config
+    backbone = load_backbone(resolve_backbone_path(config.decoder_model_name), config, torch_dtype=model.dtype)
+    backbone.resize_token_embeddings(len(model.tokenizer))
+    return backbone.to(model.device).eval()
 
 
 def time_call(fn) -> float:
@@ -56,11 +67,12 @@ def main() -> None:
     def clara_compress():
         model.compress(documents, batch_size=args.batch_size, show_progress_bar=False)
 
+    backbone = plain_backbone(model)
+
     def plain_forward():
-        # The bare backbone: adapters off, full forward with logits and all hidden states.
-        with model.adapters_disabled():
-            for inputs in encoded:
-                model.decoder(**inputs, output_hidden_states=True)
+        # The bare backbone: full forward with logits and all hidden states.
+        for inputs in encoded:
+            backbone(**inputs, output_hidden_states=True)
 
     clara_compress(), plain_forward()  # warm-up
     clara_times, plain_times = [], []
