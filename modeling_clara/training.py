@@ -124,6 +124,7 @@ ClaraLossArguments = make_dataclass(
             "help": f"{f.metadata['help']} Default: the recipe's, else {f.default}."}))
         for f in fields(ClaraLossConfig)
     ],
+    namespace={"__module__": __name__},
 )
 
 
