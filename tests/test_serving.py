@@ -231,19 +231,23 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(*arguments: str, startup_timeout: float = 300):
-    """`clara serve ...` as a subprocess on a free 127.0.0.1 port; yields the base URL, stops the server after."""
+def running_server(*arguments: str, startup_timeout: float = 300, log: Path | None = None, env: dict | None = None):
+    """`clara serve ...` as a subprocess on a free 127.0.0.1 port; yields the base URL, stops the server after.
+
+    `log`: a file for the server's output (read it after); `env`: variables added to its environment."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO_DIR)}
+           "PYTHONPATH": str(REPO_DIR), **(env or {})}
+    output = subprocess.PIPE if log is None else open(log, "w")
     process = subprocess.Popen([sys.executable, "-m", "modeling_clara.cli", "serve", "--port", str(port), *arguments],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + startup_timeout
         while True:
             if process.poll() is not None:
-                raise AssertionError(f"the server exited with {process.returncode}:\n{process.stdout.read()}")
+                printed = process.stdout.read() if log is None else Path(log).read_text()
+                raise AssertionError(f"the server exited with {process.returncode}:\n{printed}")
             try:
                 if requests.get(f"{url}/health", timeout=1).status_code == 200:
                     break
@@ -260,6 +264,8 @@ def running_server(*arguments: str, startup_timeout: float = 300):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        if log is not None:
+            output.close()
 
 
 @pytest.fixture(scope="module")

@@ -322,11 +322,11 @@ def create_app(engine: ClaraServingEngine, settings: ServeSettings, backend: str
         return DynamicBatcher(name, run, executor, settings.max_batch_size, settings.max_wait_ms / 1000,
                               settings.max_queue, max_batch_cost=max_batch_cost, on_batch=metrics.batch_done)
 
-    # A compress or answer batch holds at most max_batch_documents given documents (an answer request with more
-    # runs alone); longer compress requests run as several calls.
+    # A compress call holds at most max_batch_documents documents: compress requests and the documents of answer
+    # requests are compressed in chunks of that many, so answer batches only select, retrieve and generate.
     batchers = {"compress": batcher("compress", engine.compress_batch, settings.max_batch_documents),
                 "search": batcher("search", engine.search_batch),
-                "answer": batcher("answer", engine.answer_batch, settings.max_batch_documents)}
+                "answer": batcher("answer", engine.answer_batch)}
     for each in batchers.values():
         metrics.watch_queue(each)
 
@@ -356,17 +356,11 @@ def create_app(engine: ClaraServingEngine, settings: ServeSettings, backend: str
         return time.monotonic() + settings.request_timeout_s
 
     async def submit(operation: str, item, until: float, key=None, cost: int = 1):
-        try:
-            return await batchers[operation].submit(item, key=key, timeout=max(until - time.monotonic(), 0), cost=cost)
-        except QueueFullError:
-            metrics.rejected.labels(operation, "queue_full").inc()
-            raise
-        except RequestTimeoutError:
-            metrics.rejected.labels(operation, "timeout").inc()
-            raise
+        return await batchers[operation].submit(item, key=key, timeout=max(until - time.monotonic(), 0), cost=cost)
 
     async def respond(request: Request, operation: str, work: Awaitable):
-        """Await `work` (which submits to batchers) until it is done or the client leaves; errors become responses.
+        """Await `work` (which submits to batchers) until it is done or the client leaves; errors become responses,
+        counted under the request's `operation` (an answer's documents queue for compression first).
 
         A client that leaves cancels `work`: its requests leave their queues, or are skipped by the model thread."""
         task = asyncio.ensure_future(work)
@@ -384,12 +378,13 @@ def create_app(engine: ClaraServingEngine, settings: ServeSettings, backend: str
         try:
             return task.result()
         except QueueFullError as error:
+            metrics.rejected.labels(operation, "queue_full").inc()
             return error_response(503, str(error), kind="queue_full", headers={"Retry-After": str(error.retry_after)})
-        except RequestTimeoutError as error:
-            return error_response(504, f"--request-timeout ({settings.request_timeout_s:g} s) passed: {error}",
-                                  kind="timeout")
-        except _RequestTimedOut as error:
-            return error_response(504, str(error), kind="timeout")
+        except (RequestTimeoutError, _RequestTimedOut) as error:
+            metrics.rejected.labels(operation, "timeout").inc()
+            message = str(error) if isinstance(error, _RequestTimedOut) else \
+                f"--request-timeout ({settings.request_timeout_s:g} s) passed: {error}"
+            return error_response(504, message, kind="timeout")
         except RequestError as error:
             return error_response(error.status, str(error), error.field)
 
@@ -434,6 +429,21 @@ def create_app(engine: ClaraServingEngine, settings: ServeSettings, backend: str
 
         return await respond(request, "search", work())
 
+    async def compress_in_chunks(documents: list[str], until: float) -> torch.Tensor:
+        """`(n_docs, n_mem, hidden)`: one compress call per chunk of --max-batch-documents (batched with other
+        requests' chunks); a request that times out or whose client leaves stops at the next chunk."""
+        chunk, parts = settings.max_batch_documents, []
+        for start in range(0, len(documents), chunk):
+            part = documents[start : start + chunk]
+            try:
+                parts.append(await submit("compress", part, until, cost=len(part)))
+            except RequestTimeoutError as error:
+                raise _RequestTimedOut(
+                    f"--request-timeout ({settings.request_timeout_s:g} s) passed with {start} of {len(documents)} "
+                    f"documents compressed (chunks of --max-batch-documents {chunk}): {error}; no further chunk "
+                    "runs") from error
+        return torch.cat(parts)
+
     @app.post("/v1/answer")
     async def answer(request: Request, body: AnswerBody):
         config = engine.model.config
@@ -444,13 +454,16 @@ def create_app(engine: ClaraServingEngine, settings: ServeSettings, backend: str
             return refused
         request_ = AnswerRequest(body.question, body.documents, body.k or config.generation_top_k,
                                  body.max_new_tokens or min(config.max_new_tokens, settings.max_new_tokens))
-        if (problem := engine.answer_problem(request_)) is not None:
+        # Both known from the request alone: refused before any model work.
+        if (problem := engine.answer_problem(request_) or engine.prompt_problem(request_)) is not None:
             return error_response(problem.status, str(problem), problem.field)
 
         async def work():
+            until = deadline()
+            if request_.documents is not None:
+                request_.memory = await compress_in_chunks(request_.documents, until)
             # One generate call needs one max_new_tokens: requests batch with others that ask for the same.
-            result = await submit("answer", request_, deadline(), key=request_.max_new_tokens,
-                                  cost=len(body.documents or ()))
+            result = await submit("answer", request_, until, key=request_.max_new_tokens)
             return {"answer": result.answer, "documents": [_hit_json(h) for h in result.documents]}
 
         return await respond(request, "answer", work())
@@ -461,18 +474,7 @@ def create_app(engine: ClaraServingEngine, settings: ServeSettings, backend: str
             return refused
 
         async def work():
-            # One chunk per model call: between chunks, a request that timed out or whose client left stops.
-            until, chunk, parts = deadline(), settings.max_batch_documents, []
-            for start in range(0, len(body.documents), chunk):
-                try:
-                    parts.append(await submit("compress", body.documents[start : start + chunk], until,
-                                              cost=len(body.documents[start : start + chunk])))
-                except RequestTimeoutError as error:
-                    raise _RequestTimedOut(
-                        f"--request-timeout ({settings.request_timeout_s:g} s) passed with {start} of "
-                        f"{len(body.documents)} documents compressed (chunks of --max-batch-documents {chunk}): "
-                        f"{error}; no further chunk runs") from error
-            memory = torch.cat(parts)
+            memory = await compress_in_chunks(body.documents, deadline())
             payload = save_safetensors({"memory": memory.contiguous()})  # safetensors, never pickle
             return {"memory": base64.b64encode(payload).decode("ascii"), "shape": list(memory.shape),
                     "dtype": str(memory.dtype).removeprefix("torch.")}

@@ -13,6 +13,7 @@ start every answer prompt shares runs once, not once per request (`cache_prompt_
 without the encoder layout's padding by `ClaraForRAG.encode_queries` itself.
 """
 
+import copy
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Protocol
@@ -51,6 +52,7 @@ class AnswerRequest:
     documents: list[str] | None  # None: retrieve from the index
     k: int
     max_new_tokens: int
+    memory: torch.Tensor | None = None  # the documents' memory when compressed beforehand (the server: in chunks)
 
 
 @dataclass
@@ -110,6 +112,9 @@ class ClaraServingEngine:
         self.model, self.index = model, index
         self.generator = generator or TransformersGenerator(model)
         self.compress_batch_size = compress_batch_size
+        # The prompt check runs on the server's event loop while the model thread tokenizes: a fast tokenizer must
+        # not be used by two threads at once, so the check has its own.
+        self._check_processor = copy.deepcopy(model.processor)
 
     # -- compress -----------------------------------------------------------------------------------------------
 
@@ -156,8 +161,12 @@ class ClaraServingEngine:
         valid = [i for i, r in enumerate(results) if r is None]
         chosen = {}
         with_documents = [i for i in valid if requests[i].documents is not None]
+        to_compress = [i for i in with_documents if requests[i].memory is None]
+        memory_of = {}
+        if to_compress:
+            memory_of = dict(zip(to_compress, self.compress_batch([requests[i].documents for i in to_compress])))
         if with_documents:
-            memories = self.compress_batch([requests[i].documents for i in with_documents])
+            memories = [memory_of.get(i, requests[i].memory) for i in with_documents]
             chosen.update(self._choose_given(requests, with_documents, memories))
         from_index = [i for i in valid if requests[i].documents is None]
         for k, positions in _group_by([requests[i] for i in from_index], lambda r: r.k).items():
@@ -174,6 +183,24 @@ class ClaraServingEngine:
         if self.index is None:
             return RequestError("documents", "`documents` is required: this server has no index (start it with --index)")
         return self.search_problem()
+
+    def prompt_problem(self, request: AnswerRequest) -> RequestError | None:
+        """A prompt the generator would refuse, found from the request alone, before any model work.
+
+        The documents read are counted by `model.select_documents`' rule: the top `k` of more candidates with a
+        query reasoner (always, from the index), all of them otherwise."""
+        if request.documents is None:
+            n_read = min(request.k, len(self.index))
+        elif self.model.has_query_reasoner:
+            n_read = min(request.k, len(request.documents))
+        else:
+            n_read = len(request.documents)
+        processor = self._check_processor
+        try:
+            processor.prompt_ids([processor.build_prompt(n_read, task="answer", question=request.question)[0]])
+        except PromptTooLongError as error:
+            return _prompt_too_long(n_read, error.lengths[0], error.max_length)
+        return None
 
     def _choose_given(self, requests, positions: list[int], memories: list[torch.Tensor]) -> dict:
         """Per request: the memory to read and its hits, chosen by `model.select_documents` (one call per `k`)."""
@@ -207,11 +234,14 @@ class ClaraServingEngine:
             except PromptTooLongError as error:
                 for position, n_tokens in error.lengths.items():
                     n_docs = len(chosen[positions[position]][0])
-                    results[positions[position]] = RequestError(
-                        "question", f"the prompt with {n_docs} documents has {n_tokens} tokens, more than the "
-                        f"generator's {error.max_length}; shorten the question or lower k")
+                    results[positions[position]] = _prompt_too_long(n_docs, n_tokens, error.max_length)
                 positions = [i for p, i in enumerate(positions) if p not in error.lengths]
         return {}
+
+
+def _prompt_too_long(n_docs: int, n_tokens: int, max_length: int) -> RequestError:
+    return RequestError("question", f"the prompt with {n_docs} documents has {n_tokens} tokens, more than the "
+                        f"generator's {max_length}; shorten the question or lower k")
 
 
 def _group_by(items: list, key) -> dict:
