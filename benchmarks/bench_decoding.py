@@ -1,0 +1,115 @@
+"""Decoding speed at batch 1 against the memory-bandwidth limit: `generate` on the LoRA-wrapped backbone vs the
+fast decoding loop (`modeling_clara.decoding_clara`), side by side in one run.
+
+The limit: a decoding step reads every weight of the generator once (the layers' linears and norms and the output
+head; the embedding lookup reads one row), so it cannot take less than those bytes over the copy bandwidth of this
+machine (a large tensor copied, bytes read + bytes written per second, with the same thread count).
+
+Each path answers the same question from the same compressed documents, forced to generate exactly `--new-tokens`
+tokens (`min_new_tokens`); ms per token = (time for N tokens - time for 1 token) / (N - 1), which leaves the prefill
+out. The paths and the bandwidth copy alternate within every repeat, so load on a shared machine hits them alike;
+the medians are reported. With one thread the clock is the process's CPU time (time the process ran, not time it
+waited for a core on a loaded machine); with more, wall time. The greedy tokens of both paths are compared.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_decoding.py --threads 1
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from modeling_clara import ClaraForRAG
+from modeling_clara.configuration_clara import DECODER_ADAPTER
+from modeling_clara.decoding_clara import ClaraFastDecoder, ClaraFastGenerator
+
+SHIPPED_CORPUS = Path(__file__).resolve().parents[1] / "modeling_clara" / "shipped" / "corpus.jsonl"
+QUESTION = "Where is the National Palace Museum?"
+
+
+def copy_seconds(source: torch.Tensor, target: torch.Tensor, clock) -> float:
+    start = clock()
+    target.copy_(source)
+    return clock() - start
+
+
+def step_bytes(decoder: ClaraFastDecoder) -> int:
+    """Bytes of weights one decoding step reads."""
+    tensors = [decoder.final_norm, decoder.lm_head]
+    for layer in decoder.layers:
+        tensors += [layer.input_norm, layer.qkv, layer.o, layer.post_norm, layer.gate_up, layer.down]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="shipped")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=33)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--k", type=int, default=2, help="documents in the prompt (the first k of the shipped corpus)")
+    parser.add_argument("--copy-mib", type=int, default=256, help="size of the tensor copied to measure bandwidth")
+    parser.add_argument("--output", type=Path, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.threads == 1 else time.perf_counter
+    model = ClaraForRAG.from_pretrained(args.model).eval()
+    documents = [json.loads(line)["text"] for line in SHIPPED_CORPUS.read_text().splitlines()[: args.k]]
+    inputs = model.generator_inputs([QUESTION], [model.compress(documents)])
+    fast = ClaraFastGenerator()
+
+    def run(path: str, n: int) -> torch.Tensor:
+        options = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        with torch.no_grad(), model.adapter(DECODER_ADAPTER):
+            if path == "generate":
+                return model.decoder.generate(**inputs, **options)
+            return fast.generate(model.decoder, DECODER_ADAPTER, **inputs, **options)
+
+    paths = ("generate", "fast")
+    tokens = {path: run(path, args.new_tokens) for path in paths}  # also the warm-up (and the merge of the weights)
+    weight_bytes = step_bytes(fast.decoder_for(model.decoder, DECODER_ADAPTER))
+    source = torch.randn(args.copy_mib * 2**18)
+    target = torch.empty_like(source)
+    bandwidths, prefill, per_token = [], {p: [] for p in paths}, {p: [] for p in paths}
+    for _ in range(args.repeats):
+        bandwidths.append(2 * source.numel() * source.element_size() / copy_seconds(source, target, clock))
+        for path in paths:
+            start = clock()
+            run(path, 1)
+            one = clock() - start
+            start = clock()
+            run(path, args.new_tokens)
+            many = clock() - start
+            prefill[path].append(one)
+            per_token[path].append((many - one) / (args.new_tokens - 1))
+    bandwidth = statistics.median(bandwidths)
+    limit_ms = 1e3 * weight_bytes / bandwidth
+    results = {
+        "threads": args.threads, "clock": "cpu" if args.threads == 1 else "wall", "copy_gb_s": bandwidth / 1e9,
+        "step_weight_mb": weight_bytes / 1e6, "limit_ms": limit_ms, "new_tokens": args.new_tokens, "k": args.k,
+        "same_tokens": tokens["fast"].tolist() == tokens["generate"].tolist(), "paths": {},
+    }
+    for path in paths:
+        ms = 1e3 * statistics.median(per_token[path])
+        results["paths"][path] = {
+            "prefill_ms": 1e3 * statistics.median(prefill[path]), "ms_per_token": ms,
+            "fraction_of_limit": limit_ms / ms,
+        }
+    print(f"threads {args.threads} ({results['clock']} time), "
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write), "
+          f"weights read per step {weight_bytes / 1e6:.0f} MB -> limit {limit_ms:.1f} ms per step")
+    print(f"{'path':<10} {'prefill ms':>10} {'ms/token':>9} {'fraction of limit':>18}")
+    for path, row in results["paths"].items():
+        print(f"{path:<10} {row['prefill_ms']:>10.1f} {row['ms_per_token']:>9.1f} {row['fraction_of_limit']:>18.2f}")
+    print(f"same greedy tokens ({args.new_tokens} forced): {results['same_tokens']}")
+    if args.output:
+        args.output.write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
