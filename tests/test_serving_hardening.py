@@ -41,7 +41,8 @@ def server_log(tmp_path_factory):
 def server(saved_model_dir, index_dir, server_log):  # noqa: F811
     # Batches wait 1.5 s for company, so a request is still queued a moment after it is sent.
     with running_server("--model", str(saved_model_dir), "--index", str(index_dir), "--max-wait-ms", "1500",
-                        "--header-timeout", "1", "--body-timeout", "1", log=server_log) as url:
+                        "--header-timeout", "1", "--body-timeout", "1", "--max-batch-documents", "4",
+                        log=server_log) as url:
         yield url
 
 
@@ -200,7 +201,7 @@ def test_a_prompt_too_long_is_refused_before_any_model_work(server):
 
 
 def test_compression_runs_in_chunks_of_max_batch_documents(server):
-    # 8 documents, chunks of 4 (the default --max-batch-documents): two compress calls of 4 documents.
+    # 8 documents in chunks of --max-batch-documents 4: two compress calls, for compress and for answer.
     calls_before = metric(server, "clara_batch_size_count", operation="compress")
     response = requests.post(f"{server}/v1/compress", json={"documents": CORPUS}, timeout=60)
     assert response.status_code == 200 and response.json()["shape"][0] == len(CORPUS)

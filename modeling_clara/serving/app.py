@@ -365,13 +365,19 @@ def create_app(engine: ClaraServingEngine, settings: ServeSettings, backend: str
         A client that leaves cancels `work`: its requests leave their queues, or are skipped by the model thread."""
         task = asyncio.ensure_future(work)
         gone = asyncio.ensure_future(_until_disconnected(request.receive))
+        shutting_down = False
         try:
             await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            shutting_down = True  # uvicorn cancels what still runs --shutdown-timeout after SIGTERM
         finally:
             gone.cancel()
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        if shutting_down:
+            return error_response(503, "the server is shutting down", kind="shutting_down",
+                                  headers={"Connection": "close"})
         if task.cancelled():
             metrics.rejected.labels(operation, "disconnected").inc()
             return error_response(int(CLIENT_CLOSED), "the client closed the connection", kind="client_closed")

@@ -24,7 +24,7 @@ class ServeSettings:
     request_timeout_s: float = 60.0
     max_body_bytes: int = 1 << 20
     max_documents: int = 8
-    max_batch_documents: int = 4
+    max_batch_documents: int = 2
     max_new_tokens: int = 128
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
