@@ -42,7 +42,7 @@ class RequestTimeoutError(TimeoutError):
     def __init__(self, operation: str, timeout: float, started: bool):
         state = "its model call was running and its result is discarded" if started else \
             "it was still waiting for the model and left the queue"
-        super().__init__(f"no {operation} result within {timeout:g} s; {state}")
+        super().__init__(f"no {operation} result within {timeout:.1f} s; {state}")
         self.started = started
 
 
