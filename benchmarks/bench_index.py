@@ -1,16 +1,19 @@
-"""ClaraIndex benchmarks, each printed as ratios measured side by side in one run.
+"""ClaraIndex benchmarks, each printed side by side in one run.
 
-1. Build: `ClaraIndex.build` (compress + shard + save) next to a plain forward of the bare backbone (loaded on its
-   own, LM head on, as any causal-LM forward) over the same encoder tokens, interleaved rounds, median. Also bytes per
-   document on disk.
-2. Search: exact search vs the FAISS options (flat, IVF, HNSW, IVF-PQ) on synthetic clustered vectors, as latency per
-   query and recall@k against exact search. Every FAISS hit list is re-scored by CLaRa's exact cosine, as in real
-   use. The flattened run has the embedded backbone's size (n_mem 16 x hidden 576 = 9216 dims); the large run uses
-   pooled-size vectors (576 dims), as `build_faiss(pooled=True)` indexes them.
+1. Build: `ClaraIndex.build` (compress + write to the LanceDB table) next to a plain forward of the bare backbone
+   (loaded on its own, LM head on, as any causal-LM forward) over the same encoder tokens, interleaved rounds, median.
+   Also bytes per document on disk.
+2. Search: synthetic clustered memories of a model's shape (n_mem x hidden, flattened) written to a ClaraIndex
+   table, then, on the same vectors and queries: exact search (ClaraIndex's streamed matmul), LanceDB's IVF_PQ and
+   IVF_HNSW_SQ (ClaraIndex.create_vector_index with the shipped defaults, candidates re-ranked on the stored memory)
+   and FAISS IVF-Flat (`--faiss` adds others; vectors in RAM, candidates re-scored by exact cosine as ClaraIndex does). For each:
+   build seconds, bytes on disk (FAISS: its serialised index), recall@k against exact, queries per second and p50 / p99
+   latency of one query at a time.
 
     python benchmarks/bench_index.py build --n-docs 32 --rounds 3
-    python benchmarks/bench_index.py search --n-vectors 100000 --n-mem 16 --hidden 576
-    python benchmarks/bench_index.py search --n-vectors 1000000 --n-mem 1 --hidden 576
+    python benchmarks/bench_index.py search --n-vectors 100000 --n-mem 16 --hidden 576 --memory-dtype float16
+    python benchmarks/bench_index.py search --n-vectors 1000000 --n-mem 16 --hidden 576      # shipped shape, 1M
+    python benchmarks/bench_index.py search --n-vectors 100000 --n-mem 16 --hidden 4096      # CLaRa-7B, CR 16
 """
 
 import argparse
@@ -20,15 +23,25 @@ import tempfile
 import time
 from pathlib import Path
 
-import datasets
+import numpy as np
+import pyarrow as pa
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from modeling_clara import ClaraForRAG, ClaraIndex
 from modeling_clara.backbone import load_backbone, resolve_backbone_path
-from modeling_clara.index import FAISS_KINDS, _Shard
+from modeling_clara.index import (
+    DEFAULT_NPROBES,
+    DEFAULT_REFINE_FACTOR,
+    TABLE_NAME,
+    VECTOR_INDEX_KINDS,
+    connect,
+    index_schema,
+    memory_batch,
+)
 
-DATA_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "hotpotqa_dev.jsonl"
+DATA_FILE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "data" / "hotpotqa_dev.jsonl"
 
 
 def passages(n: int) -> list[str]:
@@ -40,6 +53,10 @@ def passages(n: int) -> list[str]:
             if len(found) == n:
                 return found
     return found
+
+
+def folder_bytes(folder: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -74,72 +91,150 @@ def bench_build(args: argparse.Namespace) -> None:
             start = time.perf_counter()
             ClaraIndex.build(model, texts, batch_size=args.batch_size, output_dir=folder)
             build_seconds.append(time.perf_counter() - start)
-            sizes.append(sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()))
-            shard_bytes = sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors"))
+            sizes.append(folder_bytes(folder))
         start = time.perf_counter()
         plain_forward(model, backbone, texts, args.batch_size)
         plain_seconds.append(time.perf_counter() - start)
     build, plain = statistics.median(build_seconds), statistics.median(plain_seconds)
     print(f"documents: {len(texts)}, encoder tokens/doc: {model.config.doc_max_length + 3 + model.n_mem_tokens}")
-    print(f"| step | docs/s |\n|---|---|\n| ClaraIndex.build (compress + write) | {len(texts) / build:.2f} |\n"
+    print(f"| step | docs/s |\n|---|---|\n| ClaraIndex.build (compress + commit) | {len(texts) / build:.2f} |\n"
           f"| plain backbone forward | {len(texts) / plain:.2f} |")
     print(f"build / plain throughput ratio: {plain / build:.2f}x")
-    print(f"bytes per document: {sizes[-1] / len(texts):,.0f} on disk "
-          f"({shard_bytes / len(texts):,.0f} of them embeddings: {model.n_mem_tokens} x {model.hidden_size} "
-          f"x {torch.finfo(model.dtype).bits // 8} bytes)")
+    print(f"bytes per document on disk: {sizes[-1] / len(texts):,.0f} (memory: {model.n_mem_tokens} x "
+          f"{model.hidden_size} x 4 bytes = {model.n_mem_tokens * model.hidden_size * 4:,})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Search
 
 
-def clustered_vectors(n: int, dim: int, n_clusters: int, generator: torch.Generator) -> torch.Tensor:
-    """Gaussian clusters: documents on a topic sit near each other, as real embeddings do (uniform noise would make
-    every approximate index look worse than it is on real data)."""
-    centers = torch.randn(n_clusters, dim, generator=generator)
-    assignment = torch.randint(n_clusters, (n,), generator=generator)
-    out = torch.empty(n, dim)
-    for start in range(0, n, 65536):
-        stop = min(start + 65536, n)
-        out[start:stop] = centers[assignment[start:stop]] + 0.6 * torch.randn(stop - start, dim, generator=generator)
-    return out
-
-
-def synthetic_index(n: int, n_mem: int, hidden: int, seed: int) -> tuple[ClaraIndex, torch.Tensor]:
+def clustered_chunks(n: int, dim: int, n_clusters: int, seed: int, chunk: int = 8192):
+    """Gaussian clusters, generated chunk by chunk: documents on a topic sit near each other, as real embeddings do
+    (uniform noise would make every approximate index look worse than it is on real data)."""
     generator = torch.Generator().manual_seed(seed)
-    vectors = clustered_vectors(n, n_mem * hidden, max(16, n // 1000), generator)
-    documents = datasets.Dataset.from_dict({"id": [str(i) for i in range(n)], "text": [""] * n})
-    fingerprint = {"n_mem_tokens": n_mem, "hidden_size": hidden}
-    index = ClaraIndex(None, fingerprint, documents, [_Shard.from_embeddings(vectors.view(n, n_mem, hidden))])
-    picked = torch.randint(n, (200,), generator=generator)
-    queries = vectors[picked] + 0.6 * torch.randn(len(picked), n_mem * hidden, generator=generator)
-    return index, queries
+    centers = torch.randn(n_clusters, dim, generator=generator)
+    for start in range(0, n, chunk):
+        rows = min(chunk, n - start)
+        assignment = torch.randint(n_clusters, (rows,), generator=generator)
+        yield start, centers[assignment] + 0.6 * torch.randn(rows, dim, generator=generator)
 
 
-def timed_search(index: ClaraIndex, queries: torch.Tensor, k: int, batch: int) -> tuple[list[list[int]], float]:
-    start, hits = time.perf_counter(), []
-    for i in range(0, len(queries), batch):
-        hits += [r.positions for r in index.search_embeddings(queries[i : i + batch], k=k)]
-    return hits, (time.perf_counter() - start) / len(queries)
+def synthetic_index(folder: str, args: argparse.Namespace) -> tuple[ClaraIndex, torch.Tensor, float]:
+    """A ClaraIndex table of synthetic memories, the queries (perturbed stored vectors), and the write seconds."""
+    dim = args.n_mem * args.hidden
+    fingerprint = {"n_mem_tokens": args.n_mem, "hidden_size": args.hidden}
+    schema = index_schema(fingerprint, None, args.memory_dtype)
+    table = connect(folder).create_table(TABLE_NAME, schema=schema)
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    picked = set(torch.randint(args.n_vectors, (args.n_queries,), generator=generator).tolist())
+    queries, generating = [], 0.0
+
+    def batches():
+        nonlocal generating
+        chunks = clustered_chunks(args.n_vectors, dim, max(16, args.n_vectors // 1000), args.seed)
+        while True:
+            began = time.perf_counter()
+            try:
+                start, vectors = next(chunks)
+            except StopIteration:
+                return
+            queries.extend(vectors[i - start].clone() for i in sorted(picked) if start <= i < start + len(vectors))
+            generating += time.perf_counter() - began
+            ids = [str(i) for i in range(start, start + len(vectors))]
+            yield memory_batch(schema, ids, [""] * len(ids), vectors.view(len(ids), args.n_mem, args.hidden))
+
+    began = time.perf_counter()
+    table.add(pa.RecordBatchReader.from_batches(schema, batches()))
+    write = time.perf_counter() - began - generating  # converting and committing, not making up the vectors
+    queries = torch.stack(queries) + 0.6 * torch.randn(len(queries), dim, generator=generator)
+    return ClaraIndex(table, refresh_interval=None, exact_cache_bytes=int(args.exact_cache_gib * 2**30)), queries, write
+
+
+def latencies(search, queries: torch.Tensor) -> tuple[list[list[str]], list[float]]:
+    """Hit ids and seconds of each query, one query at a time."""
+    hits, seconds = [], []
+    for query in queries:
+        start = time.perf_counter()
+        hits.append(search(query.unsqueeze(0)))
+        seconds.append(time.perf_counter() - start)
+    return hits, seconds
+
+
+def row(name: str, build: float | None, size: int | None, hits, exact_hits, seconds: list[float]) -> str:
+    recall = statistics.mean(len(set(h) & set(e)) / len(e) for h, e in zip(hits, exact_hits))
+    p50, p99 = np.percentile(seconds, 50) * 1000, np.percentile(seconds, 99) * 1000
+    build_text = "–" if build is None else f"{build:.0f}"
+    size_text = "–" if size is None else f"{size / 2**20:,.0f}"
+    return f"| {name} | {build_text} | {size_text} | {recall:.3f} | {1 / statistics.mean(seconds):.1f} | {p50:.1f} | {p99:.1f} |"
+
+
+def faiss_search(index, vectors: np.ndarray, ids: np.ndarray, k: int, refine_factor: int):
+    """FAISS candidates, re-scored by exact cosine on the stored vectors (as ClaraIndex re-scores its candidates)."""
+
+    def search(query: torch.Tensor) -> list[str]:
+        normalised = F.normalize(query.float(), dim=-1).numpy()
+        _, found = index.search(normalised, k * refine_factor)
+        found = found[0][found[0] >= 0]
+        scores = vectors[found] @ normalised[0]
+        return [str(ids[j]) for j in found[np.argsort(-scores)[:k]]]
+
+    return search
 
 
 def bench_search(args: argparse.Namespace) -> None:
-    index, queries = synthetic_index(args.n_vectors, args.n_mem, args.hidden, args.seed)
-    queries = queries[: args.n_queries]
-    exact_hits, exact_seconds = timed_search(index, queries, args.k, args.query_batch)
-    print(f"{args.n_vectors:,} vectors of {args.n_mem} x {args.hidden} = {args.n_mem * args.hidden} dims, "
-          f"{len(queries)} queries, k={args.k}")
-    print("| search | build s | ms/query | speed-up vs exact | recall@k vs exact |\n|---|---|---|---|---|")
-    print(f"| exact (streamed matmul) | – | {1000 * exact_seconds:.1f} | 1.00x | 1.000 |")
-    for kind in args.kinds:
-        start = time.perf_counter()
-        index.build_faiss(kind, nlist=args.nlist, pq_m=args.pq_m, nprobe=args.nprobe, ef_search=args.ef_search)
-        build = time.perf_counter() - start
-        hits, seconds = timed_search(index, queries, args.k, args.query_batch)
-        recall = statistics.mean(len(set(h) & set(e)) / len(e) for h, e in zip(hits, exact_hits))
-        print(f"| faiss {index.faiss_options['factory']} | {build:.0f} | {1000 * seconds:.1f} | "
-              f"{exact_seconds / seconds:.2f}x | {recall:.3f} |")
-        index.faiss_index = None
+    import faiss
+
+    dim = args.n_mem * args.hidden
+    with tempfile.TemporaryDirectory(dir=args.scratch) as folder:
+        index, queries, write = synthetic_index(folder, args)
+        table_bytes = folder_bytes(folder)
+        print(f"{args.n_vectors:,} memories of {args.n_mem} x {args.hidden} = {dim:,} values ({args.memory_dtype}), "
+              f"{len(queries)} queries one at a time, k={args.k}, torch threads {torch.get_num_threads()}")
+        print(f"table: written in {write:.0f} s (conversion + commit), {table_bytes / 2**20:,.0f} MiB on disk "
+              f"({table_bytes / args.n_vectors:,.0f} bytes per memory)")
+        print("| search | build s | index MiB | recall@k vs exact | QPS | p50 ms | p99 ms |\n|---|---|---|---|---|---|---|")
+
+        def clara_search(query, **options):
+            return index.search_embeddings(query, k=args.k, **options)[0].ids
+
+        exact_hits, seconds = latencies(clara_search, queries)
+        cached = "memory column in RAM" if index._cache is not None else "streamed from the table"
+        print(row(f"ClaraIndex exact ({cached})", None, None, exact_hits, exact_hits, seconds), flush=True)
+        index._cache = None  # the RAM goes to FAISS's copy below
+
+        for kind in args.kinds:
+            start = time.perf_counter()
+            index.create_vector_index(kind)
+            build = time.perf_counter() - start
+            size = folder_bytes(Path(folder) / f"{TABLE_NAME}.lance" / "_indices")
+            for nprobes, refine_factor in args.settings:
+                hits, seconds = latencies(lambda q: clara_search(q, nprobes=nprobes, refine_factor=refine_factor), queries)
+                name = f"LanceDB {kind.upper()} nprobes {nprobes} refine {refine_factor}"
+                print(row(name, build, size, hits, exact_hits, seconds), flush=True)
+            index.table.drop_index("memory_idx")
+
+        # FAISS holds the vectors in RAM (normalised float32) for its own index and the exact re-scoring.
+        arrays = index.table.search().select(["id", "memory"]).limit(None).to_arrow()
+        ids = np.array(arrays["id"].to_pylist())
+        vectors = arrays["memory"].combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+        del arrays
+        faiss.normalize_L2(vectors)
+        n_list = max(1, round(args.n_vectors**0.5))
+        for factory in args.faiss:
+            factory = factory.format(n_list=n_list, pq_m=dim // 32)
+            start = time.perf_counter()
+            faiss_index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+            sample = vectors[np.random.default_rng(0).choice(len(vectors), min(len(vectors), 256 * n_list), replace=False)]
+            faiss_index.train(sample)
+            faiss_index.add(vectors)
+            build = time.perf_counter() - start
+            size = faiss.serialize_index(faiss_index).nbytes
+            for nprobes, refine_factor in args.settings:
+                faiss.extract_index_ivf(faiss_index).nprobe = nprobes
+                hits, seconds = latencies(faiss_search(faiss_index, vectors, ids, args.k, refine_factor), queries)
+                print(row(f"FAISS {factory} nprobe {nprobes} refine {refine_factor}", build, size, hits, exact_hits, seconds),
+                      flush=True)
+            del faiss_index
 
 
 def main() -> None:
@@ -153,14 +248,19 @@ def main() -> None:
     search.add_argument("--n-vectors", type=int, default=100_000)
     search.add_argument("--n-mem", type=int, default=16)
     search.add_argument("--hidden", type=int, default=576)
+    search.add_argument("--memory-dtype", choices=("float32", "float16"), default="float32")
     search.add_argument("--n-queries", type=int, default=100)
-    search.add_argument("--query-batch", type=int, default=10)
     search.add_argument("-k", type=int, default=10)
-    search.add_argument("--kinds", nargs="+", default=list(FAISS_KINDS), choices=FAISS_KINDS)
-    search.add_argument("--nlist", type=int, default=1024)
-    search.add_argument("--nprobe", type=int, default=16)
-    search.add_argument("--pq-m", type=int, default=64)
-    search.add_argument("--ef-search", type=int, default=64)
+    search.add_argument("--kinds", nargs="+", default=list(VECTOR_INDEX_KINDS), choices=VECTOR_INDEX_KINDS)
+    search.add_argument("--settings", nargs="+", type=lambda s: tuple(int(v) for v in s.split(",")),
+                        default=[(DEFAULT_NPROBES, DEFAULT_REFINE_FACTOR)],
+                        help="nprobes,refine_factor pairs; the first is the shipped default")
+    search.add_argument("--faiss", nargs="*", default=["IVF{n_list},Flat"],
+                        help="FAISS factory strings ({n_list}: sqrt(n), {pq_m}: one byte per 32 values), e.g. "
+                        "'IVF{n_list},PQ{pq_m}'")
+    search.add_argument("--exact-cache-gib", type=float, default=8.0,
+                        help="ClaraIndex exact search keeps the memory in RAM up to this size (float32)")
+    search.add_argument("--scratch", default=None, help="folder for the table (default: the system's temp folder)")
     search.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     bench_build(args) if args.command == "build" else bench_search(args)

@@ -1,60 +1,79 @@
-"""`ClaraIndex`: compress a corpus once, then retrieve in CLaRa's latent space and answer from it.
+"""`ClaraIndex`: a corpus compressed once into a LanceDB table, searched in CLaRa's latent space.
 
-On disk an index is a folder whose `CURRENT` file names the complete version to read:
+An index is the table `clara_index` of a LanceDB database at a URI: a local folder, or an object-store prefix
+(`s3://bucket/prefix`, `gs://...`, `az://...`, credentials from the environment as LanceDB reads them, or
+`storage_options`). One row per document:
 
-    my_index/
-      CURRENT                      "v-<time>-<random>": replaced atomically (os.replace) as the last step of a save
-      v-.../index.json             format, compressor fingerprint, shapes, shard list, deleted positions, FAISS options
-      v-.../shards/*.safetensors   "embeddings" (n, n_mem, hidden) and "norms" (n,) of the flattened embeddings
-      v-.../documents/             ids and texts (a `datasets` Arrow table: memory-mapped, not read into RAM)
-      v-.../faiss.index            optional approximate index over the flattened or pooled vectors
-      .build/                      only while `build(..., output_dir=)` runs: finished shards, for resuming
+    id      string                                         the corpus id
+    text    string
+    memory  fixed_size_list<float32 | float16>[n_mem * hidden]   the flattened memory tokens
+    norm    float32                                        L2 norm of `memory`, so exact search divides instead of normalising
 
-A save writes a new version beside the old one and switches `CURRENT` last, so a crash at any point leaves the
-previous index loadable. Shards are read lazily with `safetensors.safe_open` (memory-mapped): exact search streams
-them chunk by chunk and only the rows asked for are materialised.
+The schema's metadata (`clara_index`) holds the format, the compressor's fingerprint, the model name and the memory
+shape. Every write (a build chunk, `add`, `delete`, a vector index) is one Lance commit: a reader sees the table before
+it or after it, never a part, and a killed writer leaves the last committed version. Any number of processes may
+append to one table at once (Lance retries concurrent appends). A reader holds one version: `refresh()` moves it to
+the newest, and `search` does so itself when `refresh_interval` seconds have passed since the last check.
+
+Search is exact (a streamed matmul over the table's batches) until a vector index exists (`create_vector_index`):
+then LanceDB proposes candidates from IVF_PQ (or IVF_HNSW_SQ) codes, re-ranked on the stored memory
+(`refine_factor`). Either way the returned scores are CLaRa's cosine, computed by the function `model.retrieve` uses.
 """
 
+import hashlib
 import json
-import math
 import os
-import shutil
-import uuid
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers.utils import logging
 
-from .corpus import corpus_fingerprint, read_corpus
+from .corpus import read_corpus
 from .fingerprint import compressor_weights, weights_sha256
-from .jsonl import write_text_atomic
 from .loading import distributed_state
 from .modeling_clara import ClaraForRAG, cosine_scores
 from .processing_clara import check_positive
 
 logger = logging.get_logger(__name__)
 
-INDEX_FORMAT = "clara-index/1"
-CURRENT_FILE = "CURRENT"
-METADATA_FILE = "index.json"
-FAISS_FILE = "faiss.index"
-BUILD_DIR = ".build"
-DEFAULT_SHARD_SIZE = 4096
+INDEX_FORMAT = "clara-index/2"
+TABLE_NAME = "clara_index"
+METADATA_KEY = b"clara_index"
+MEMORY_COLUMN = "memory"
+# Exact search reads the memory column once per table version into RAM when it is at most this large (searches
+# are then one matmul); larger tables are streamed batch by batch on every search.
+DEFAULT_EXACT_CACHE_BYTES = 2 * 2**30
+# Documents compressed per commit of a build: the work a killed build process loses.
+DEFAULT_COMMIT_ROWS = 1024
+# Documents compressed per Arrow batch handed to a Lance write (a write of many batches is still one commit).
+ROWS_PER_ARROW_BATCH = 256
 # Rows scored at once by exact search: bounds memory to chunk * n_mem * hidden floats.
 SEARCH_CHUNK_ROWS = 8192
-FAISS_KINDS = ("flat", "ivf", "hnsw", "pq")
-# Candidates an approximate index returns per requested hit, before CLaRa's exact cosine re-scores them.
-DEFAULT_RERANK_FACTOR = 4
+# Seconds a loaded index serves one version before `search` looks for a newer one (another process's add or delete).
+DEFAULT_REFRESH_SECONDS = 5.0
+VECTOR_INDEX_KINDS = ("ivf_pq", "ivf_hnsw_sq")
+# Approximate search defaults, chosen by benchmarks/bench_index.py (docs/index-sizing.md): partitions probed, and
+# PQ candidates per hit re-ranked on the full stored memory.
+DEFAULT_NPROBES = 20
+DEFAULT_REFINE_FACTOR = 10
+# The folder layout of clara-index/1 (safetensors shards under a CURRENT file), read only by `convert_legacy_index`.
+LEGACY_CURRENT_FILE = "CURRENT"
 
 
 @dataclass
 class SearchResult:
-    """Hits of one question, best first: document ids, CLaRa cosine scores, texts, and positions in the index."""
+    """Hits of one question, best first: document ids, CLaRa cosine scores, texts, and row ids in the index's table.
+
+    `positions` are Lance row ids of the version the search read: pass them to [`ClaraIndex.embeddings`] before a
+    `refresh` (compaction renumbers rows).
+    """
 
     ids: list[str]
     scores: list[float]
@@ -92,53 +111,57 @@ def check_fingerprint(index_fingerprint: dict, model: ClaraForRAG, where: str) -
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Shards
+# The table
 
 
-class _Shard:
-    """Rows of embeddings and their norms, in memory (`tensor`) or in a safetensors file read lazily."""
-
-    def __init__(self, embeddings: torch.Tensor | None = None, norms: torch.Tensor | None = None, path: Path | None = None):
-        self.path, self._embeddings, self._norms, self._file = path, embeddings, norms, None
-        if path is not None:
-            self._file = safe_open(str(path), framework="pt")  # memory-mapped; opened now so later renames are safe
-            self._embeddings = self._file.get_slice("embeddings")
-            self._norms = self._file.get_tensor("norms")
-        self.n = self._embeddings.get_shape()[0] if path is not None else embeddings.shape[0]
-
-    @classmethod
-    def from_embeddings(cls, embeddings: torch.Tensor) -> "_Shard":
-        embeddings = embeddings.detach().cpu().contiguous()  # shards live in host memory, whatever compressed them
-        return cls(embeddings, embeddings.flatten(start_dim=1).float().norm(dim=-1))
-
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        return self._embeddings[start:stop]
-
-    def take(self, rows: list[int]) -> torch.Tensor:
-        return torch.stack([self._embeddings[r : r + 1][0] for r in rows]) if self.path else self._embeddings[rows]
-
-    @property
-    def norms(self) -> torch.Tensor:
-        return self._norms
-
-    def write(self, path: Path) -> None:
-        """Write (or hard-link, when this shard already lives in a file) to `path`, atomically."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        if self.path is not None:
-            try:
-                os.link(self.path, tmp)
-            except OSError:
-                shutil.copyfile(self.path, tmp)
-        else:
-            save_file({"embeddings": self._embeddings, "norms": self._norms}, str(tmp))
-            _fsync(tmp)
-        os.replace(tmp, path)
+def index_schema(fingerprint: dict, model_name: str | None, memory_dtype: str) -> pa.Schema:
+    """The table's columns, with the index's metadata in the schema."""
+    width = fingerprint["n_mem_tokens"] * fingerprint["hidden_size"]
+    metadata = {"format": INDEX_FORMAT, "fingerprint": fingerprint, "model": model_name, "memory_dtype": memory_dtype}
+    return pa.schema(
+        [("id", pa.string()), ("text", pa.string()), (MEMORY_COLUMN, pa.list_(pa.from_numpy_dtype(np.dtype(memory_dtype)), width)),
+         ("norm", pa.float32())],
+        metadata={METADATA_KEY: json.dumps(metadata).encode()},
+    )
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+def memory_batch(schema: pa.Schema, ids: list[str], texts: list[str], embeds: torch.Tensor) -> pa.RecordBatch:
+    """Rows of the table from compressed documents `(n, n_mem, hidden)`."""
+    flat = embeds.detach().flatten(start_dim=1).float().cpu()  # (n, n_mem * hidden)
+    stored = flat.numpy().astype(schema.field(MEMORY_COLUMN).type.value_type.to_pandas_dtype())
+    width = stored.shape[1]
+    return pa.RecordBatch.from_arrays(
+        [pa.array(ids, pa.string()), pa.array(texts, pa.string()),
+         pa.FixedSizeListArray.from_arrays(pa.array(stored.reshape(-1)), width),
+         pa.array(torch.from_numpy(stored.astype(np.float32)).norm(dim=-1).numpy(), pa.float32())],
+        schema=schema,
+    )
+
+
+def connect(uri: str | os.PathLike, storage_options: dict | None = None):
+    """The LanceDB database at `uri` (a folder, `memory://`, or an object-store prefix)."""
+    import lancedb  # the index extra; the model, the server without an index and the CLI's other commands run without it
+
+    return lancedb.connect(str(uri), storage_options=storage_options)
+
+
+def index_exists(uri: str | os.PathLike, storage_options: dict | None = None) -> bool:
+    """Whether `uri` holds a CLaRa index table."""
+    if _is_local(uri) and not Path(uri).is_dir():
+        return False
+    return TABLE_NAME in connect(uri, storage_options).table_names(limit=1_000_000)
+
+
+def _is_local(uri) -> bool:
+    return "://" not in str(uri)
+
+
+def _check_not_legacy(uri) -> None:
+    if _is_local(uri) and (Path(uri) / LEGACY_CURRENT_FILE).is_file():
+        raise ValueError(
+            f"{uri} is a clara-index/1 folder (safetensors shards); convert it once with "
+            f"`clara index convert {uri} --output-dir NEW_INDEX` and use NEW_INDEX"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,354 +169,408 @@ def _fsync(path: Path) -> None:
 
 
 class ClaraIndex:
-    """Compressed documents of a corpus with exact (default) or FAISS search by CLaRa's query reasoner.
+    """Compressed documents of a corpus in a LanceDB table, searched by CLaRa's query reasoner.
 
-    Build with [`ClaraIndex.build`], load with [`ClaraIndex.load`]; `model.answer(question, index=index)` answers
-    from the top `generation_top_k` documents.
+    Build with [`ClaraIndex.build`], open with [`ClaraIndex.load`]; `model.answer(question, index=index)` answers
+    from the top `generation_top_k` documents. `table` is the LanceDB table itself, for anything this class does not
+    wrap (versions, compaction, SQL filters).
     """
 
-    def __init__(self, model: ClaraForRAG | None, fingerprint: dict, documents: datasets.Dataset, shards: list[_Shard],
-                 deleted: set[int] | None = None, dtype: torch.dtype = torch.float32):
-        self.model, self.fingerprint, self.documents, self.shards = model, fingerprint, documents, shards
-        self.deleted, self.dtype = set(deleted or ()), dtype
-        self.faiss_index, self.faiss_options = None, None
-        self._offsets = self._shard_offsets()
-        self._position_of = None
-        self.model_name = str(model.name_or_path) if model is not None else None
+    def __init__(self, table, model: ClaraForRAG | None = None, refresh_interval: float | None = None,
+                 exact_cache_bytes: int = DEFAULT_EXACT_CACHE_BYTES):
+        self.table, self.model, self.refresh_interval = table, model, refresh_interval
+        self.exact_cache_bytes, self._cache = exact_cache_bytes, None
+        self._checked_at = time.monotonic()
+        metadata = json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}"))
+        if metadata.get("format") != INDEX_FORMAT:
+            raise ValueError(f"{table.uri}: format {metadata.get('format')!r}, expected {INDEX_FORMAT!r}")
+        self.fingerprint, self.memory_dtype = metadata["fingerprint"], metadata["memory_dtype"]
+        self.model_name = metadata.get("model") or (str(model.name_or_path) if model is not None else None)
+
+    @property
+    def uri(self) -> str:
+        return self.table.uri
+
+    @property
+    def version(self) -> int:
+        """The table version this index reads."""
+        return self.table.version
 
     # -- building -------------------------------------------------------------------------------------------------
 
     @classmethod
-    def build(cls, model: ClaraForRAG, corpus, batch_size: int = 8, shard_size: int = DEFAULT_SHARD_SIZE,
-              output_dir: str | os.PathLike | None = None) -> "ClaraIndex":
+    def build(cls, model: ClaraForRAG, corpus, batch_size: int = 8, output_dir: str | os.PathLike | None = None,
+              commit_rows: int = DEFAULT_COMMIT_ROWS, overwrite: bool = False, memory_dtype: str | None = None,
+              storage_options: dict | None = None) -> "ClaraIndex":
         """Compress a corpus into an index.
 
         Args:
             corpus: Texts, a `datasets.Dataset` or a JSONL path (see [`read_corpus`]).
-            shard_size: Documents per shard: the unit that is saved, resumed and spread over processes.
-            output_dir: Save the index there, writing each shard as it completes: a killed build run again with
-                the same model and corpus resumes after the last finished shard. Under `accelerate launch` /
-                `torchrun`, each process compresses every n-th shard and the main process merges them (needs
-                `output_dir` on a filesystem all processes share).
+            output_dir: The index URI (a folder or an object-store prefix); in memory without it. Documents are
+                appended in commits of `commit_rows`; a build run again on the same URI with the same model skips
+                the ids already there, so a killed build resumes and no document is stored twice. Under
+                `accelerate launch` / `torchrun` each process compresses every n-th chunk and appends it to the one
+                table (any number of machines, when the URI is object storage they all reach).
+            overwrite: Replace a table already at `output_dir` (one commit: readers keep the old version until
+                they refresh) instead of adding the missing documents to it.
+            memory_dtype: `"float32"` or `"float16"` storage; the model's dtype when it is float16, else float32
+                (bfloat16 memory is stored exactly in float32).
         """
         check_positive("batch_size", batch_size)
-        check_positive("shard_size", shard_size)
+        check_positive("commit_rows", commit_rows)
         documents = read_corpus(corpus)
-        fingerprint = compressor_fingerprint(model)
-        spans = [(start, min(start + shard_size, len(documents))) for start in range(0, len(documents), shard_size)]
+        memory_dtype = memory_dtype or ("float16" if model.dtype == torch.float16 else "float32")
+        if memory_dtype not in ("float32", "float16"):
+            raise ValueError(f"memory_dtype={memory_dtype!r} must be 'float32' or 'float16'")
+        schema = index_schema(compressor_fingerprint(model), str(model.name_or_path), memory_dtype)
         state = distributed_state()
         if output_dir is None:
             if state.num_processes > 1:
-                raise ValueError("a data-parallel build needs output_dir (a folder every process can write)")
-            shards = [_Shard.from_embeddings(cls._compress_span(model, documents, span, batch_size, i, len(spans), 0))
-                      for i, span in enumerate(spans)]
-            return cls(model, fingerprint, documents, shards, dtype=model.dtype)
+                raise ValueError("a data-parallel build needs output_dir (an index URI every process can write)")
+            table = connect("memory://").create_table(TABLE_NAME, schema=schema)
+            table.add(_compressed_batches(model, schema, documents, batch_size))  # one commit
+            return cls(table, model)
 
-        build_dir = Path(output_dir) / BUILD_DIR
+        _check_not_legacy(output_dir)
         if state.is_main_process:
-            cls._prepare_build_dir(build_dir, fingerprint, documents, shard_size)
+            cls._create_table(output_dir, schema, model, overwrite, storage_options)
         state.wait_for_everyone()
-        for i in range(state.process_index, len(spans), state.num_processes):
-            path = build_dir / f"shard-{i:05d}.safetensors"
-            if path.exists():
+        table = connect(output_dir, storage_options).open_table(TABLE_NAME)
+        done = set(_column(table, "id"))
+        chunks = range(0, len(documents), commit_rows)
+        for n, start in enumerate(chunks):
+            if n % state.num_processes != state.process_index:
                 continue
-            embeds = cls._compress_span(model, documents, spans[i], batch_size, i, len(spans), state.process_index)
-            _Shard.from_embeddings(embeds).write(path)
+            chunk = documents.select(range(start, min(start + commit_rows, len(documents))))
+            todo = [i for i, doc_id in enumerate(chunk["id"]) if doc_id not in done]
+            if not todo:
+                continue
+            logger.info(f"process {state.process_index}: compressing chunk {n + 1}/{len(chunks)} "
+                        f"(documents {start}-{start + len(chunk) - 1}, {len(todo)} not yet indexed)")
+            table.add(_compressed_batches(model, schema, chunk.select(todo), batch_size))
         state.wait_for_everyone()
-        if state.is_main_process:
-            shards = [_Shard(path=build_dir / f"shard-{i:05d}.safetensors") for i in range(len(spans))]
-            cls(model, fingerprint, documents, shards, dtype=model.dtype).save(output_dir)
-            shutil.rmtree(build_dir)
-        state.wait_for_everyone()
-        return cls.load(output_dir, model=model)
+        return cls.load(output_dir, model=model, storage_options=storage_options)
 
     @staticmethod
-    def _compress_span(model, documents, span, batch_size, shard, n_shards, process) -> torch.Tensor:
-        start, stop = span
-        logger.info(f"process {process}: compressing shard {shard + 1}/{n_shards} (documents {start}-{stop - 1})")
-        return model.compress(documents[start:stop]["text"], batch_size=batch_size, show_progress_bar=True)
-
-    @staticmethod
-    def _prepare_build_dir(build_dir: Path, fingerprint: dict, documents: datasets.Dataset, shard_size: int) -> None:
-        plan = {"fingerprint": fingerprint, "corpus_sha256": corpus_fingerprint(documents), "shard_size": shard_size,
-                "n_documents": len(documents)}
-        plan_path = build_dir / "build.json"
-        if plan_path.exists():
-            previous = json.loads(plan_path.read_text())
-            if previous == plan:
-                done = len(list(build_dir.glob("shard-*.safetensors")))
-                logger.warning(f"{build_dir}: resuming an interrupted build ({done} shards already done)")
-                return
-            logger.warning(f"{build_dir}: an interrupted build of another corpus or model; starting over")
-            shutil.rmtree(build_dir)
-        build_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(plan_path, json.dumps(plan, indent=2))
+    def _create_table(uri, schema: pa.Schema, model: ClaraForRAG, overwrite: bool, storage_options) -> None:
+        db = connect(uri, storage_options)
+        if TABLE_NAME in db.table_names(limit=1_000_000) and not overwrite:
+            existing = _table_fingerprint(db.open_table(TABLE_NAME))
+            check_fingerprint(existing, model, str(uri))
+            logger.warning(f"{uri}: adding the corpus's missing documents to the index there ({db.open_table(TABLE_NAME).count_rows()} already)")
+            return
+        db.create_table(TABLE_NAME, schema=schema, mode="overwrite" if overwrite else "create")
 
     def add(self, corpus, batch_size: int = 8) -> None:
-        """Compress and append documents (ids must be new); a FAISS index gets the new vectors too."""
-        new = read_corpus(corpus, first_id=len(self.documents))
-        clashes = set(new["id"]) & set(self.documents["id"])
-        if clashes:
-            raise ValueError(f"document ids already in the index: {sorted(clashes)[:5]}")
+        """Compress and append documents (ids must be new), in one commit."""
+        new = read_corpus(corpus, first_id=len(self))
+        present = self._present(list(new["id"]))
+        if present:
+            raise ValueError(f"document ids already in the index: {sorted(present)[:5]}")
         model = self._require_model("add")
-        embeds = model.compress(list(new["text"]), batch_size=batch_size)
-        shard = _Shard.from_embeddings(embeds)
-        self.shards.append(shard)
-        self.documents = datasets.concatenate_datasets([self.documents, new])
-        self._offsets, self._position_of = self._shard_offsets(), None
-        if self.faiss_index is not None:
-            self.faiss_index.add(self._faiss_vectors(embeds, self.faiss_options["pooled"]))
+        self.table.add(_compressed_batches(model, self.table.schema, new, batch_size))
 
     def delete(self, ids: list[str] | str) -> None:
-        """Remove documents by id: they are never returned again and are dropped from the next saved FAISS index."""
+        """Remove documents by id, in one commit."""
         ids = [ids] if isinstance(ids, str) else list(ids)
-        positions = self._positions_of_ids(ids)
-        self.deleted.update(positions)
+        missing = sorted(set(ids) - self._present(ids))
+        if missing:
+            raise KeyError(f"document ids not in the index: {missing[:5]}")
+        self.table.delete(f"id IN ({_sql_strings(ids)})")
 
     def texts(self, ids: list[str]) -> list[str]:
         """The texts of documents by id."""
-        return list(self.documents.select(self._positions_of_ids(list(ids)))["text"])
+        rows = self._rows_where_id(list(ids), ["id", "text"])
+        by_id = dict(zip(rows["id"].to_pylist(), rows["text"].to_pylist()))
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise KeyError(f"document ids not in the index: {missing[:5]}")
+        return [by_id[i] for i in ids]
+
+    def ids(self) -> list[str]:
+        """Every document id, in the table's order."""
+        return _column(self.table, "id")
 
     def __len__(self) -> int:
-        return len(self.documents) - len(self.deleted)
+        return self.table.count_rows()
 
     # -- search ---------------------------------------------------------------------------------------------------
 
-    def search(self, questions: str | list[str], k: int = 10, rerank_factor: int = DEFAULT_RERANK_FACTOR
-               ) -> SearchResult | list[SearchResult]:
+    def search(self, questions: str | list[str], k: int = 10, nprobes: int = DEFAULT_NPROBES,
+               refine_factor: int = DEFAULT_REFINE_FACTOR) -> SearchResult | list[SearchResult]:
         """The top-k documents for each question by the query reasoner's cosine similarity.
 
-        Exact search by default; with a FAISS index (`build_faiss`), FAISS proposes `k * rerank_factor` candidates
-        and CLaRa's exact cosine re-scores them. `k` larger than the documents returns all of them.
+        Exact without a vector index; with one, `nprobes` partitions are searched and `k * refine_factor` candidates
+        re-ranked on the stored memory. `k` larger than the documents returns all of them.
         """
         single = isinstance(questions, str)
         check_positive("k", k)
-        check_positive("rerank_factor", rerank_factor)
         model = self._require_model("search")
         if not model.has_query_reasoner:
             raise ValueError(
                 f"searching an index needs a model with a query reasoner (this one has {model.adapter_names}); "
                 "load a stage-3 (e2e) CLaRa"
             )
-        results = self.search_embeddings(model.encode_queries(questions), k, rerank_factor)
+        results = self.search_embeddings(model.encode_queries(questions), k, nprobes, refine_factor)
         return results[0] if single else results
 
-    def search_embeddings(self, query_reps: torch.Tensor, k: int = 10, rerank_factor: int = DEFAULT_RERANK_FACTOR
-                          ) -> list[SearchResult]:
+    def search_embeddings(self, query_reps: torch.Tensor, k: int = 10, nprobes: int = DEFAULT_NPROBES,
+                          refine_factor: int = DEFAULT_REFINE_FACTOR) -> list[SearchResult]:
         """`search` for query embeddings already computed (`model.encode_queries`: `(n, n_mem * hidden)`)."""
         check_positive("k", k)
-        check_positive("rerank_factor", rerank_factor)
-        n_mem, hidden = self._embedding_shape()
-        if query_reps.dim() != 2 or query_reps.shape[1] != n_mem * hidden:
-            raise ValueError(f"query_reps has shape {tuple(query_reps.shape)}; expected (n, {n_mem * hidden})")
+        check_positive("nprobes", nprobes)
+        check_positive("refine_factor", refine_factor)
+        width = self._memory_width()
+        if query_reps.dim() != 2 or query_reps.shape[1] != width:
+            raise ValueError(f"query_reps has shape {tuple(query_reps.shape)}; expected (n, {width})")
+        self._refresh_if_due()
         k = min(k, len(self))
         if k == 0:
             raise ValueError("the index holds no documents")
-        if self.faiss_index is None:
-            candidates = self._exact_candidates(query_reps, k)
+        if self.has_vector_index():
+            candidates = self._approximate_candidates(query_reps, k, nprobes, refine_factor)
         else:
-            candidates = self._faiss_candidates(query_reps, k * rerank_factor)
+            candidates = self._exact_candidates(query_reps, k)
         return [self._rescore(query, positions, k) for query, positions in zip(query_reps, candidates)]
 
     def embeddings(self, positions: list[int]) -> torch.Tensor:
-        """`(len(positions), n_mem, hidden)` embeddings at index positions (as `SearchResult.positions`)."""
-        rows = []
-        for position in positions:
-            shard = int(torch.searchsorted(self._offsets, torch.tensor(position), right=True)) - 1
-            if not 0 <= position < len(self.documents):
-                raise IndexError(f"position {position} is outside the index (0..{len(self.documents) - 1})")
-            rows.append(self.shards[shard].take([position - int(self._offsets[shard])])[0])
-        return torch.stack(rows)
+        """`(len(positions), n_mem, hidden)` memory of rows (as `SearchResult.positions`)."""
+        rows = self._take(positions, [MEMORY_COLUMN])
+        return _memory_tensor(rows[MEMORY_COLUMN]).view(len(positions), *self._memory_shape())
 
     def _exact_candidates(self, query_reps: torch.Tensor, k: int) -> list[list[int]]:
-        queries = F.normalize(query_reps.float().cpu(), dim=-1)  # scored where the shards are
+        queries = F.normalize(query_reps.float().cpu(), dim=-1)  # scored where the rows are read
+        if len(self) * self._memory_width() * 4 <= self.exact_cache_bytes:
+            positions, normalised = self._cached_memory()
+            return positions[(queries @ normalised.T).topk(k, dim=1).indices].tolist()
         best_scores = torch.full((len(queries), 0), float("-inf"))
         best_positions = torch.zeros((len(queries), 0), dtype=torch.long)
-        deleted = torch.tensor(sorted(self.deleted), dtype=torch.long)
-        for shard, offset in zip(self.shards, self._offsets.tolist()):
-            for start in range(0, shard.n, SEARCH_CHUNK_ROWS):
-                stop = min(start + SEARCH_CHUNK_ROWS, shard.n)
-                flat = shard.rows(start, stop).flatten(start_dim=1).float()
-                scores = (queries @ flat.T) / shard.norms[start:stop].clamp_min(1e-12)
-                positions = torch.arange(offset + start, offset + stop)
-                scores[:, torch.isin(positions, deleted)] = float("-inf")
-                merged = torch.cat([best_scores, scores], dim=1)
-                top = merged.topk(min(k, merged.shape[1]), dim=1)
-                best_scores = top.values
-                best_positions = torch.cat([best_positions, positions.expand(len(queries), -1)], dim=1).gather(1, top.indices)
-        return [[p for p, s in zip(ps, ss) if s > float("-inf")] for ps, ss in zip(best_positions.tolist(), best_scores.tolist())]
+        for positions, flat, norms in self._memory_batches():
+            scores = (queries @ flat.T) / norms.clamp_min(1e-12)
+            merged = torch.cat([best_scores, scores], dim=1)
+            top = merged.topk(min(k, merged.shape[1]), dim=1)
+            best_scores = top.values
+            best_positions = torch.cat([best_positions, positions.expand(len(queries), -1)], dim=1).gather(1, top.indices)
+        return best_positions.tolist()
 
-    def _faiss_candidates(self, query_reps: torch.Tensor, n: int) -> list[list[int]]:
-        vectors = self._faiss_vectors(query_reps.view(len(query_reps), *self._embedding_shape()), self.faiss_options["pooled"])
-        _, found = self.faiss_index.search(vectors, min(n + len(self.deleted), self.faiss_index.ntotal))
-        return [[p for p in row if p >= 0 and p not in self.deleted] for row in found.tolist()]
+    def _memory_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """`(row ids, memory (rows, n_mem * hidden) in float32, norms)` of the table, batch by batch."""
+        scan = self.table.search().select([MEMORY_COLUMN, "norm"]).with_row_id(True).limit(None)
+        for batch in scan.to_batches(SEARCH_CHUNK_ROWS):
+            yield (torch.from_numpy(batch.column("_rowid").to_numpy().astype(np.int64)),
+                   _memory_tensor(batch.column(MEMORY_COLUMN)).float(),
+                   torch.from_numpy(batch.column("norm").to_numpy().copy()))
+
+    def _cached_memory(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row ids and L2-normalised memory of the whole table, read once per table version."""
+        if self._cache is None or self._cache[0] != self.version:
+            batches = list(self._memory_batches())
+            positions = torch.cat([b[0] for b in batches])
+            normalised = torch.cat([b[1] / b[2].clamp_min(1e-12).unsqueeze(1) for b in batches])
+            self._cache = (self.version, positions, normalised)
+        return self._cache[1], self._cache[2]
+
+    def _approximate_candidates(self, query_reps: torch.Tensor, k: int, nprobes: int, refine_factor: int) -> list[list[int]]:
+        vectors = query_reps.float().cpu().numpy()
+        found = (self.table.search(list(vectors), vector_column_name=MEMORY_COLUMN).distance_type("cosine")
+                 .nprobes(nprobes).refine_factor(refine_factor).limit(k).select(["_distance"]).with_row_id(True)
+                 .to_arrow())
+        if len(vectors) == 1:  # one query vector comes back without a query_index column
+            return [found["_rowid"].to_pylist()]
+        by_query = [[] for _ in vectors]
+        for query, row in zip(found["query_index"].to_pylist(), found["_rowid"].to_pylist()):
+            by_query[query].append(row)
+        return by_query
 
     def _rescore(self, query: torch.Tensor, positions: list[int], k: int) -> SearchResult:
         # CLaRa's own cosine (the function `retrieve` uses), so scores and order equal `model.retrieve` on these docs.
-        candidates = self.embeddings(positions).to(device=query.device, dtype=query.dtype)
-        scores = cosine_scores(query.unsqueeze(0), candidates.unsqueeze(0))[0]
+        rows = self._take(positions, ["id", "text", MEMORY_COLUMN])
+        candidates = _memory_tensor(rows[MEMORY_COLUMN]).view(len(positions), *self._memory_shape())
+        scores = cosine_scores(query.unsqueeze(0), candidates.to(device=query.device, dtype=query.dtype).unsqueeze(0))[0]
         top = scores.topk(min(k, len(positions)))
-        chosen = [positions[i] for i in top.indices.tolist()]
-        rows = self.documents.select(chosen)
-        return SearchResult(list(rows["id"]), top.values.tolist(), list(rows["text"]), chosen)
+        chosen = top.indices.tolist()
+        ids, texts = rows["id"].to_pylist(), rows["text"].to_pylist()
+        return SearchResult([ids[i] for i in chosen], top.values.tolist(), [texts[i] for i in chosen],
+                            [positions[i] for i in chosen])
 
-    # -- FAISS ----------------------------------------------------------------------------------------------------
+    # -- approximate search ---------------------------------------------------------------------------------------
 
-    def build_faiss(self, kind: str = "ivf", pooled: bool = False, nlist: int = 1024, pq_m: int = 64,
-                    hnsw_m: int = 32, nprobe: int = 16, ef_search: int = 64) -> None:
-        """Add an approximate FAISS index (inner product on L2-normalised vectors) for large corpora.
+    def create_vector_index(self, kind: str = "ivf_pq", num_partitions: int | None = None,
+                            num_sub_vectors: int | None = None, hnsw_m: int = 20) -> None:
+        """Build LanceDB's approximate index on the memory column (cosine), in one commit.
+
+        Rows added later are searched exactly beside it until the index is built again (or `table.optimize()`).
 
         Args:
-            kind: `"flat"` (exact, FAISS's BLAS), `"ivf"` (inverted lists, `nlist` cells, `nprobe` searched),
-                `"hnsw"` (graph, `hnsw_m` links, `ef_search`), `"pq"` (IVF with product quantisation, `pq_m` bytes a
-                vector).
-            pooled: Index the mean of the memory tokens (`hidden` dims) instead of the flattened embedding
-                (`n_mem * hidden`): n_mem times smaller and faster, less faithful; re-scoring stays exact.
+            kind: `"ivf_pq"` (inverted lists of product-quantised codes: small, the default) or `"ivf_hnsw_sq"`
+                (a graph per partition over 8-bit scalar codes: faster to search, larger).
+            num_partitions: IVF partitions; default about sqrt(rows).
+            num_sub_vectors: PQ codes per vector (bytes, at 8 bits); must divide n_mem * hidden. Default: one per
+                32 values (see docs/index-sizing.md).
         """
-        import faiss
+        from lancedb.index import HnswSq, IvfPq
 
-        if kind not in FAISS_KINDS:
-            raise ValueError(f"kind={kind!r} is not one of {FAISS_KINDS}")
-        n_mem, hidden = self._embedding_shape()
-        dim = hidden if pooled else n_mem * hidden
-        n_cells = max(1, min(nlist, len(self.documents) // 39))  # FAISS wants ~39 training points per cell
-        if kind == "pq" and dim % pq_m:
-            raise ValueError(f"pq_m={pq_m} must divide the vector dimension {dim}")
-        # 8-bit codes need 256 training points per sub-quantiser; small corpora get fewer bits instead of an error.
-        pq_bits = max(1, min(8, int(math.log2(len(self.documents)))))
-        factory = {"flat": "Flat", "ivf": f"IVF{n_cells},Flat", "hnsw": f"HNSW{hnsw_m}",
-                   "pq": f"IVF{n_cells},PQ{pq_m}x{pq_bits}"}[kind]
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-        vectors = [self._faiss_vectors(shard.rows(0, shard.n), pooled) for shard in self.shards]
-        if not index.is_trained:
-            index.train(_training_sample(vectors))
-        for chunk in vectors:
-            index.add(chunk)
-        self.faiss_index = index
-        self.faiss_options = {"kind": kind, "pooled": pooled, "factory": factory, "nprobe": nprobe, "ef_search": ef_search}
-        self._apply_faiss_search_options()
+        if kind not in VECTOR_INDEX_KINDS:
+            raise ValueError(f"kind={kind!r} is not one of {VECTOR_INDEX_KINDS}")
+        rows = len(self)
+        width = self._memory_width()
+        num_partitions = num_partitions or max(1, min(round(rows**0.5), rows // 64 or 1))
+        if kind == "ivf_pq":
+            num_sub_vectors = num_sub_vectors or _default_sub_vectors(width)
+            if width % num_sub_vectors:
+                raise ValueError(f"num_sub_vectors={num_sub_vectors} must divide the memory width {width}")
+            config = IvfPq(distance_type="cosine", num_partitions=num_partitions, num_sub_vectors=num_sub_vectors,
+                           num_bits=8 if rows >= 256 else 4)
+        else:
+            config = HnswSq(distance_type="cosine", num_partitions=num_partitions, m=hnsw_m)
+        self.table.create_index(MEMORY_COLUMN, config=config, replace=True)
 
-    def _apply_faiss_search_options(self) -> None:
-        import faiss
-
-        options = self.faiss_options
-        if options["kind"] in ("ivf", "pq"):
-            faiss.extract_index_ivf(self.faiss_index).nprobe = options["nprobe"]
-        if options["kind"] == "hnsw":
-            self.faiss_index.hnsw.efSearch = options["ef_search"]
-
-    def _faiss_vectors(self, embeds: torch.Tensor, pooled: bool):
-        embeds = embeds.float().cpu()
-        vectors = embeds.mean(dim=1) if pooled else embeds.flatten(start_dim=1)
-        return F.normalize(vectors, dim=-1).numpy()
+    def has_vector_index(self) -> bool:
+        return any(MEMORY_COLUMN in config.columns for config in self.table.list_indices())
 
     # -- saving and loading ---------------------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the index to `path` atomically: the previous content stays loadable until the new one is complete.
+    def save(self, path: str | os.PathLike, storage_options: dict | None = None) -> None:
+        """Write a copy of this index's documents to the URI `path`, replacing any index there in one commit.
 
-        Deleted documents are dropped from the saved FAISS index only by rebuilding it (`build_faiss`); until then
-        they stay in it and are filtered at search time.
+        An index loaded from a URI needs no save: each of its writes is already committed there.
         """
-        root = Path(path)
-        root.mkdir(parents=True, exist_ok=True)
-        previous = _current_version(root)
-        version = f"v-{uuid.uuid4().hex[:12]}"
-        target = root / version
-        for i, shard in enumerate(self.shards):
-            shard.write(target / "shards" / f"shard-{i:05d}.safetensors")
-        self.documents.save_to_disk(str(target / "documents"))
-        if self.faiss_index is not None:
-            import faiss
-
-            faiss.write_index(self.faiss_index, str(target / FAISS_FILE))
-        metadata = {
-            "format": INDEX_FORMAT,
-            "fingerprint": self.fingerprint,
-            "model": self.model_name,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "n_documents": len(self.documents),
-            "shards": [shard.n for shard in self.shards],
-            "deleted": sorted(self.deleted),
-            "faiss": self.faiss_options,
-        }
-        write_text_atomic(target / METADATA_FILE, json.dumps(metadata, indent=2))
-        write_text_atomic(root / CURRENT_FILE, version + "\n")  # the switch: everything before it is invisible
-        for stale in root.glob("v-*"):
-            if stale.name not in (version,) and stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
-        logger.info(f"saved index of {len(self)} documents to {root} (version {version}, previous {previous})")
+        _check_not_legacy(path)
+        if str(path).rstrip("/") == str(Path(self.uri).parent) or os.path.abspath(str(path)) == str(Path(self.uri).parent):
+            return
+        scan = self.table.search().select(["id", "text", MEMORY_COLUMN, "norm"]).limit(None).to_batches(SEARCH_CHUNK_ROWS)
+        reader = pa.RecordBatchReader.from_batches(self.table.schema, (b.cast(self.table.schema) for b in scan))
+        connect(path, storage_options).create_table(TABLE_NAME, reader, schema=self.table.schema, mode="overwrite")
+        logger.info(f"saved index of {len(self)} documents to {path}")
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: ClaraForRAG | None = None) -> "ClaraIndex":
-        """Open a saved index (memory-mapped). With `model`, check that it compresses as the index's builder did."""
-        root = Path(path)
-        version = _current_version(root)
-        if version is None:
-            raise FileNotFoundError(f"{root} is not a CLaRa index (no {CURRENT_FILE} file)")
-        folder = root / version
-        metadata_path = folder / METADATA_FILE
-        try:
-            metadata = json.loads(metadata_path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"{metadata_path}: unreadable index metadata ({error})") from error
-        if metadata.get("format") != INDEX_FORMAT:
-            raise ValueError(f"{metadata_path}: format {metadata.get('format')!r}, expected {INDEX_FORMAT!r}")
-        if model is not None:
-            check_fingerprint(metadata["fingerprint"], model, str(root))
-        shards = [_Shard(path=folder / "shards" / f"shard-{i:05d}.safetensors") for i in range(len(metadata["shards"]))]
-        if [s.n for s in shards] != metadata["shards"]:
-            raise ValueError(f"{folder}: shard sizes {[s.n for s in shards]} differ from the metadata {metadata['shards']}")
-        documents = datasets.load_from_disk(str(folder / "documents"))
-        index = cls(model, metadata["fingerprint"], documents, shards, set(metadata["deleted"]),
-                    getattr(torch, metadata["dtype"]))
-        index.model_name = metadata.get("model") or index.model_name
-        if metadata.get("faiss"):
-            import faiss
+    def load(cls, path: str | os.PathLike, model: ClaraForRAG | None = None,
+             refresh_interval: float | None = DEFAULT_REFRESH_SECONDS, storage_options: dict | None = None,
+             exact_cache_bytes: int = DEFAULT_EXACT_CACHE_BYTES) -> "ClaraIndex":
+        """Open the index at the URI `path`. With `model`, check that it compresses as the index's builder did.
 
-            index.faiss_index = faiss.read_index(str(folder / FAISS_FILE), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-            index.faiss_options = metadata["faiss"]
-            index._apply_faiss_search_options()
+        Args:
+            refresh_interval: Seconds between `search`'s checks for a newer table version written by another
+                process; `None` reads the version opened until `refresh()`.
+            exact_cache_bytes: Exact search keeps the memory column in RAM (float32, read once per version) when it
+                is at most this large, and streams it from the table on every search otherwise.
+        """
+        _check_not_legacy(path)
+        if not index_exists(path, storage_options):
+            raise FileNotFoundError(f"{path} is not a CLaRa index (no {TABLE_NAME} table)")
+        index = cls(connect(path, storage_options).open_table(TABLE_NAME), refresh_interval=refresh_interval,
+                    exact_cache_bytes=exact_cache_bytes)
+        if model is not None:
+            index.attach_model(model)
         return index
+
+    def refresh(self) -> None:
+        """Read the newest version of the table (documents added or deleted by other processes)."""
+        self.table.checkout_latest()
+        self._checked_at = time.monotonic()
 
     def attach_model(self, model: ClaraForRAG) -> None:
         """Use `model` for search and add; it must compress as the index's builder did."""
-        check_fingerprint(self.fingerprint, model, "this index")
+        check_fingerprint(self.fingerprint, model, str(self.uri))
         self.model = model
 
     # -- helpers --------------------------------------------------------------------------------------------------
+
+    def _refresh_if_due(self) -> None:
+        if self.refresh_interval is not None and time.monotonic() - self._checked_at >= self.refresh_interval:
+            self.refresh()
 
     def _require_model(self, action: str) -> ClaraForRAG:
         if self.model is None:
             raise ValueError(f"{action} needs a model: ClaraIndex.load(path, model=...) or index.attach_model(model)")
         return self.model
 
-    def _shard_offsets(self) -> torch.Tensor:
-        return torch.tensor([0] + [s.n for s in self.shards], dtype=torch.long).cumsum(0)[:-1]
+    def _memory_width(self) -> int:
+        return self.fingerprint["n_mem_tokens"] * self.fingerprint["hidden_size"]
 
-    def _embedding_shape(self) -> tuple[int, int]:
+    def _memory_shape(self) -> tuple[int, int]:
         return self.fingerprint["n_mem_tokens"], self.fingerprint["hidden_size"]
 
-    def _positions_of_ids(self, ids: list[str]) -> list[int]:
-        if self._position_of is None:
-            self._position_of = {doc_id: i for i, doc_id in enumerate(self.documents["id"])}
-        unknown = [i for i in ids if i not in self._position_of or self._position_of[i] in self.deleted]
-        if unknown:
-            raise KeyError(f"document ids not in the index: {unknown[:5]}")
-        return [self._position_of[i] for i in ids]
+    def _take(self, positions: list[int], columns: list[str]) -> dict:
+        """Columns of rows by row id, in the order asked."""
+        if not positions:
+            return {c: pa.array([], self.table.schema.field(c).type) for c in columns}
+        rows = self.table.take_row_ids([int(p) for p in positions]).select(columns).with_row_id().to_arrow()
+        where = {row: i for i, row in enumerate(rows["_rowid"].to_pylist())}
+        missing = [p for p in positions if p not in where]
+        if missing:
+            raise IndexError(f"rows {missing[:5]} are not in version {self.version} of {self.uri}")
+        order = pa.array([where[p] for p in positions])
+        return {c: rows[c].take(order).combine_chunks() for c in columns}
+
+    def _rows_where_id(self, ids: list[str], columns: list[str]) -> pa.Table:
+        if not ids:
+            return pa.table({c: pa.array([], pa.string()) for c in columns})
+        return self.table.search().where(f"id IN ({_sql_strings(ids)})").select(columns).limit(None).to_arrow()
+
+    def _present(self, ids: list[str]) -> set[str]:
+        return set(self._rows_where_id(ids, ["id"])["id"].to_pylist())
+
+
+def _table_fingerprint(table) -> dict:
+    """The compressor fingerprint recorded in a table's metadata."""
+    return json.loads(table.schema.metadata[METADATA_KEY])["fingerprint"]
+
+
+def _compressed_batches(model: ClaraForRAG, schema: pa.Schema, documents: datasets.Dataset,
+                        batch_size: int) -> pa.RecordBatchReader:
+    """Documents compressed as the table reads them: one Lance write, however many batches."""
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for start in range(0, len(documents), ROWS_PER_ARROW_BATCH):
+            rows = documents[start : start + ROWS_PER_ARROW_BATCH]
+            embeds = model.compress(rows["text"], batch_size=batch_size, show_progress_bar=len(documents) > ROWS_PER_ARROW_BATCH)
+            yield memory_batch(schema, rows["id"], rows["text"], embeds)
+
+    return pa.RecordBatchReader.from_batches(schema, batches())
+
+
+def _memory_tensor(column: pa.Array | pa.ChunkedArray) -> torch.Tensor:
+    """`(rows, width)` tensor of a fixed-size-list memory column (zero-copy where Arrow allows)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    width = column.type.list_size
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    if not values.flags.writeable:  # Arrow's buffers are read-only; torch wants to own what it may write
+        values = values.copy()
+    return torch.from_numpy(values.reshape(-1, width))
+
+
+def _column(table, name: str) -> list:
+    return table.search().select([name]).limit(None).to_arrow()[name].to_pylist()
+
+
+def _sql_strings(values: list[str]) -> str:
+    return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
+
+
+def _default_sub_vectors(width: int) -> int:
+    target = max(1, width // 32)
+    return max(d for d in range(1, target + 1) if width % d == 0)
+
+
+def _documents_digests(ids: list[str], texts: list[str]) -> dict[str, str]:
+    return {i: hashlib.sha256(t.encode()).hexdigest() for i, t in zip(ids, texts)}
 
 
 def open_or_build_index(model: ClaraForRAG, corpus=None, index_dir: str | os.PathLike | None = None,
                         batch_size: int = 8) -> ClaraIndex:
-    """The index of `corpus` for `model`, kept in `index_dir`: the one cache policy of every job that indexes a corpus.
+    """The index of `corpus` for `model`, kept at `index_dir`: the one cache policy of every job that indexes a corpus.
 
-    The index in `index_dir` is reused when `model` compresses as its builder did and (with `corpus`) it holds exactly
-    the corpus's documents, ids and texts; otherwise the corpus is compressed into `index_dir` again, with a warning
-    saying why (a build interrupted there resumes). Without `index_dir` the index is built in memory.
+    The index at `index_dir` is reused when `model` compresses as its builder did and (with `corpus`) it holds exactly
+    the corpus's documents, ids and texts. When it holds a part of them (an interrupted build) the build resumes;
+    otherwise the corpus is compressed into `index_dir` again, with a warning saying why. Without `index_dir` the index
+    is built in memory.
 
     Args:
         corpus: Texts, a `datasets.Dataset`, a JSONL path or `"shipped"` (see [`read_corpus`]). Without it, the index
-            in `index_dir` is opened as it is.
+            at `index_dir` is opened as it is.
+        index_dir: A folder or object-store URI.
     Raises:
         `ValueError`: neither argument given, or only `index_dir`, whose index another compressor built.
         `FileNotFoundError`: only `index_dir`, and it holds no index.
@@ -501,35 +578,73 @@ def open_or_build_index(model: ClaraForRAG, corpus=None, index_dir: str | os.Pat
     if corpus is None and index_dir is None:
         raise ValueError("open_or_build_index needs a corpus, an index_dir, or both")
     documents = None if corpus is None else read_corpus(corpus)
-    if index_dir is not None and (corpus is None or (Path(index_dir) / CURRENT_FILE).exists()):
+    overwrite = False
+    if index_dir is not None and (corpus is None or index_exists(index_dir)):
         try:
             index = ClaraIndex.load(index_dir, model=model)
         except ValueError as error:  # another compressor built it
             if documents is None:
                 raise
             logger.warning(f"rebuilding {index_dir}: {error}")
+            overwrite = True
         else:
-            if documents is None or corpus_fingerprint(index.documents) == corpus_fingerprint(documents):
+            if documents is None:
                 return index
-            logger.warning(f"rebuilding {index_dir}: it holds other documents than the corpus given")
-    return ClaraIndex.build(model, documents, batch_size=batch_size, output_dir=index_dir)
+            rows = index.table.search().select(["id", "text"]).limit(None).to_arrow()
+            stored = _documents_digests(rows["id"].to_pylist(), rows["text"].to_pylist())
+            wanted = _documents_digests(documents["id"], documents["text"])
+            if stored == wanted:
+                return index
+            if stored.items() <= wanted.items():
+                logger.warning(f"{index_dir} holds {len(stored)} of the corpus's {len(wanted)} documents; resuming its build")
+            else:
+                logger.warning(f"rebuilding {index_dir}: it holds other documents than the corpus given")
+                overwrite = True
+    return ClaraIndex.build(model, documents, batch_size=batch_size, output_dir=index_dir, overwrite=overwrite)
 
 
-def _training_sample(vectors: list, max_rows: int = 100_000):
-    import numpy as np
-
-    stacked = np.concatenate(vectors)
-    if len(stacked) <= max_rows:
-        return stacked
-    rows = np.random.default_rng(0).choice(len(stacked), max_rows, replace=False)
-    return stacked[np.sort(rows)]
+# ----------------------------------------------------------------------------------------------------------------
+# clara-index/1 folders
 
 
-def _current_version(root: Path) -> str | None:
-    current = root / CURRENT_FILE
-    if not current.exists():
-        return None
-    version = current.read_text().strip()
-    if not (root / version).is_dir():
-        raise ValueError(f"{current} names {version!r}, which is missing from {root}")
-    return version
+def convert_legacy_index(source: str | os.PathLike, output_dir: str | os.PathLike, storage_options: dict | None = None,
+                         overwrite: bool = False) -> ClaraIndex:
+    """Copy a clara-index/1 folder (`CURRENT`, version folders, safetensors shards) into a LanceDB index at `output_dir`.
+
+    The stored embeddings are copied as they are (nothing is compressed again); deleted documents are left out; a
+    FAISS file there is not carried over (build a vector index with `create_vector_index`).
+    """
+    from safetensors import safe_open
+
+    root = Path(source)
+    current = root / LEGACY_CURRENT_FILE
+    if not current.is_file():
+        raise FileNotFoundError(f"{root} is not a clara-index/1 folder (no {LEGACY_CURRENT_FILE} file)")
+    folder = root / current.read_text().strip()
+    metadata = json.loads((folder / "index.json").read_text())
+    if metadata.get("format") != "clara-index/1":
+        raise ValueError(f"{folder / 'index.json'}: format {metadata.get('format')!r}, expected 'clara-index/1'")
+    if index_exists(output_dir, storage_options) and not overwrite:
+        raise ValueError(f"{output_dir} already holds an index; pass overwrite=True (--overwrite) to replace it")
+    documents = datasets.load_from_disk(str(folder / "documents"))
+    deleted = set(metadata["deleted"])
+    dtype = "float16" if metadata.get("dtype") == "float16" else "float32"
+    schema = index_schema(metadata["fingerprint"], metadata.get("model"), dtype)
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        offset = 0
+        for i, n in enumerate(metadata["shards"]):
+            with safe_open(str(folder / "shards" / f"shard-{i:05d}.safetensors"), framework="pt") as shard:
+                embeddings = shard.get_slice("embeddings")
+                for start in range(0, n, SEARCH_CHUNK_ROWS):
+                    keep = [r for r in range(start, min(start + SEARCH_CHUNK_ROWS, n)) if offset + r not in deleted]
+                    if keep:
+                        rows = documents.select([offset + r for r in keep])
+                        block = embeddings[start : min(start + SEARCH_CHUNK_ROWS, n)][[r - start for r in keep]]
+                        yield memory_batch(schema, rows["id"], rows["text"], block)
+            offset += n
+
+    table = connect(output_dir, storage_options).create_table(
+        TABLE_NAME, pa.RecordBatchReader.from_batches(schema, batches()), schema=schema, mode="overwrite")
+    logger.info(f"converted {root} ({table.count_rows()} documents) into {output_dir}")
+    return ClaraIndex.load(output_dir, storage_options=storage_options)

@@ -1,14 +1,14 @@
-"""`clara ask --index DIR QUESTION`: retrieve from a `ClaraIndex`, then answer from the retrieved documents."""
+"""`clara ask --index URI QUESTION`: retrieve from a `ClaraIndex`, then answer from the retrieved documents."""
 
 import argparse
 
-from .index import RECORDED_MODEL, open_index, print_hits
+from .index import INDEX_HELP, RECORDED_MODEL, open_index, print_hits
 from .options import add_model_option, add_top_k_option
 
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> None:
     ask = subparsers.add_parser(name, help=help)
-    ask.add_argument("--index", required=True)
+    ask.add_argument("--index", required=True, help=INDEX_HELP)
     ask.add_argument("question")
     add_model_option(ask, required=False, default=RECORDED_MODEL)
     add_top_k_option(ask)

@@ -1,12 +1,24 @@
-"""`clara index build|search|add|delete`: a `ClaraIndex` on the command line (`clara ask` answers from one)."""
+"""`clara index build|search|add|delete|vector-index|convert`: a `ClaraIndex` on the command line.
+
+Every INDEX is a URI: a local folder or an object-store prefix (`s3://bucket/prefix`, `gs://...`, `az://...`,
+credentials from the environment as LanceDB reads them). `clara ask` answers from one.
+"""
 
 import argparse
 
-from ..index import DEFAULT_SHARD_SIZE, FAISS_KINDS, ClaraIndex
+from ..index import (
+    DEFAULT_COMMIT_ROWS,
+    DEFAULT_NPROBES,
+    DEFAULT_REFINE_FACTOR,
+    VECTOR_INDEX_KINDS,
+    ClaraIndex,
+    convert_legacy_index,
+)
 from ..loading import distributed_state, load_model
 from .options import CORPUS_HELP, add_model_option, add_output_dir_option, add_top_k_option, top_k
 
 RECORDED_MODEL = "the model recorded in the index"
+INDEX_HELP = "the index URI: a folder or an object-store prefix (s3://, gs://, az://)"
 
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> None:
@@ -14,43 +26,81 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
     commands = index.add_subparsers(dest="index_command", required=True)
 
     build = commands.add_parser("build", help="compress a corpus into an index (resumable; data-parallel under "
-                                "accelerate launch / torchrun)")
+                                "accelerate launch / torchrun, every process appending to the one table)")
     add_model_option(build)
     build.add_argument("--corpus", required=True, help=CORPUS_HELP)
-    add_output_dir_option(build, "index folder", required=True, deprecated="--out")
+    add_output_dir_option(build, "the index URI (a folder or s3://, gs://, az://)", required=True, deprecated="--out")
     build.add_argument("--batch-size", type=int, default=8)
-    build.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
-    build.add_argument("--faiss", choices=FAISS_KINDS, default=None, help="also build an approximate FAISS index")
-    build.add_argument("--pooled", action="store_true", help="FAISS over mean-pooled memory tokens")
+    build.add_argument("--commit-rows", type=int, default=DEFAULT_COMMIT_ROWS,
+                       help="documents per commit: the work a killed build process loses")
+    build.add_argument("--memory-dtype", choices=("float32", "float16"), default=None,
+                       help="how the memory is stored (default: float16 for a float16 model, else float32)")
+    build.add_argument("--overwrite", action="store_true", help="replace an index already there")
+    add_vector_index_options(build, default=None)
     build.set_defaults(run=run_build)
 
     search = commands.add_parser("search", help="top-k documents of a question")
-    search.add_argument("index")
+    search.add_argument("index", help=INDEX_HELP)
     search.add_argument("question")
     add_model_option(search, required=False, default=RECORDED_MODEL)
     add_top_k_option(search, verb="returned")
+    add_search_options(search)
     search.set_defaults(run=run_search)
 
-    add = commands.add_parser("add", help="compress and add documents to an index")
-    add.add_argument("index")
+    add = commands.add_parser("add", help="compress and add documents to an index (one commit)")
+    add.add_argument("index", help=INDEX_HELP)
     add.add_argument("--corpus", required=True, help=CORPUS_HELP)
     add_model_option(add, required=False, default=RECORDED_MODEL)
     add.add_argument("--batch-size", type=int, default=8)
     add.set_defaults(run=run_add)
 
-    delete = commands.add_parser("delete", help="remove documents from an index by id")
-    delete.add_argument("index")
+    delete = commands.add_parser("delete", help="remove documents from an index by id (one commit)")
+    delete.add_argument("index", help=INDEX_HELP)
     delete.add_argument("ids", nargs="+")
     delete.set_defaults(run=run_delete)
+
+    vector_index = commands.add_parser("vector-index", help="build the approximate search index of an index's table "
+                                       "(again after many adds: later rows are searched exactly beside it)")
+    vector_index.add_argument("index", help=INDEX_HELP)
+    add_vector_index_options(vector_index, default="ivf_pq")
+    vector_index.set_defaults(run=run_vector_index)
+
+    convert = commands.add_parser("convert", help="copy a clara-index/1 folder (CURRENT + safetensors shards) into "
+                                  "an index of this version")
+    convert.add_argument("source", help="the clara-index/1 folder")
+    add_output_dir_option(convert, "the new index URI", required=True)
+    convert.add_argument("--overwrite", action="store_true", help="replace an index already there")
+    convert.set_defaults(run=run_convert)
+
+
+def add_vector_index_options(parser: argparse.ArgumentParser, default: str | None) -> None:
+    parser.add_argument("--vector-index", choices=VECTOR_INDEX_KINDS, default=default,
+                        help="approximate search index (see docs/index-sizing.md for when)"
+                        + ("" if default else "; default: none, exact search"))
+    parser.add_argument("--num-partitions", type=int, default=None, help="IVF partitions (default: about sqrt(rows))")
+    parser.add_argument("--num-sub-vectors", type=int, default=None,
+                        help="PQ bytes per document (default: one per 32 memory values)")
+
+
+def add_search_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nprobes", type=int, default=DEFAULT_NPROBES, help="IVF partitions searched (vector index only)")
+    parser.add_argument("--refine-factor", type=int, default=DEFAULT_REFINE_FACTOR,
+                        help="candidates per hit re-ranked on the full memory (vector index only)")
 
 
 def open_index(path: str, model_name: str | None, device: str | None = None) -> ClaraIndex:
     """The index at `path` with its model attached: `model_name`, else the one the index records."""
-    index = ClaraIndex.load(path)
+    try:
+        index = ClaraIndex.load(path)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"clara: {error}") from error
     name = model_name or index.model_name
     if not name:
         raise SystemExit(f"{path} records no model; pass --model")
-    index.attach_model(load_model(name, device=device))
+    try:
+        index.attach_model(load_model(name, device=device))
+    except ValueError as error:  # another compressor built the index
+        raise SystemExit(f"clara: {error}") from error
     return index
 
 
@@ -61,17 +111,21 @@ def print_hits(ids: list[str], scores: list[float], texts: list[str]) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device)
-    index = ClaraIndex.build(model, args.corpus, args.batch_size, args.shard_size, output_dir=args.output_dir)
-    if args.faiss and distributed_state().is_main_process:
-        index.build_faiss(args.faiss, pooled=args.pooled)
-        index.save(args.output_dir)
-    print(f"{args.output_dir}: {len(index)} documents, {index.fingerprint['n_mem_tokens']} memory tokens each")
+    try:
+        index = ClaraIndex.build(model, args.corpus, args.batch_size, output_dir=args.output_dir,
+                                 commit_rows=args.commit_rows, overwrite=args.overwrite, memory_dtype=args.memory_dtype)
+    except ValueError as error:
+        raise SystemExit(f"clara index build: {error}") from error
+    if distributed_state().is_main_process:
+        if args.vector_index:
+            index.create_vector_index(args.vector_index, args.num_partitions, args.num_sub_vectors)
+        print(f"{args.output_dir}: {len(index)} documents, {index.fingerprint['n_mem_tokens']} memory tokens each")
     return 0
 
 
 def run_search(args: argparse.Namespace) -> int:
     index = open_index(args.index, args.model, args.device)
-    result = index.search(args.question, k=top_k(args, index.model))
+    result = index.search(args.question, k=top_k(args, index.model), nprobes=args.nprobes, refine_factor=args.refine_factor)
     print_hits(result.ids, result.scores, result.texts)
     return 0
 
@@ -80,7 +134,6 @@ def run_add(args: argparse.Namespace) -> int:
     index = open_index(args.index, args.model, args.device)
     before = len(index)
     index.add(args.corpus, batch_size=args.batch_size)
-    index.save(args.index)
     print(f"{args.index}: {before} -> {len(index)} documents")
     return 0
 
@@ -88,8 +141,23 @@ def run_add(args: argparse.Namespace) -> int:
 def run_delete(args: argparse.Namespace) -> int:
     index = ClaraIndex.load(args.index)
     index.delete(args.ids)
-    index.save(args.index)
     print(f"{args.index}: deleted {len(args.ids)}, {len(index)} documents left")
+    return 0
+
+
+def run_vector_index(args: argparse.Namespace) -> int:
+    index = ClaraIndex.load(args.index)
+    index.create_vector_index(args.vector_index, args.num_partitions, args.num_sub_vectors)
+    print(f"{args.index}: {args.vector_index} over {len(index)} documents")
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    try:
+        index = convert_legacy_index(args.source, args.output_dir, overwrite=args.overwrite)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"clara index convert: {error}") from error
+    print(f"{args.output_dir}: {len(index)} documents converted from {args.source}")
     return 0
 
 
