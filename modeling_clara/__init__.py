@@ -2,7 +2,7 @@
 
 from transformers import AutoConfig, AutoModel
 
-from .configuration_clara import ClaraConfig
+from .configuration_clara import ClaraConfig, ClaraLossConfig
 from .modeling_clara import ClaraForRAG, ClaraOutput, ClaraPreTrainedModel, differentiable_topk
 from .processing_clara import ClaraProcessor
 
@@ -19,4 +19,4 @@ def __getattr__(name):
 AutoConfig.register(ClaraConfig.model_type, ClaraConfig, exist_ok=True)
 AutoModel.register(ClaraConfig, ClaraForRAG, exist_ok=True)
 
-__all__ = ["ClaraConfig", "ClaraIndex", "SearchResult", "ClaraForRAG", "ClaraOutput", "ClaraPreTrainedModel", "ClaraProcessor", "differentiable_topk"]
+__all__ = ["ClaraConfig", "ClaraLossConfig", "ClaraIndex", "SearchResult", "ClaraForRAG", "ClaraOutput", "ClaraPreTrainedModel", "ClaraProcessor", "differentiable_topk"]

@@ -10,7 +10,7 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
     parser = subparsers.add_parser(
         name, help=help,
         description="Rank each question's candidates with each ranker and report Recall@1/3/5 against `pos_index`. "
-        "Rankers: clara (the query reasoner; needs a model that has one, e.g. --training-stage stage2 for "
+        "Rankers: clara (the query reasoner; needs a model that has one, e.g. --stage e2e for "
         "'embedded'), bm25, minilm, given_order (the file's order; the data files are shuffled, so it is chance).",
     )
     add_model_arguments(parser, required=False)
