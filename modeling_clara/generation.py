@@ -1,8 +1,18 @@
-"""Text in, text out with a plain causal LM: the text baselines of `clara eval` and the local generator of
-`clara synthesize` both answer through [`generate_completions`]."""
+"""Greedy generation with a plain causal LM: the backbone's generation defaults CLaRa decodes with
+([`configure_greedy_generation`]), and text in, text out ([`generate_completions`]) for the text baselines of
+`clara eval` and the local generator of `clara synthesize`. Carried into saved checkpoints beside the model file."""
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+
+def configure_greedy_generation(generation_config: GenerationConfig, pad_token_id: int | None) -> None:
+    """Greedy decoding by default: a backbone's sampling defaults (top_p, temperature) are cleared."""
+    generation_config.do_sample = False
+    generation_config.top_p = None
+    generation_config.top_k = None
+    generation_config.temperature = None
+    generation_config.pad_token_id = pad_token_id
 
 
 @torch.no_grad()
@@ -24,4 +34,4 @@ def generate_completions(
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-__all__ = ["generate_completions"]
+__all__ = ["configure_greedy_generation", "generate_completions"]

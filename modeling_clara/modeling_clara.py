@@ -41,7 +41,7 @@ from .configuration_clara import (
     ClaraLossConfig,
 )
 from .decoding_clara import ClaraFastGenerator
-from .generation import generate_completions
+from .generation import configure_greedy_generation, generate_completions
 from .processing_clara import (
     ClaraProcessor,
     add_clara_special_tokens,
@@ -241,7 +241,7 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         self.processor = ClaraProcessor(tokenizer, config)
         # Fresh models get mean-initialised rows for the new tokens; loaded ones overwrite them right after.
         self._resize_embeddings(mean_resizing=adapter_names is None)
-        self._configure_greedy_generation()
+        configure_greedy_generation(decoder.generation_config, tokenizer.pad_token_id)
         self._trainable_adapters: tuple[str, ...] = ()
         self.fast_decoding = True
         self._fast_generator = ClaraFastGenerator()
@@ -258,14 +258,6 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
             self.config.base_vocab_size = self.decoder.get_input_embeddings().weight.shape[0]
         if self.decoder.get_input_embeddings().weight.shape[0] != len(self.tokenizer):
             self.decoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=mean_resizing)
-
-    def _configure_greedy_generation(self) -> None:
-        generation_config = self.decoder.generation_config
-        generation_config.do_sample = False
-        generation_config.top_p = None
-        generation_config.top_k = None
-        generation_config.temperature = None
-        generation_config.pad_token_id = self.tokenizer.pad_token_id
 
     def get_input_embeddings(self):
         return self.decoder.get_input_embeddings()
@@ -680,8 +672,11 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         scores, weights, topk_indices = self._select_top_k(query_reps, candidate_embeds)
         if positive_mask is not None:
             retrieval_loss = contrastive_retrieval_loss(scores, positive_mask.bool(), self.loss_config.topk_temperature)
-        if dec_input_ids is None:
-            return self._retrieval_only_output(retrieval_loss, mse_loss, topk_indices, scores)
+        if dec_input_ids is None:  # a retrieval-only batch
+            if retrieval_loss is None:
+                raise ValueError("an end-to-end batch without decoder inputs trains on the retrieval loss: give positive_mask")
+            return ClaraOutput(loss=self.loss_config.retrieval_weight * retrieval_loss, mse_loss=mse_loss,
+                               retrieval_loss=retrieval_loss, topk_indices=topk_indices, retrieval_scores=scores)
         selected = torch.einsum("bkn,bnmh->bkmh", weights.to(candidate_embeds.dtype), candidate_embeds)
         k = selected.shape[1]
         decoded = self._decode(dec_input_ids, dec_attention_mask, labels, selected.flatten(0, 1), [k] * batch_size)
@@ -709,17 +704,6 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         with self.adapter(DECODER_ADAPTER):
             return self.decoder(inputs_embeds=inputs_embeds, attention_mask=dec_attention_mask, labels=labels)
 
-    def _retrieval_only_output(self, retrieval_loss, mse_loss, topk_indices, scores) -> ClaraOutput:
-        if retrieval_loss is None:
-            raise ValueError("an end-to-end batch without decoder inputs trains on the retrieval loss: give positive_mask")
-        return ClaraOutput(
-            loss=self.loss_config.retrieval_weight * retrieval_loss,
-            mse_loss=mse_loss,
-            retrieval_loss=retrieval_loss,
-            topk_indices=topk_indices,
-            retrieval_scores=scores,
-        )
-
     def _memory_contrast_loss(self, dec_input_ids, dec_attention_mask, labels, doc_embeds, docs_per_example, logits):
         """How much more each example's target costs from another example's memory than from its own, as a hinge.
 
@@ -733,15 +717,11 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         if len(set(docs_per_example)) != 1:
             raise ValueError(f"memory_contrast_weight needs the same documents per example, got {docs_per_example}")
         others = doc_embeds.view(batch_size, -1, *doc_embeds.shape[1:]).roll(1, dims=0).flatten(0, 1)
-        inputs_embeds = self._replace_memory_embeddings(dec_input_ids, others, docs_per_example)
-        with self.adapter(DECODER_ADAPTER):
-            other_logits = self.decoder(inputs_embeds=inputs_embeds, attention_mask=dec_attention_mask).logits
+        other_logits = self._decode(dec_input_ids, dec_attention_mask, None, others, docs_per_example).logits
         own_ce, other_ce = (per_example_cross_entropy(scores, labels) for scores in (logits, other_logits))
         return F.relu(self.loss_config.memory_contrast_margin + own_ce - other_ce).mean()
 
-    def _combine_losses(
-        self, ce_loss, mse_loss, retrieval_loss, memory_contrast_loss=None, memory_cosine_loss=None
-    ) -> torch.Tensor | None:
+    def _combine_losses(self, ce_loss, mse_loss, retrieval_loss, memory_contrast_loss=None, memory_cosine_loss=None):
         """The training objective: the one place the loss terms are weighted (see `ClaraOutput.loss`)."""
         if ce_loss is None:
             return None
@@ -756,7 +736,6 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         if memory_cosine_loss is not None and ENCODER_ADAPTER in self._trainable_adapters:  # a compressor-only term
             loss = loss + self.loss_config.memory_cosine_weight * memory_cosine_loss
         return loss
-
 
 
 ClaraConfig.register_for_auto_class()

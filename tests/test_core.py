@@ -205,7 +205,7 @@ def test_from_pretrained_rejects_unknown_arguments(tiny_llama_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "override, message",
-    [({"topk_temperature": 0}, "topk_temperature=0"), ({"training_stage": "stage9"}, "training_stage='stage9'"),
+    [({"compr_rate": 0}, "compr_rate=0"), ({"training_stage": "stage9"}, "training_stage='stage9'"),
      ({"generation_top_k": 0}, "generation_top_k=0")],
 )
 def test_from_pretrained_overrides_are_checked_as_the_config_checks_them(tiny_llama_dir, tmp_path, override, message):
