@@ -94,17 +94,26 @@ class VisibleText:
 
 
 class CountingStreamer(TextIteratorStreamer):
-    """`TextIteratorStreamer` that also counts the tokens generated and keeps the last one (for `finish_reason`)."""
+    """`TextIteratorStreamer` that hands on the text of every token (not only whole words: a chat client shows each
+    token as it comes), holding back only an incomplete character; it counts the tokens generated and keeps the
+    last one (for `finish_reason`)."""
 
     def __init__(self, tokenizer, timeout: float | None = None):
         super().__init__(tokenizer, skip_prompt=True, timeout=timeout, skip_special_tokens=True)
         self.n_tokens, self.last_token = 0, None
 
     def put(self, value: torch.Tensor):
-        if not self.next_tokens_are_prompt:
-            self.n_tokens += value.numel()
-            self.last_token = int(value.reshape(-1)[-1])
-        super().put(value)
+        if self.next_tokens_are_prompt:  # generate's first call: the prompt (empty when it is given as embeddings)
+            self.next_tokens_are_prompt = False
+            return
+        tokens = value.reshape(-1).tolist()
+        self.n_tokens += len(tokens)
+        self.last_token = tokens[-1]
+        self.token_cache.extend(tokens)
+        text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+        if not text.endswith("\ufffd"):  # a multi-byte character split across tokens
+            self.on_finalized_text(text[self.print_len :])
+            self.print_len = len(text)
 
 
 class Cancelled(StoppingCriteria):
