@@ -7,7 +7,8 @@ machine (a large tensor copied, bytes read + bytes written per second, with the 
 
 Each path answers the same question from the same compressed documents, forced to generate exactly `--new-tokens`
 tokens (`min_new_tokens`); ms per token = (time for N tokens - time for 1 token) / (N - 1), which leaves the prefill
-out. The paths and the bandwidth copy alternate within every repeat, so load on a shared machine hits them alike;
+out. Peak RSS (VmHWM) of one `answer` call on the freshly loaded model is measured in a subprocess per path. The
+paths and the bandwidth copy alternate within every repeat, so load on a shared machine hits them alike;
 the medians are reported. With one thread the clock is the process's CPU time (time the process ran, not time it
 waited for a core on a loaded machine); with more, wall time. The greedy tokens of both paths are compared.
 
@@ -17,6 +18,8 @@ waited for a core on a loaded machine); with more, wall time. The greedy tokens 
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +31,24 @@ from modeling_clara.decoding_clara import ClaraFastDecoder, ClaraFastGenerator
 
 SHIPPED_CORPUS = Path(__file__).resolve().parents[1] / "modeling_clara" / "shipped" / "corpus.jsonl"
 QUESTION = "Where is the National Palace Museum?"
+
+
+# Load the model, answer one question from two bundled passages, print the process's peak RSS in bytes.
+PEAK_RSS_OF_ANSWER = """
+import json, sys, torch
+torch.set_num_threads(1)
+from modeling_clara import ClaraForRAG
+model = ClaraForRAG.from_pretrained(sys.argv[1]).eval()
+model.fast_decoding = sys.argv[2] == "fast"
+passages = [json.loads(line)["text"] for line in open(sys.argv[3]).read().splitlines()[:2]]
+model.answer(sys.argv[4], model.compress(passages))
+print(int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) * 1024)
+"""
+
+
+def peak_rss_of_answer(model: str, path: str) -> int:
+    command = [sys.executable, "-c", PEAK_RSS_OF_ANSWER, model, path, str(SHIPPED_CORPUS), QUESTION]
+    return int(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-1])
 
 
 def copy_seconds(source: torch.Tensor, target: torch.Tensor, clock) -> float:
@@ -95,16 +116,18 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for path in paths:
         ms = 1e3 * statistics.median(per_token[path])
+        peak = peak_rss_of_answer(args.model, path)
         results["paths"][path] = {
             "prefill_ms": 1e3 * statistics.median(prefill[path]), "ms_per_token": ms,
-            "fraction_of_limit": limit_ms / ms,
+            "fraction_of_limit": limit_ms / ms, "answer_peak_rss_mb": peak / 1e6,
         }
     print(f"threads {args.threads} ({results['clock']} time), "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write), "
           f"weights read per step {weight_bytes / 1e6:.0f} MB -> limit {limit_ms:.1f} ms per step")
-    print(f"{'path':<10} {'prefill ms':>10} {'ms/token':>9} {'fraction of limit':>18}")
+    print(f"{'path':<10} {'prefill ms':>10} {'ms/token':>9} {'fraction of limit':>18} {'answer peak RSS MB':>19}")
     for path, row in results["paths"].items():
-        print(f"{path:<10} {row['prefill_ms']:>10.1f} {row['ms_per_token']:>9.1f} {row['fraction_of_limit']:>18.2f}")
+        print(f"{path:<10} {row['prefill_ms']:>10.1f} {row['ms_per_token']:>9.1f} {row['fraction_of_limit']:>18.2f} "
+              f"{row['answer_peak_rss_mb']:>19.0f}")
     print(f"same greedy tokens ({args.new_tokens} forced): {results['same_tokens']}")
     if args.output:
         args.output.write_text(json.dumps(results, indent=2) + "\n")

@@ -165,3 +165,30 @@ def test_vllm_export_with_the_decoder_adapter_merged_answers_as_the_adapter_does
                 adapter_logits = tiny_model.decoder(**inputs).logits
             torch.testing.assert_close(merged(**inputs).logits, adapter_logits, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(merged_ids, adapter_ids, rtol=0, atol=0)
+
+
+def test_efficiency_benchmark_users_view_compares_clara_and_text_rag(tiny_llama_dir, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    make_tiny_clara(tiny_llama_dir).save_pretrained(tmp_path / "clara")
+    rows = [{"id": str(i), "question": q, "docs": DOCS, "pos_index": [0], "answers": ["x"]} for i, q in
+            enumerate(QUESTIONS * 2)]
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_efficiency.py"
+    spec = importlib.util.spec_from_file_location("bench_efficiency", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    results = bench.main(["--users", "--model", str(tmp_path / "clara"), "--data", str(tmp_path / "dev.jsonl"),
+                          "--n-questions", "3", "--latency-questions", "2", "--k", "1", "3", "--max-new-tokens", "4",
+                          "--kv-budget-mib", "1"])
+    torch.set_num_threads(threads)  # the benchmark measures on one thread
+    assert list(results) == [1, 3]
+    for k, summary in results.items():
+        clara, text = summary["clara"], summary["text"]
+        assert clara["answer_tokens_mean"] > 0 and clara["fly_s_mean"] > clara["answer_s_mean"]
+        assert text["fly_s_mean"] == text["answer_s_mean"]
+        assert clara["largest_batch"] >= text["largest_batch"] >= 1, "shorter prompts fit more questions"
+        assert set(clara["questions_per_s"]) >= {1}
+    assert "| 3 | CLaRa |" in capsys.readouterr().out
