@@ -1,7 +1,7 @@
 """Load benchmark of `clara serve`: throughput of concurrent clients against sequential requests, latency, batch sizes.
 
 Starts the server itself on a free 127.0.0.1 port (loopback only), sends a bounded number of requests, prints the
-numbers and stops the server:
+numbers (the server's peak RSS among them) and stops the server:
 
     python benchmarks/bench_serve.py --backend transformers                       # shipped model, bundled corpus
     python benchmarks/bench_serve.py --backend vllm --python /work/venv-vllm/bin/python
@@ -98,6 +98,15 @@ def run_phase(url: str, batch: list[str], clients: int, max_new_tokens: int) -> 
             "errors": dict(Counter(status for _, status in results if status != 200))}  # status -> count; 0: no response
 
 
+def peak_rss(process: subprocess.Popen) -> int | None:
+    """The server's peak resident memory so far (VmHWM, bytes); `None` where /proc does not say."""
+    try:
+        status = Path(f"/proc/{process.pid}/status").read_text()
+    except OSError:
+        return None
+    return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)) * 1024
+
+
 def batch_sizes(url: str) -> dict:
     """Mean and histogram of the answer batches, from /metrics."""
     text = requests.get(f"{url}/metrics", timeout=10).text
@@ -142,13 +151,14 @@ def main() -> None:
             concurrent = run_phase(url, questions(args.requests), args.clients, args.max_new_tokens)
             after = batch_sizes(url)
             load_after = os.getloadavg()
+            peak = peak_rss(process)
         finally:
             process.terminate()
             process.wait(timeout=60)
-    report(args, sequential, concurrent, before, after, (load_before, load_after))
+    report(args, sequential, concurrent, before, after, (load_before, load_after), peak)
 
 
-def report(args, sequential: dict, concurrent: dict, before: dict, after: dict, loads: tuple) -> None:
+def report(args, sequential: dict, concurrent: dict, before: dict, after: dict, loads: tuple, peak: int | None) -> None:
     batches = after["batches"] - before["batches"] - sequential["requests"]  # sequential requests ran alone
     batched = after["requests"] - before["requests"] - sequential["requests"]
     lines = [
@@ -163,6 +173,7 @@ def report(args, sequential: dict, concurrent: dict, before: dict, after: dict, 
         f"p99 {concurrent['p99'] * 1000:.0f} ms, errors {_errors(concurrent)}",
         f"answer batches in the concurrent phase: {batches:.0f}, mean size {batched / max(batches, 1):.2f}; "
         f"cumulative size histogram (all phases) {after['cumulative_buckets']}",
+        f"server peak RSS: {peak / 2**30:.2f} GiB" if peak else "server peak RSS: not available (no /proc)",
     ]
     print("\n".join(lines))
 
