@@ -44,6 +44,9 @@ class ServeSettings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        for host in self.allowed_hosts:  # the patterns Starlette's TrustedHostMiddleware takes
+            if "*" in host[1:] or (host.startswith("*") and host != "*" and not host.startswith("*.")):
+                raise ValueError(f"allowed host {host!r}: a wildcard must be '*' or lead a domain, '*.example.com'")
 
 
 def default_allowed_hosts(bind_host: str) -> list[str]:
