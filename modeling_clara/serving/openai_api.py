@@ -64,7 +64,7 @@ class TextPart(_OpenAIBody):
 
 
 class ChatMessage(_OpenAIBody):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: StrictStr | list[dict] | None = None
     name: StrictStr | None = None
 
@@ -85,7 +85,13 @@ class ChatCompletionRequest(_OpenAIBody):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: StrictInt | None = None
+    # OpenAI's bookkeeping fields: accepted, no effect on the answer
     user: StrictStr | None = None
+    metadata: dict | None = None
+    store: StrictBool | None = None
+    service_tier: StrictStr | None = None
+    prompt_cache_key: StrictStr | None = None
+    safety_identifier: StrictStr | None = None
     # CLaRa's extensions (OpenAI clients: `extra_body={"documents": [...], "k": 2}`)
     documents: list[Annotated[StrictStr, Field(min_length=1)]] | None = Field(None, min_length=1)
     k: StrictInt | None = Field(None, ge=1, le=100)
@@ -101,6 +107,11 @@ class ChatCompletionRequest(_OpenAIBody):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     parallel_tool_calls: StrictBool | None = None
+    modalities: list[StrictStr] | None = None
+    audio: dict | None = None
+    prediction: dict | None = None
+    reasoning_effort: StrictStr | None = None
+    web_search_options: dict | None = None
 
     @property
     def new_tokens(self) -> int | None:
@@ -140,6 +151,9 @@ def _refuse_unsupported(body: ChatCompletionRequest) -> None:
         "response_format": body.response_format is not None and body.response_format.get("type") != "text",
         "logprobs": bool(body.logprobs), "top_logprobs": bool(body.top_logprobs), "logit_bias": bool(body.logit_bias),
         "frequency_penalty": bool(body.frequency_penalty), "presence_penalty": bool(body.presence_penalty),
+        "modalities": body.modalities not in (None, ["text"]), "audio": body.audio is not None,
+        "prediction": body.prediction is not None, "reasoning_effort": body.reasoning_effort is not None,
+        "web_search_options": body.web_search_options is not None,
     }
     for name, is_refused in refused.items():
         if is_refused:
