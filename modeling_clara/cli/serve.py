@@ -7,15 +7,14 @@ uvicorn and vLLM are imported when the server starts, so `clara serve --help` wo
 import argparse
 import json
 import os
-from pathlib import Path
 
 from transformers.utils import logging
 
-from ..checkpoints import SHIPPED_CORPUS_FILE
-from ..index import ClaraIndex
-from ..modeling_clara import ClaraForRAG
+from ..index import open_or_build_index
+from ..loading import load_model
 from ..serving.engine import ClaraServingEngine, TransformersGenerator
 from ..serving.settings import API_KEY_ENV, ServeSettings, default_allowed_hosts
+from .options import CORPUS_HELP, add_model_option
 
 logger = logging.get_logger(__name__)
 
@@ -24,11 +23,11 @@ BACKENDS = ("transformers", "vllm")
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> None:
     serve = subparsers.add_parser(name, help=help)
-    serve.add_argument("--model", required=True, help="a saved CLaRa (folder, Hub id or `shipped`)")
+    add_model_option(serve)
     serve.add_argument("--index", default=None, help="a ClaraIndex folder: /v1/search, and /v1/answer without documents")
     serve.add_argument("--corpus", default=None,
-                       help="JSONL corpus (or `shipped`, the bundled one) to index at start; saved to --index when given "
-                            "and reused from there while the model's compressor is unchanged")
+                       help=CORPUS_HELP + ": indexed at start, saved to --index when given and reused from there while "
+                       "the model's compressor and the corpus are unchanged")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--backend", choices=BACKENDS, default="transformers",
@@ -83,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from ..serving.app import create_app, serve  # the serve extra; `clara` names it when it is missing
 
     settings = _settings(args)  # bad options fail before the model loads
-    model = ClaraForRAG.from_pretrained(args.model)
+    model = load_model(args.model, device=args.device)
     index = _open_index(model, args.index, args.corpus)
     generator = _make_generator(args.backend, model, _parse_vllm_args(args.vllm_arg))
     engine = ClaraServingEngine(model, index, generator)
@@ -110,19 +109,12 @@ def _settings(args: argparse.Namespace) -> ServeSettings:
 
 
 def _open_index(model, index_dir: str | None, corpus: str | None):
-    if corpus == "shipped":
-        corpus = SHIPPED_CORPUS_FILE
-    if index_dir is not None and (corpus is None or (Path(index_dir) / "CURRENT").exists()):
-        try:
-            return ClaraIndex.load(index_dir, model=model)
-        except ValueError as error:  # built by another compressor
-            if corpus is None:
-                raise SystemExit(str(error)) from error
-            logger.warning(f"rebuilding {index_dir} from {corpus}: {error}")
-    if corpus is None:
+    if index_dir is None and corpus is None:
         return None
-    logger.info(f"indexing {corpus}")
-    return ClaraIndex.build(model, corpus, output_dir=index_dir)
+    try:
+        return open_or_build_index(model, corpus, index_dir)
+    except (FileNotFoundError, ValueError) as error:  # no index there, or another compressor's, and no corpus
+        raise SystemExit(f"clara serve: {error}") from error
 
 
 def _make_generator(backend: str, model, vllm_args: dict):
