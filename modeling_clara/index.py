@@ -255,9 +255,10 @@ class ClaraIndex:
     def _create_table(uri, schema: pa.Schema, model: ClaraForRAG, overwrite: bool, storage_options) -> None:
         db = connect(uri, storage_options)
         if TABLE_NAME in db.table_names(limit=1_000_000) and not overwrite:
-            existing = _table_fingerprint(db.open_table(TABLE_NAME))
-            check_fingerprint(existing, model, str(uri))
-            logger.warning(f"{uri}: adding the corpus's missing documents to the index there ({db.open_table(TABLE_NAME).count_rows()} already)")
+            existing = db.open_table(TABLE_NAME)
+            check_fingerprint(_table_fingerprint(existing), model, str(uri))
+            logger.warning(f"{uri}: adding the corpus's missing documents to the index there "
+                           f"({existing.count_rows()} documents already)")
             return
         db.create_table(TABLE_NAME, schema=schema, mode="overwrite" if overwrite else "create")
 
@@ -364,10 +365,16 @@ class ClaraIndex:
     def _cached_memory(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Row ids and L2-normalised memory of the whole table, read once per table version."""
         if self._cache is None or self._cache[0] != self.version:
-            batches = list(self._memory_batches())
-            positions = torch.cat([b[0] for b in batches])
-            normalised = torch.cat([b[1] / b[2].clamp_min(1e-12).unsqueeze(1) for b in batches])
-            self._cache = (self.version, positions, normalised)
+            self._cache = None  # the previous version's copy goes before the next one is read
+            rows = len(self)
+            positions, normalised = torch.empty(rows, dtype=torch.long), torch.empty(rows, self._memory_width())
+            filled = 0
+            for batch_positions, flat, norms in self._memory_batches():
+                stop = filled + len(batch_positions)
+                positions[filled:stop] = batch_positions
+                torch.div(flat, norms.clamp_min(1e-12).unsqueeze(1), out=normalised[filled:stop])
+                filled = stop
+            self._cache = (self.version, positions[:filled], normalised[:filled])
         return self._cache[1], self._cache[2]
 
     def _approximate_candidates(self, query_reps: torch.Tensor, k: int, nprobes: int, refine_factor: int) -> list[list[int]]:
@@ -396,7 +403,7 @@ class ClaraIndex:
     # -- approximate search ---------------------------------------------------------------------------------------
 
     def create_vector_index(self, kind: str = "ivf_pq", num_partitions: int | None = None,
-                            num_sub_vectors: int | None = None, hnsw_m: int = 20) -> None:
+                            num_sub_vectors: int | None = None, hnsw_m: int = 20, accelerator: str | None = None) -> None:
         """Build LanceDB's approximate index on the memory column (cosine), in one commit.
 
         Rows added later are searched exactly beside it until the index is built again (or `table.optimize()`).
@@ -407,6 +414,7 @@ class ClaraIndex:
             num_partitions: IVF partitions; default about sqrt(rows).
             num_sub_vectors: PQ codes per vector (bytes, at 8 bits); must divide n_mem * hidden. Default: one per
                 32 values (see docs/index-sizing.md).
+            accelerator: `"cuda"` trains the partitions and codebooks on the GPU (LanceDB's option; for millions of rows).
         """
         from lancedb.index import HnswSq, IvfPq
 
@@ -420,9 +428,9 @@ class ClaraIndex:
             if width % num_sub_vectors:
                 raise ValueError(f"num_sub_vectors={num_sub_vectors} must divide the memory width {width}")
             config = IvfPq(distance_type="cosine", num_partitions=num_partitions, num_sub_vectors=num_sub_vectors,
-                           num_bits=8 if rows >= 256 else 4)
+                           num_bits=8 if rows >= 256 else 4, accelerator=accelerator)
         else:
-            config = HnswSq(distance_type="cosine", num_partitions=num_partitions, m=hnsw_m)
+            config = HnswSq(distance_type="cosine", num_partitions=num_partitions, m=hnsw_m, accelerator=accelerator)
         self.table.create_index(MEMORY_COLUMN, config=config, replace=True)
 
     def has_vector_index(self) -> bool:
