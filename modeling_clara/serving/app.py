@@ -7,6 +7,7 @@ server that runs it.
     POST /v1/answer     {"question", "documents"?, "k"?, "max_new_tokens"?} -> {"answer", "documents": [...]}
     POST /v1/compress   {"documents"}                    -> {"memory": base64 safetensors, "shape", "dtype"}
     GET  /metrics       Prometheus text format
+    GET  /v1/models, POST /v1/chat/completions   OpenAI-compatible (serving/openai_api.py)
 
 Every error is `{"error": {"field", "message", "type"}}`: client mistakes are 4xx naming the field, a request over
 a limit names the option that sets it, a full queue is 503 with `Retry-After`, a request that times out is 504.
@@ -42,6 +43,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .batching import DynamicBatcher, QueueFullError, RequestTimeoutError
 from .engine import AnswerRequest, ClaraServingEngine, Hit, RequestError, SearchRequest
+from .openai_api import OPENAI_ENDPOINTS, openai_router
 from .settings import MAX_DOCUMENTS, ServeSettings
 
 logger = logging.get_logger(__name__)
@@ -49,7 +51,7 @@ logger = logging.get_logger(__name__)
 # Bounds the request schema enforces on every server; the per-server limits are `ServeSettings`.
 MAX_K = 100
 MAX_TEXT_CHARS = 20_000
-ENDPOINTS = ("/health", "/ready", "/metrics", "/v1/search", "/v1/answer", "/v1/compress")
+ENDPOINTS = ("/health", "/ready", "/metrics", "/v1/search", "/v1/answer", "/v1/compress", *OPENAI_ENDPOINTS)
 OPEN_ENDPOINTS = ("/health",)  # answered without the API key: liveness probes carry no secrets
 CLIENT_CLOSED = "499"  # nginx's status for a request whose client closed the connection before its response
 FIELD_CHARS = 60  # a field name echoed in an error is cut here (unknown keys can be any length)
@@ -487,6 +489,7 @@ def create_app(engine: ClaraServingEngine, settings: ServeSettings, backend: str
 
         return await respond(request, "compress", work())
 
+    app.include_router(openai_router(engine, settings, executor, metrics, batchers))
     return app
 
 
