@@ -98,10 +98,18 @@ def merged_weight(linear: torch.nn.Module, adapter_name: str | None) -> torch.Te
     return weight
 
 
-def _transposed(*weights: torch.Tensor) -> torch.Tensor:
-    """`(in, sum of out)`: the weights side by side, stored input-major. At batch 1 on CPU, `x @ W` over this layout
-    reads the weight about twice as fast as `F.linear(x, W)` over `(out, in)` (measured in bench_decoding.py)."""
-    return torch.cat(weights).t().contiguous()
+def _input_major(linears: list[torch.nn.Module], adapter_name: str | None) -> torch.Tensor:
+    """`(in, sum of out)`: the linears' merged weights side by side, stored input-major. At batch 1 on CPU, `x @ W`
+    over this layout reads the weight up to twice as fast as `F.linear(x, W)` over `(out, in)` (docs/speed.md).
+    Written into one buffer, one linear at a time, so building it holds at most one merged linear besides."""
+    bases = [getattr(linear, "base_layer", linear).weight for linear in linears]
+    stacked = torch.empty(bases[0].shape[1], sum(b.shape[0] for b in bases), dtype=bases[0].dtype,
+                          device=bases[0].device)
+    start = 0
+    for linear, base in zip(linears, bases):
+        stacked[:, start : start + base.shape[0]] = merged_weight(linear, adapter_name).t()
+        start += base.shape[0]
+    return stacked
 
 
 def _weights_signature(backbone: PreTrainedModel) -> tuple:
@@ -128,21 +136,18 @@ class ClaraFastDecoder:
             self.layers = [self._layer_weights(layer, adapter_name) for layer in backbone.model.layers]
             self.final_norm = backbone.model.norm.weight.detach()
             self.embedding = backbone.get_input_embeddings().weight.detach()
-            self.lm_head = _transposed(merged_weight(backbone.get_output_embeddings(), adapter_name))
+            self.lm_head = _input_major([backbone.get_output_embeddings()], adapter_name)
 
     @staticmethod
     def _layer_weights(layer: torch.nn.Module, adapter_name: str | None) -> _LayerWeights:
         attention, mlp = layer.self_attn, layer.mlp
-        qkv = [merged_weight(attention.q_proj, adapter_name), merged_weight(attention.k_proj, adapter_name),
-               merged_weight(attention.v_proj, adapter_name)]
-        gate_up = [merged_weight(mlp.gate_proj, adapter_name), merged_weight(mlp.up_proj, adapter_name)]
         return _LayerWeights(
             input_norm=layer.input_layernorm.weight.detach(),
-            qkv=_transposed(*qkv),
-            o=_transposed(merged_weight(attention.o_proj, adapter_name)),
+            qkv=_input_major([attention.q_proj, attention.k_proj, attention.v_proj], adapter_name),
+            o=_input_major([attention.o_proj], adapter_name),
             post_norm=layer.post_attention_layernorm.weight.detach(),
-            gate_up=_transposed(*gate_up),
-            down=_transposed(merged_weight(mlp.down_proj, adapter_name)),
+            gate_up=_input_major([mlp.gate_proj, mlp.up_proj], adapter_name),
+            down=_input_major([mlp.down_proj], adapter_name),
         )
 
     def _norm(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,9 @@ Each test compares the loop with `generate` on the same model and inputs, so it 
 stop, a wrong padding or a cache mix-up; its speed is measured by benchmarks/bench_decoding.py, not here.
 """
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,7 +137,7 @@ def test_training_mode_and_other_backbones_go_to_generate(tiny_clara, tiny_token
 @pytest.mark.slow
 def test_shipped_model_answers_the_same_with_the_fast_loop():
     model = ClaraForRAG.from_pretrained("shipped").eval()
-    passages = [json.loads(line)["text"] for line in SHIPPED_CORPUS_FILE.read_text().splitlines()[:3]]
+    passages = [json.loads(line)["text"] for line in Path(SHIPPED_CORPUS_FILE).read_text().splitlines()[:3]]
     embeds = model.compress(passages)
     questions = ["Where is the National Palace Museum?", "What is this passage about?"]
     memories = [embeds[:2], embeds]
@@ -168,9 +170,6 @@ def test_vllm_export_with_the_decoder_adapter_merged_answers_as_the_adapter_does
 
 
 def test_efficiency_benchmark_users_view_compares_clara_and_text_rag(tiny_llama_dir, tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
     make_tiny_clara(tiny_llama_dir).save_pretrained(tmp_path / "clara")
     rows = [{"id": str(i), "question": q, "docs": DOCS, "pos_index": [0], "answers": ["x"]} for i, q in
             enumerate(QUESTIONS * 2)]
