@@ -444,7 +444,8 @@ class ClaraIndex:
         An index loaded from a URI needs no save: each of its writes is already committed there.
         """
         _check_not_legacy(path)
-        if str(path).rstrip("/") == str(Path(self.uri).parent) or os.path.abspath(str(path)) == str(Path(self.uri).parent):
+        database = str(self.uri).rstrip("/").rsplit("/", 1)[0]  # the URI the table was opened from
+        if str(path).rstrip("/") == database or (_is_local(path) and os.path.abspath(path) == os.path.abspath(database)):
             return
         scan = self.table.search().select(["id", "text", MEMORY_COLUMN, "norm"]).limit(None).to_batches(SEARCH_CHUNK_ROWS)
         reader = pa.RecordBatchReader.from_batches(self.table.schema, (b.cast(self.table.schema) for b in scan))

@@ -106,6 +106,9 @@ def test_save_load_round_trip_reads_the_table_and_is_identical(model, corpus, tm
     torch.testing.assert_close(loaded.embeddings(positions), index.embeddings(positions), rtol=0, atol=0)
     assert loaded.search("Where is it?", k=5) == index.search("Where is it?", k=5)
     assert loaded.model_name == str(model.name_or_path)
+    version = loaded.version
+    loaded.save(tmp_path / "idx")  # its writes are committed there already: nothing to write
+    assert ClaraIndex.load(tmp_path / "idx").version == version
     torch.testing.assert_close(loaded.embeddings([3, 0]), model.compress([corpus[3], corpus[0]]), rtol=1e-4, atol=1e-5)
 
 
