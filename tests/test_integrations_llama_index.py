@@ -60,10 +60,13 @@ def test_query_engine_on_the_shipped_model_reads_the_gold_passage(tmp_path):
     SCP sample, never trained on): the passage is among the source nodes and the answer is the model's."""
     model = ClaraForRAG.from_pretrained("shipped")
     index = open_or_build_index(model, "shipped", index_dir=tmp_path / "index")
-    passages = {json.loads(line)["text"]: json.loads(line)["id"] for line in open(SHIPPED_CORPUS_FILE, encoding="utf-8")}
-    rows = [json.loads(line) for line in open(DATA_DIR / "clara_pretrain_sample.jsonl", encoding="utf-8")]
-    passage, question = next((row["docs"][0], row["question"][0]) for row in rows if row["docs"][0] in passages)
+    corpus = [json.loads(line) for line in open(SHIPPED_CORPUS_FILE, encoding="utf-8")]
+    questions = {}
+    for line in open(DATA_DIR / "clara_pretrain_sample.jsonl", encoding="utf-8"):
+        row = json.loads(line)
+        questions[row["docs"][0]] = row["question"][0]
+    gold, question = next((doc["id"], questions[doc["text"]]) for doc in corpus if doc["text"] in questions)
     response = ClaraQueryEngine(index=index, max_new_tokens=24).query(question)
-    assert passages[passage] in [n.node.node_id for n in response.source_nodes]
+    assert gold in [n.node.node_id for n in response.source_nodes]
     assert response.response == model.answer(question, index=index, max_new_tokens=24)
     assert response.response.strip()

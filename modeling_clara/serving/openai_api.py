@@ -239,7 +239,7 @@ class _TokenCounts(BaseStreamer):
 
 
 @dataclass
-class _StreamJob:
+class _ChatJob:
     question: str
     k: int
     max_new_tokens: int
@@ -255,7 +255,7 @@ class _StreamJob:
 
 
 @dataclass
-class _StreamOutcome:
+class _ChatOutcome:
     completion_tokens: int
     ended: bool  # the generator ended the answer (an end token), rather than running into max_new_tokens
     text: str = ""  # a batched answer's text (a stream's text goes through its events)
@@ -271,17 +271,17 @@ def openai_router(engine: ClaraServingEngine, settings: ServeSettings, executor,
     """The OpenAI-compatible endpoints of a `clara serve` app.
 
     Args:
-        executor: The model's single-thread executor; the `stream` queue is added to `batchers` (so the app starts,
-            stops and reports it) and runs there.
+        executor: The model's single-thread executor, where the `chat` and `stream` queues run their model calls.
         metrics: The app's `ServingMetrics`.
-        batchers: The app's queues by operation; `compress` and `answer` are used as /v1/answer uses them.
+        batchers: The app's queues by operation: given documents go through its `compress` queue; the `chat` and
+            `stream` queues are added to it, so that the app starts, stops and reports them with its own.
     """
     model = engine.model
     # Token counts on the event loop; the model thread has its own tokenizer (a fast tokenizer is not shared).
     processor = copy.deepcopy(model.processor)
     prompt_start = {}
 
-    def choose(job: _StreamJob) -> tuple[torch.Tensor, list[Hit]]:
+    def choose(job: _ChatJob) -> tuple[torch.Tensor, list[Hit]]:
         """The memory a request reads and its hits: the index's top k, or `model.select_documents`' choice among
         the request's documents (the rule of /v1/answer)."""
         if job.memory is None:
@@ -297,20 +297,20 @@ def openai_router(engine: ClaraServingEngine, settings: ServeSettings, executor,
             prompt_start["cache"] = model.cache_prompt_start()
         return prompt_start["cache"]
 
-    def run_chats(jobs: list[_StreamJob]) -> list[_StreamOutcome]:
+    def run_chats(jobs: list[_ChatJob]) -> list[_ChatOutcome]:
         """On the model thread: greedy answers of a batch in one generate call, each one's tokens counted."""
         chosen = [choose(job) for job in jobs]
         counts = _TokenCounts(len(jobs), model.tokenizer.all_special_ids)
         texts = model.generate_from_memory([job.question for job in jobs], [memory for memory, _ in chosen],
                                            max_new_tokens=jobs[0].max_new_tokens, prompt_start=shared_prompt_start(),
                                            streamer=counts)
-        return [_StreamOutcome(n, ended, text, hits) for n, ended, text, (_, hits) in
+        return [_ChatOutcome(n, ended, text, hits) for n, ended, text, (_, hits) in
                 zip(counts.counts, counts.ended, texts, chosen)]
 
-    def run_streams(jobs: list[_StreamJob]) -> list[_StreamOutcome]:
+    def run_streams(jobs: list[_ChatJob]) -> list[_ChatOutcome]:
         return [run_stream(job) for job in jobs]
 
-    def run_stream(job: _StreamJob) -> _StreamOutcome:
+    def run_stream(job: _ChatJob) -> _ChatOutcome:
         """On the model thread: choose the documents, send them, then generate with the text streamed."""
         memory, hits = choose(job)
         job.send("documents", hits)
@@ -323,7 +323,7 @@ def openai_router(engine: ClaraServingEngine, settings: ServeSettings, executor,
             **job.options.generate_kwargs(model.tokenizer),
         )
         ended = streamer.last_token in model.tokenizer.all_special_ids
-        return _StreamOutcome(streamer.n_tokens, ended)
+        return _ChatOutcome(streamer.n_tokens, ended)
 
     # One sequence per call: a streamer follows one sequence, and sampling options are per `generate` call.
     stream_batcher = DynamicBatcher("stream", run_streams, executor, 1, settings.max_wait_ms / 1000,
@@ -359,8 +359,7 @@ def openai_router(engine: ClaraServingEngine, settings: ServeSettings, executor,
         request = AnswerRequest(question, body.documents, body.k or model.config.generation_top_k,
                                 body.new_tokens or min(model.config.max_new_tokens, limit))
         if (problem := engine.answer_problem(request) or engine.prompt_problem(request)) is not None:
-            raise OpenAIError(problem.status if problem.status < 500 else 400, str(problem),
-                              _param(problem.field), "unanswerable")
+            raise OpenAIError(400, str(problem), _param(problem.field), "unanswerable")
         return request
 
     def completion_id() -> str:
@@ -407,7 +406,7 @@ def openai_router(engine: ClaraServingEngine, settings: ServeSettings, executor,
             return error.response()
         options = GenerationOptions(answer_request.max_new_tokens, body.temperature or 0.0, body.top_p, body.seed,
                                     body.stop_strings)
-        job = _StreamJob(answer_request.question, answer_request.k, answer_request.max_new_tokens, options,
+        job = _ChatJob(answer_request.question, answer_request.k, answer_request.max_new_tokens, options,
                          asyncio.get_running_loop(), documents=answer_request.documents)
         if body.is_plain_greedy:
             return await _until_disconnect(request, batched(job, answer_request), metrics, "chat")
@@ -415,7 +414,7 @@ def openai_router(engine: ClaraServingEngine, settings: ServeSettings, executor,
             return await streamed(request, body, job, answer_request)
         return await _until_disconnect(request, sampled(body, job, answer_request), metrics, "stream")
 
-    async def batched(job: _StreamJob, answer_request: AnswerRequest) -> JSONResponse:
+    async def batched(job: _ChatJob, answer_request: AnswerRequest) -> JSONResponse:
         """Greedy and whole: the `chat` queue, batched with other such requests (one generate call)."""
         until = time.monotonic() + settings.request_timeout_s
         try:
@@ -427,13 +426,13 @@ def openai_router(engine: ClaraServingEngine, settings: ServeSettings, executor,
                                         _finish_reason(outcome, job.max_new_tokens, False),
                                         usage(job.question, len(outcome.hits), outcome.completion_tokens), outcome.hits))
 
-    async def run(job: _StreamJob, answer_request: AnswerRequest) -> asyncio.Task:
+    async def run(job: _ChatJob, answer_request: AnswerRequest) -> asyncio.Task:
         """Compress the given documents, then queue the generation; the task resolves when it has ended."""
         until = time.monotonic() + settings.request_timeout_s
         job.memory = await memory_of(answer_request, until)
         return asyncio.ensure_future(stream_batcher.submit(job, key=id(job), timeout=max(until - time.monotonic(), 0)))
 
-    async def sampled(body: ChatCompletionRequest, job: _StreamJob, answer_request: AnswerRequest) -> JSONResponse:
+    async def sampled(body: ChatCompletionRequest, job: _ChatJob, answer_request: AnswerRequest) -> JSONResponse:
         """Sampled or with stop strings, whole: the `stream` queue, its text gathered."""
         try:
             task = await run(job, answer_request)
@@ -457,7 +456,7 @@ def openai_router(engine: ClaraServingEngine, settings: ServeSettings, executor,
         return JSONResponse(_completion(completion_id(), settings.model_name, visible.text, reason,
                                         usage(job.question, len(hits), outcome.completion_tokens), hits))
 
-    async def streamed(request: Request, body: ChatCompletionRequest, job: _StreamJob,
+    async def streamed(request: Request, body: ChatCompletionRequest, job: _ChatJob,
                        answer_request: AnswerRequest):
         """Server-sent events: the documents in the first chunk, the text as generated, [DONE]."""
         try:
@@ -532,7 +531,7 @@ def openai_router(engine: ClaraServingEngine, settings: ServeSettings, executor,
     return router
 
 
-def _finish_reason(outcome: _StreamOutcome, max_new_tokens: int, stopped: bool) -> str:
+def _finish_reason(outcome: _ChatOutcome, max_new_tokens: int, stopped: bool) -> str:
     return "length" if outcome.completion_tokens >= max_new_tokens and not (stopped or outcome.ended) else "stop"
 
 
