@@ -106,6 +106,13 @@ class ClaraAdapterMixin:
             raise ValueError(f"adapter {name!r} is not in this model; it has {self.adapter_names}")
         return get_peft_model_state_dict(self.decoder, adapter_name=name, save_embedding_layers=False)
 
+    def load_adapter_state_dict(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        """Set the LoRA weights of the existing adapter `name` from `state`, keyed as [`adapter_state_dict`] returns
+        them (e.g. to restart a trained query reasoner from another adapter's weights)."""
+        if name not in self.adapter_names:
+            raise ValueError(f"adapter {name!r} is not in this model; it has {self.adapter_names}")
+        set_peft_model_state_dict(self.decoder, state, adapter_name=name)
+
     @contextmanager
     def adapters_disabled(self):
         """Run a block on the bare backbone (every adapter off); restore the adapters and trainable flags after."""

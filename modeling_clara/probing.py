@@ -3,7 +3,7 @@
 A generator that reads the memory tokens has a clearly lower loss on a passage's target (its answer, or the passage
 itself) when it reads that passage's memory than when it reads another passage's; one that answers from its prior
 has the same loss either way. The gap `CE(other) - CE(gold)` is the measure `benchmarks/probe_memory_use.py`, the
-learnability ladder (`benchmarks/ladder.py`) and the shipped model's tests report.
+learnability ladder (`research/ladder.py`) and the shipped model's tests report.
 """
 
 import statistics

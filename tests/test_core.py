@@ -36,6 +36,21 @@ def test_compress_does_not_compute_logits(tiny_clara, monkeypatch):
     tiny_clara.compress(DOCS[:2])
 
 
+def test_compress_skipping_padding_equals_the_full_layout(tiny_clara):
+    full = tiny_clara.compress(DOCS, batch_size=2)
+    torch.testing.assert_close(tiny_clara.compress(DOCS, batch_size=2, skip_padding=True), full, atol=1e-5, rtol=1e-4)
+
+
+def test_an_adapters_weights_load_from_another_adapters(tiny_llama_dir):
+    model = make_tiny_clara(tiny_llama_dir)
+    question = "Which river flows through Paris?"
+    model.load_adapter_state_dict("query_reasoner_adapter", model.adapter_state_dict("encoder_adapter"))
+    # The query reasoner now computes what the compressor does: a question's query is its memory, flattened.
+    torch.testing.assert_close(model.encode_queries(question), model.compress(question).flatten(1), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="'no_such_adapter'"):
+        model.load_adapter_state_dict("no_such_adapter", model.adapter_state_dict("encoder_adapter"))
+
+
 def test_truncation_warning_counts_documents(tiny_clara, caplog):
     long_doc = "word " * 200
     logging.enable_propagation()

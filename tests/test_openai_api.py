@@ -25,6 +25,7 @@ from langchain_tests.integration_tests import ChatModelIntegrationTests, Retriev
 from modeling_clara.integrations.langchain import ChatClara, ClaraRetriever  # noqa: E402
 
 MAX_NEW_TOKENS = 48
+SERVED_MODEL_NAME = "clara-tiny"
 # LangChain's suites' async tests run on anyio's pytest plugin (anyio comes with httpx); it leaves sync tests alone.
 pytestmark = pytest.mark.anyio
 
@@ -50,7 +51,7 @@ def clara_model(saved_model_dir) -> ClaraForRAG:  # `model` is the LangChain sui
 def server(saved_model_dir, clara_model, tmp_path_factory):
     index_dir = tmp_path_factory.mktemp("tiny_index_openai")
     ClaraIndex.build(clara_model, CORPUS, output_dir=index_dir)
-    with running_server("--model", str(saved_model_dir), "--index", str(index_dir), "--max-batch-size", "8",
+    with running_server("--model", str(saved_model_dir), "--served-model-name", SERVED_MODEL_NAME, "--index", str(index_dir), "--max-batch-size", "8",
                         "--max-wait-ms", "200", "--max-new-tokens", str(MAX_NEW_TOKENS)) as url:
         yield url
 
@@ -73,7 +74,7 @@ def ask(question: str, system: str | None = None) -> list[dict]:
 def test_models_lists_the_served_model(client, server, saved_model_dir):
     models = client.models.list().data
     assert [m.id for m in models] == [requests.get(f"{server}/health", timeout=10).json()["model"]]
-    assert models[0].id == str(saved_model_dir)
+    assert models[0].id == SERVED_MODEL_NAME  # --served-model-name, not the --model path
 
 
 def test_chat_completion_over_the_index_equals_v1_answer(client, served_model, server, clara_model):

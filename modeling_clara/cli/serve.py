@@ -28,6 +28,9 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
     serve.add_argument("--corpus", default=None,
                        help=CORPUS_HELP + ": indexed at start, saved to --index when given and reused from there while "
                        "the model's compressor and the corpus are unchanged")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model id of the OpenAI-compatible endpoints (GET /v1/models, the requests' `model`); "
+                       "default: the --model value")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--backend", choices=BACKENDS, default="transformers",
@@ -95,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 def _settings(args: argparse.Namespace) -> ServeSettings:
     try:
         return ServeSettings(
-            args.model, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+            args.served_model_name or args.model, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
             request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
             max_documents=args.max_documents, max_batch_documents=args.max_batch_documents,
             max_new_tokens=args.max_new_tokens, header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,

@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import set_peft_model_state_dict
 from rank_bm25 import BM25Okapi
 from transformers.utils import logging
 
@@ -114,7 +113,7 @@ def load_rung_model(model_path: str | os.PathLike, init: str) -> ClaraForRAG:
     state = model.adapter_state_dict(ENCODER_ADAPTER)
     if init == "fresh":
         state = {key: torch.zeros_like(value) if "lora_B" in key else value for key, value in state.items()}
-    set_peft_model_state_dict(model.decoder, state, adapter_name=QUERY_REASONER_ADAPTER)
+    model.load_adapter_state_dict(QUERY_REASONER_ADAPTER, state)
     return model
 
 
@@ -124,38 +123,12 @@ def candidate_memory(model: ClaraForRAG, texts: list[str], cache_path: Path | No
     memory = torch.load(cache_path) if cache_path is not None and cache_path.is_file() else {}
     missing = sorted((text for text in dict.fromkeys(texts) if text not in memory), key=len)
     if missing:
-        reference = model.compress(missing[:2])
-        memory.update(zip(missing, compress_skipping_padding(model, missing)))
-        # The shortcut must give the library's memory.
-        torch.testing.assert_close(torch.stack([memory[t] for t in missing[:2]]), reference, atol=1e-4, rtol=1e-4)
+        # The encoder layout's left padding is not run: the SCP passages fill about half of it.
+        memory.update(zip(missing, model.compress(missing, skip_padding=True)))
         if cache_path is not None:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(memory, cache_path)
     return memory
-
-
-@torch.no_grad()
-def compress_skipping_padding(model: ClaraForRAG, texts: list[str], batch_size: int = 8) -> torch.Tensor:
-    """`model.compress` without running the encoder layout's left padding.
-
-    `compress` runs every document at `doc_max_length + 3 + n_mem` positions; the SCP passages fill about half, and
-    one CPU core spends the rest on padding the attention mask hides. Here the columns that are padding in every row
-    of a batch are dropped and the others keep their positions, so the states are the same (fp32; `candidate_memory`
-    checks them against `compress`). The library could offer this as an option of `compress`.
-    """
-    model.eval()
-    out = []
-    for start in logging.tqdm(range(0, len(texts), batch_size), desc="Compressing"):
-        inputs, _ = model.processor.encode_documents(texts[start : start + batch_size])
-        input_ids, attention_mask = inputs["input_ids"].to(model.device), inputs["attention_mask"].to(model.device)
-        first = int(attention_mask.argmax(dim=1).min())  # left padding: the first column any row attends to
-        positions = torch.arange(first, input_ids.shape[1], device=model.device).expand(len(input_ids), -1)
-        with model.adapter(ENCODER_ADAPTER):
-            states = model.decoder.get_decoder()(
-                input_ids=input_ids[:, first:], attention_mask=attention_mask[:, first:], position_ids=positions
-            ).last_hidden_state
-        out.append(states[:, -model.n_mem_tokens :])
-    return torch.cat(out)
 
 
 def autocast(model: ClaraForRAG, bf16: bool):

@@ -13,7 +13,6 @@ from research.topk.rung import (
     AnswerTable,
     answer_table,
     candidate_memory,
-    compress_skipping_padding,
     load_rung_model,
     parse_args,
     per_example_cross_entropy,
@@ -57,14 +56,7 @@ def rung_model(tmp_path_factory):
     return model, memory
 
 
-@pytest.mark.integration
-def test_compress_skipping_padding_equals_compress(rung_model):
-    model, _ = rung_model
-    docs = [ROWS[0]["docs"][0], "A much shorter passage."]
-    torch.testing.assert_close(compress_skipping_padding(model, docs), model.compress(docs), atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [0.02, 1.0])
 def test_straight_through_shortcut_equals_the_models_gradient(rung_model, tmp_path, temperature):
     """The rung trains on the answer table's gradients; they must equal back-propagating the answer loss through the
