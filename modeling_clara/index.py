@@ -16,7 +16,7 @@ append to one table at once (Lance retries concurrent appends). A reader holds o
 the newest, and `search` does so itself when `refresh_interval` seconds have passed since the last check.
 
 Search is exact (a streamed matmul over the table's batches) until a vector index exists (`create_vector_index`):
-then LanceDB proposes candidates from IVF_PQ (or IVF_HNSW_SQ) codes, re-ranked on the stored memory
+then LanceDB proposes candidates from IVF_HNSW_SQ (or IVF_PQ) codes, re-ranked on the stored memory
 (`refine_factor`). Either way the returned scores are CLaRa's cosine, computed by the function `model.retrieve` uses.
 """
 
@@ -58,7 +58,7 @@ ROWS_PER_ARROW_BATCH = 256
 SEARCH_CHUNK_ROWS = 8192
 # Seconds a loaded index serves one version before `search` looks for a newer one (another process's add or delete).
 DEFAULT_REFRESH_SECONDS = 5.0
-VECTOR_INDEX_KINDS = ("ivf_pq", "ivf_hnsw_sq")
+VECTOR_INDEX_KINDS = ("ivf_hnsw_sq", "ivf_pq")
 # Approximate search defaults, chosen by benchmarks/bench_index.py (docs/index-sizing.md): partitions probed, and
 # PQ candidates per hit re-ranked on the full stored memory.
 DEFAULT_NPROBES = 20
@@ -402,15 +402,17 @@ class ClaraIndex:
 
     # -- approximate search ---------------------------------------------------------------------------------------
 
-    def create_vector_index(self, kind: str = "ivf_pq", num_partitions: int | None = None,
+    def create_vector_index(self, kind: str = "ivf_hnsw_sq", num_partitions: int | None = None,
                             num_sub_vectors: int | None = None, hnsw_m: int = 20, accelerator: str | None = None) -> None:
         """Build LanceDB's approximate index on the memory column (cosine), in one commit.
 
         Rows added later are searched exactly beside it until the index is built again (or `table.optimize()`).
 
         Args:
-            kind: `"ivf_pq"` (inverted lists of product-quantised codes: small, the default) or `"ivf_hnsw_sq"`
-                (a graph per partition over 8-bit scalar codes: faster to search, larger).
+            kind: `"ivf_hnsw_sq"` (a graph per partition over 8-bit scalar codes, one byte per value: the default,
+                measured faster to build and search and with higher recall than IVF_PQ, docs/index-sizing.md) or
+                `"ivf_pq"` (inverted lists of product-quantised codes: 32x smaller, for corpora whose codes must fit
+                in RAM, around 100M passages).
             num_partitions: IVF partitions; default about sqrt(rows).
             num_sub_vectors: PQ codes per vector (bytes, at 8 bits); must divide n_mem * hidden. Default: one per
                 32 values (see docs/index-sizing.md).
