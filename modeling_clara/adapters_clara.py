@@ -6,6 +6,7 @@ A mixin of `ClaraForRAG` (sentence-transformers' `PeftAdapterMixin` is the patte
 """
 
 import contextlib
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -95,7 +96,10 @@ class ClaraAdapterMixin:
             raise ValueError(f"cannot copy adapter {copy_of!r}: this model has {self.adapter_names}")
         lora_config = self.lora_config
         lora_config.base_model_name_or_path = self.decoder.__dict__.get("name_or_path")  # as transformers records it
-        inject_adapter_in_model(lora_config, self.decoder, adapter_name=name)
+        with warnings.catch_warnings():
+            # CLaRa's three adapters live on one backbone by design; peft warns about every adapter after the first.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            inject_adapter_in_model(lora_config, self.decoder, adapter_name=name)
         self.set_active_adapters([name])
         if copy_of is not None:
             set_peft_model_state_dict(self.decoder, self.adapter_state_dict(copy_of), adapter_name=name)

@@ -2,6 +2,7 @@
 
 import json
 import logging as std_logging
+import warnings
 
 import pytest
 import torch
@@ -49,6 +50,13 @@ def test_an_adapters_weights_load_from_another_adapters(tiny_llama_dir):
     torch.testing.assert_close(model.encode_queries(question), model.compress(question).flatten(1), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="'no_such_adapter'"):
         model.load_adapter_state_dict("no_such_adapter", model.adapter_state_dict("encoder_adapter"))
+
+
+def test_three_adapters_on_one_backbone_warn_nothing(tiny_llama_dir):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_tiny_clara(tiny_llama_dir)
+    assert not [w for w in caught if "peft_config" in str(w.message)], [str(w.message) for w in caught]
 
 
 def test_truncation_warning_counts_documents(tiny_clara, caplog):
