@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from bench_compress import plain_backbone  # the bare backbone both build benchmarks time against
 from modeling_clara import ClaraForRAG, ClaraIndex
-from modeling_clara.backbone import load_backbone, resolve_backbone_path
 from modeling_clara.index import (
     DEFAULT_NPROBES,
     DEFAULT_REFINE_FACTOR,
@@ -61,15 +61,6 @@ def folder_bytes(folder: str | Path) -> int:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Build
-
-
-def plain_backbone(model: ClaraForRAG) -> PreTrainedModel:
-    """The model's backbone loaded again on its own, without LoRA layers, its vocabulary resized to CLaRa's tokenizer
-    so that it reads the same token ids."""
-    config = model.config
-    backbone = load_backbone(resolve_backbone_path(config.decoder_model_name), config, torch_dtype=model.dtype)
-    backbone.resize_token_embeddings(len(model.tokenizer))
-    return backbone.to(model.device).eval()
 
 
 @torch.no_grad()

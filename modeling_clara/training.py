@@ -28,12 +28,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field, fields, make_dataclass
 
 import torch
-from transformers import PretrainedConfig, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import enable_full_determinism, get_last_checkpoint, set_seed
 from transformers.utils import logging
 
-from .backbone import EMBEDDED_BACKBONE
-from .checkpoints import APPLE_ADAPTERS_FILE, read_config, resolve_checkpoint_dir
+from .checkpoints import read_config, resolve_checkpoint_dir
 from .configuration_clara import (
     DECODER_ADAPTER,
     ENCODER_ADAPTER,
@@ -45,6 +44,7 @@ from .configuration_clara import (
     stage_name,
 )
 from .data import load_clara_jsonl, make_collator, unique_candidates, with_channel_rows
+from .loading import is_clara_checkpoint, load_model
 from .modeling_clara import ClaraForRAG
 
 logger = logging.get_logger(__name__)
@@ -371,8 +371,7 @@ def load_model_for_stage(model_name_or_path: str, args: ClaraTrainingArguments) 
     }
     architecture = {name: getattr(args, name) for name in ARCHITECTURE_FIELDS if getattr(args, name) is not None}
     if not is_clara_checkpoint(model_name_or_path):
-        logger.info(f"Building a fresh CLaRa ({stage}) on the backbone {model_name_or_path}")
-        return ClaraForRAG.from_backbone(model_name_or_path, training_stage=stage, **architecture, **overrides)
+        return load_model(model_name_or_path, device="cpu", training_stage=stage, **architecture, **overrides)
     saved = read_config(resolve_checkpoint_dir(model_name_or_path, "", None, None, None, False))
     differ = {
         name: (value, getattr(saved, name)) for name, value in architecture.items() if getattr(saved, name) != value
@@ -386,7 +385,7 @@ def load_model_for_stage(model_name_or_path: str, args: ClaraTrainingArguments) 
         )
     if differ:
         logger.info(f"Length curriculum: same {saved.n_mem_tokens} memory tokens, now reading {differ}")
-    return ClaraForRAG.from_pretrained(model_name_or_path, training_stage=stage, **overrides, **changed)
+    return load_model(model_name_or_path, device="cpu", training_stage=stage, **overrides, **changed)
 
 
 def _is_length_curriculum(config, changed: dict) -> bool:
@@ -398,27 +397,6 @@ def _is_length_curriculum(config, changed: dict) -> bool:
     doc_max_length = changed.get("doc_max_length", config.doc_max_length)
     compr_rate = changed.get("compr_rate", config.compr_rate)
     return doc_max_length // compr_rate == config.n_mem_tokens
-
-
-def is_clara_checkpoint(name: str) -> bool:
-    """Whether `name` is a saved CLaRa (ours or Apple's) rather than a backbone."""
-    if name == EMBEDDED_BACKBONE:
-        return False
-    if os.path.isdir(name):
-        if os.path.isfile(os.path.join(name, APPLE_ADAPTERS_FILE)):
-            return True
-        config_path = os.path.join(name, "config.json")
-        if not os.path.isfile(config_path):
-            return False
-        with open(config_path, encoding="utf-8") as f:
-            return json.load(f).get("model_type") == ClaraForRAG.config_class.model_type
-    if name.count("/") >= 2:  # Apple's README form `owner/repo/subfolder` names CLaRa checkpoints only
-        return True
-    try:
-        config_dict, _ = PretrainedConfig.get_config_dict(name)
-    except (OSError, ValueError):
-        return False  # from_backbone reports what is wrong with the name
-    return config_dict.get("model_type") == ClaraForRAG.config_class.model_type
 
 
 def prepare_model_for_stage(model: ClaraForRAG, args: ClaraTrainingArguments) -> None:
@@ -656,7 +634,6 @@ __all__ = [
     "ClaraTrainingArguments",
     "add_query_reasoner",
     "compress_candidates",
-    "is_clara_checkpoint",
     "load_model_for_stage",
     "load_recipe",
     "prepare_model_for_stage",
