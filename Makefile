@@ -10,6 +10,11 @@ PYTHON5 = $(VENV5)/bin/python
 STACK_TESTS = tests/test_core.py tests/test_save_load.py tests/test_remote_code.py tests/test_conformance.py \
     tests/test_embedded.py tests/test_index.py tests/test_stack_compat.py tests/test_convert.py tests/test_shipped.py
 
+# Each stack's install is remembered by a stamp file (per interpreter), redone when setup.py or the stack's
+# constraints change.
+STAMP1 = .make/installed-$(shell $(PYTHON) -c 'import hashlib, sys; print(hashlib.sha1(sys.prefix.encode()).hexdigest()[:12])')
+STAMP5 = $(VENV5)/.installed
+
 .PHONY: install demo test install-transformers5 demo-transformers5 test-transformers5
 
 # $(1): python, $(2): constraints file
@@ -22,8 +27,11 @@ define install_stack
 	$(1) -m pip install -q -c $(2) -e ".[embedded,eval,index,serve,test,docs]"
 endef
 
-install:
+install: $(STAMP1)
+
+$(STAMP1): setup.py requirements/constraints.txt
 	$(call install_stack,$(PYTHON),requirements/constraints.txt)
+	@mkdir -p $(dir $@) && touch $@
 
 demo: install
 	$(PYTHON) examples/quickstart.py
@@ -37,8 +45,11 @@ test: install
 $(PYTHON5):
 	$(PYTHON) -m venv $(VENV5)
 
-install-transformers5: $(PYTHON5)
+install-transformers5: $(STAMP5)
+
+$(STAMP5): setup.py requirements/constraints-transformers5.txt | $(PYTHON5)
 	$(call install_stack,$(PYTHON5),requirements/constraints-transformers5.txt)
+	@touch $@
 
 demo-transformers5: install-transformers5
 	$(PYTHON5) examples/quickstart.py
@@ -50,4 +61,4 @@ STACK_SHIPPED_SKIP = -k "not (answers_what_the_untrained or finds_passages_in_th
 # Needs the pinned stack installed too (`make install`): the cross-stack tests run it as the other side.
 test-transformers5: install-transformers5
 	HF_HUB_OFFLINE=1 CLARA_OTHER_PYTHON="$$($(PYTHON) -c 'import sys; print(sys.executable)')" \
-		$(PYTHON5) -m pytest $(STACK_TESTS) -q $(ALL_TIERS) $(STACK_SHIPPED_SKIP)
+		$(PYTHON5) -m pytest $(STACK_TESTS) -q -p no:cacheprovider $(ALL_TIERS) $(STACK_SHIPPED_SKIP)
