@@ -40,7 +40,7 @@ demo: install
 ALL_TIERS = -m "slow or not slow"
 
 test: install
-	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q $(ALL_TIERS)
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q --durations=15 $(ALL_TIERS)
 
 $(PYTHON5):
 	$(PYTHON) -m venv $(VENV5)
