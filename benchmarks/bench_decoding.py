@@ -17,6 +17,7 @@ waited for a core on a loaded machine); with more, wall time. The greedy tokens 
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     clock = time.process_time if args.threads == 1 else time.perf_counter
     model = ClaraForRAG.from_pretrained(args.model).eval()
     documents = [json.loads(line)["text"] for line in SHIPPED_CORPUS.read_text().splitlines()[: args.k]]
@@ -121,7 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
             "prefill_ms": 1e3 * statistics.median(prefill[path]), "ms_per_token": ms,
             "fraction_of_limit": limit_ms / ms, "answer_peak_rss_mb": peak / 1e6,
         }
-    print(f"threads {args.threads} ({results['clock']} time), "
+    results["load_average"] = [load_before, os.getloadavg()[0]]
+    print(f"{os.cpu_count()} cores, load average (1 min) {load_before:.1f} before, {os.getloadavg()[0]:.1f} after; "
+          f"threads {args.threads} ({results['clock']} time), "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write), "
           f"weights read per step {weight_bytes / 1e6:.0f} MB -> limit {limit_ms:.1f} ms per step")
     print(f"{'path':<10} {'prefill ms':>10} {'ms/token':>9} {'fraction of limit':>18} {'answer peak RSS MB':>19}")

@@ -30,12 +30,13 @@ Text RAG runs on the plain backbone (a fresh `AutoModelForCausalLM`, no LoRA lay
 adapter (untrained models are fine for timing); both decode through the same fast loop. The methods run one after the other per question, in an order
 rotated every question, so machine noise hits all of them alike; one warm-up question is not counted.
 
-    python benchmarks/bench_efficiency.py --data ../shared/data/hotpotqa_dev.jsonl --n-questions 20 --k 5 \\
-        --compr-rates 4 16 32 128 --max-new-tokens 32 --output docs/results/efficiency.json
+    OMP_NUM_THREADS=1 python benchmarks/bench_efficiency.py --data ../shared/data/hotpotqa_dev.jsonl --n-questions 5 \\
+        --k 5 --compr-rates 4 16 32 128 --max-new-tokens 32
 """
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -54,9 +55,12 @@ TEXT_DECODING = ClaraFastGenerator()  # the bare backbone's weights for the fast
 
 
 def timed(fn) -> tuple[float, object]:
-    start = time.perf_counter()
+    """Seconds `fn()` took (the process's CPU time with one torch thread, so waiting for a core on a shared machine
+    does not count; wall time with more) and its result."""
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+    start = clock()
     result = fn()
-    return time.perf_counter() - start, result
+    return clock() - start, result
 
 
 def measure_clara(model: ClaraForRAG, question: str, docs: list[str], max_new_tokens: int) -> dict:
@@ -134,6 +138,7 @@ def kv_bytes_per_token(model: ClaraForRAG) -> int:
 def users_view(args) -> dict:
     """The `--users` measurements (see the module docstring)."""
     clock = time.process_time
+    load_at_start = os.getloadavg()[0]
     model = ClaraForRAG.from_pretrained(args.model).eval()
     text = TextRag(model)
     examples = [ex for ex in load_eval_data(args.data, 4 * args.n_questions) if len(ex.docs) >= max(args.k)]
@@ -200,7 +205,8 @@ def users_view(args) -> dict:
         results[k] = summary
     print(f"model={args.model} data={args.data.name} questions={len(examples) - 1} (latency: the first "
           f"{args.latency_questions}) natural answers (at most "
-          f"{max_new_tokens} tokens), one thread, CPU time; KV budget {args.kv_budget_mib} MiB; means")
+          f"{max_new_tokens} tokens), one thread, CPU time; KV budget {args.kv_budget_mib} MiB; means; "
+          f"{os.cpu_count()} cores, load average {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     print("| k | method | prompt tokens | answer tokens | first token s | answer (index) s | answer (on the fly) s | "
           "q/s batch 1 | q/s batch 8 | q/s batch 32 | largest batch | q/s largest |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -241,6 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(1)
         return users_view(args)
     args.k, args.max_new_tokens = args.k[0], args.max_new_tokens or 32
+    load_at_start = os.getloadavg()[0]
 
     torch.manual_seed(0)
     models = {
@@ -270,7 +277,9 @@ def main(argv: list[str] | None = None) -> dict:
     text = summaries[TEXT]
     print(f"backbone={args.backbone} data={args.data.name} questions={len(examples) - 1} k={args.k} "
           f"doc_max_length={args.doc_max_length} new tokens={args.max_new_tokens} (forced) "
-          f"threads={torch.get_num_threads()}; medians per question")
+          f"threads={torch.get_num_threads()} ({'CPU' if torch.get_num_threads() == 1 else 'wall'} time); medians per "
+          f"question; {os.cpu_count()} cores, load average {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} "
+          f"at the end")
     print("| method | CR | context tokens | prefill s | generate s | compress s | compress+generate s | "
           "tokens ratio | prefill ratio | generate ratio | compress+generate ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -6,11 +6,13 @@ numbers (the server's peak RSS among them) and stops the server:
     python benchmarks/bench_serve.py --backend transformers                       # shipped model, bundled corpus
     python benchmarks/bench_serve.py --backend vllm --python /work/venv-vllm/bin/python
     taskset -c 0 python benchmarks/bench_serve.py --server-cpus 1 --server-threads 1   # server and clients apart
+    python benchmarks/bench_serve.py --no-fast-decoding          # the server decoding with `generate` throughout
 
 Each request is `POST /v1/answer` with a question and no documents (retrieved from the index, then generated), the
 questions cycling through variants so no two consecutive requests are equal. The sequential phase sends one request
 at a time from one client; the concurrent phase `--requests` requests from `--clients` threads. The report names the
-pinning and the machine's load average before and after, since other work on the machine changes the numbers.
+pinning and the machine's load average before and after, since other work on the machine changes the numbers, and
+the server's peak RSS after the warm-up (requests one at a time) and at the end (batches of concurrent requests).
 """
 
 import argparse
@@ -36,6 +38,14 @@ HOST = "127.0.0.1"  # never another address: the benchmark loads only a server i
 TOPICS = ["the live album 'In Concert'", "the Oketo Forest Railway", "the river in this passage", "the first person named",
           "the year it happened", "the country it is in", "the band's members", "the railway's length"]
 TEMPLATES = ["What is known about {}?", "Where is {}?", "When was {} first mentioned?", "Who is associated with {}?"]
+# `clara serve` with the fast decoding loop declining every call, so every answer decodes with `generate`.
+SERVE_WITHOUT_FAST_DECODING = """
+import sys
+from modeling_clara.cli import main
+from modeling_clara.decoding_clara import ClaraFastGenerator
+ClaraFastGenerator.generate = lambda self, *args, **kwargs: None
+raise SystemExit(main(sys.argv[1:]))
+"""
 
 
 def questions(n: int) -> list[str]:
@@ -50,7 +60,8 @@ def free_port() -> int:
 
 
 def start_server(args, port: int, index_dir: str) -> subprocess.Popen:
-    command = [args.python, "-m", "modeling_clara.cli", "serve", "--model", args.model, "--corpus", args.corpus,
+    entry = ["-c", SERVE_WITHOUT_FAST_DECODING] if args.no_fast_decoding else ["-m", "modeling_clara.cli"]
+    command = [args.python, *entry, "serve", "--model", args.model, "--corpus", args.corpus,
                "--index", index_dir, "--host", HOST, "--port", str(port), "--backend", args.backend,
                "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
                "--max-queue", str(max(args.requests, 256)), "--request-timeout", str(args.request_timeout)]
@@ -134,9 +145,13 @@ def main() -> None:
     parser.add_argument("--server-cpus", default=None, help="pin the server to these cores (taskset -c), e.g. 1")
     parser.add_argument("--server-threads", type=int, default=None, help="OMP_NUM_THREADS of the server")
     parser.add_argument("--startup-timeout", type=float, default=900)
+    parser.add_argument("--no-fast-decoding", action="store_true",
+                        help="transformers backend: decode with `generate` instead of the fast loop")
     args = parser.parse_args()
     if not 0 < args.requests <= 2000 or not 0 < args.sequential_requests <= 2000:
         raise SystemExit("--requests and --sequential-requests must be in 1..2000 (the benchmark is bounded)")
+    if args.no_fast_decoding and args.backend != "transformers":
+        raise SystemExit(f"--no-fast-decoding applies to the transformers backend, not {args.backend!r}")
 
     port = free_port()
     url = f"http://{HOST}:{port}"
@@ -145,24 +160,26 @@ def main() -> None:
         try:
             wait_until_healthy(url, process, args.startup_timeout)
             run_phase(url, questions(4), 1, args.max_new_tokens)  # warm-up: first calls allocate and compile
+            peak_after_warm_up = peak_rss(process)
             before = batch_sizes(url)
             load_before = os.getloadavg()  # other work on the machine slows both phases; reported with the numbers
             sequential = run_phase(url, questions(args.sequential_requests), 1, args.max_new_tokens)
             concurrent = run_phase(url, questions(args.requests), args.clients, args.max_new_tokens)
             after = batch_sizes(url)
             load_after = os.getloadavg()
-            peak = peak_rss(process)
+            peaks = (peak_after_warm_up, peak_rss(process))
         finally:
             process.terminate()
             process.wait(timeout=60)
-    report(args, sequential, concurrent, before, after, (load_before, load_after), peak)
+    report(args, sequential, concurrent, before, after, (load_before, load_after), peaks)
 
 
-def report(args, sequential: dict, concurrent: dict, before: dict, after: dict, loads: tuple, peak: int | None) -> None:
+def report(args, sequential: dict, concurrent: dict, before: dict, after: dict, loads: tuple, peaks: tuple) -> None:
     batches = after["batches"] - before["batches"] - sequential["requests"]  # sequential requests ran alone
     batched = after["requests"] - before["requests"] - sequential["requests"]
     lines = [
-        f"backend {args.backend}, model {args.model}, max_new_tokens {args.max_new_tokens}, "
+        f"backend {args.backend}{' without the fast decoding loop' if args.no_fast_decoding else ''}, "
+        f"model {args.model}, max_new_tokens {args.max_new_tokens}, {os.cpu_count()} cores, "
         f"max_batch_size {args.max_batch_size}, max_wait_ms {args.max_wait_ms}, server cpus {args.server_cpus or 'all'}, "
         f"server threads {args.server_threads or 'default'}; load average (1, 5, 15 min) before "
         f"{', '.join(f'{x:.2f}' for x in loads[0])}, after {', '.join(f'{x:.2f}' for x in loads[1])}",
@@ -173,7 +190,8 @@ def report(args, sequential: dict, concurrent: dict, before: dict, after: dict, 
         f"p99 {concurrent['p99'] * 1000:.0f} ms, errors {_errors(concurrent)}",
         f"answer batches in the concurrent phase: {batches:.0f}, mean size {batched / max(batches, 1):.2f}; "
         f"cumulative size histogram (all phases) {after['cumulative_buckets']}",
-        f"server peak RSS: {peak / 2**30:.2f} GiB" if peak else "server peak RSS: not available (no /proc)",
+        f"server peak RSS: {peaks[0] / 2**30:.2f} GiB after the warm-up (4 requests one at a time), "
+        f"{peaks[1] / 2**30:.2f} GiB at the end" if all(peaks) else "server peak RSS: not available (no /proc)",
     ]
     print("\n".join(lines))
 
