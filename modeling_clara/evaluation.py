@@ -13,6 +13,11 @@ Methods (`--method`), all on the same backbone:
   text_rag_bm25    the plain backbone reads the top-k candidates by BM25 as text in the Background.
   text_rag_minilm  the same, ranked by MiniLM (all-MiniLM-L6-v2).
   text_oracle      the plain backbone reads the Oracle set (every gold passage, then the given order) as text.
+  text_rag_clara   the plain backbone reads CLaRa's top-k (ranked by its query reasoner) as text: the passages
+                   CLaRa reads as memory.
+  text_reader      the same passages read as text by a fine-tuned text reader (`--text-reader DIR`, trained on
+                   CLaRa's stage-2 rows by `python -m modeling_clara.text_reader`): CLaRa against a reader that
+                   learned the same answer format.
 
 Settings (`--setting`): `normal` reads the first k of the method's ranking; `oracle` reads every gold passage
 plus the best-ranked others up to k, in ranking order. `closed_book` and `text_oracle` ignore the setting.
@@ -21,7 +26,9 @@ Scores: EM, F1 and Cover-EM under Apple's protocol (first gold answer only: `app
 accepted answers (`em`, `f1`, `cover_em`); Recall@1/3/5 of the ranking used and `gold_read`, the share of gold
 passages among the k read. Predictions go to `<output-dir>/<data stem>/<run>.jsonl`, appended and flushed per
 batch: rerunning a command skips the examples already there (a run with other settings in the same file is an
-error). Each run also writes `<run>.summary.json` and `.summary.md`; `<output-dir>/summary.md` collects them all.
+error). Each run also writes `<run>.summary.json` and `.summary.md`; `<output-dir>/summary.md` collects them all,
+and `<output-dir>/differences.md` gives CLaRa minus each text method (same file and k) with paired bootstrap
+intervals over the questions both answered.
 """
 
 import json
@@ -31,21 +38,26 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import torch
+from transformers import PreTrainedModel
 from transformers.utils import logging
 
 from .backbone import EMBEDDED_BACKBONE
 from .data import check_e2e_candidates
 from .fingerprint import adapter_weights, weights_sha256
+from .generation import generate_completions
 from .jsonl import append_jsonl, read_for_resume, read_jsonl, record_settings, write_text_atomic
 from .metrics import recall_at_k, score_example
 from .modeling_clara import ClaraForRAG
 from .processing_clara import SYSTEM_PROMPT_ANSWER, check_positive
+from .text_reader import text_user_turn, truncate_passage
 from .text_retrieval import load_text_retriever, oracle_candidates
 
 logger = logging.get_logger(__name__)
 
-METHODS = ("clara", "clara_wrong_memory", "closed_book", "text_rag_bm25", "text_rag_minilm", "text_oracle")
+METHODS = ("clara", "clara_wrong_memory", "closed_book", "text_rag_bm25", "text_rag_minilm", "text_oracle",
+           "text_rag_clara", "text_reader")
 SETTINGS = ("normal", "oracle")
 RANKERS = ("clara", "bm25", "minilm", "given_order")
 CONTROL_RANKERS = ("non_gold",)  # clara_wrong_memory's: not a retriever, so not in `clara eval-retrieval`
@@ -158,22 +170,13 @@ def select_documents(ranking: list[int], pos_index: list[int], setting: str, k: 
     raise ValueError(f"setting={setting!r} is not one of {SETTINGS}")
 
 
-def truncate_passage(tokenizer, text: str, max_tokens: int) -> str:
-    """The first `max_tokens` tokens of a passage: text RAG reads what CLaRa's compressor reads (doc_max_length)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
-
-
 def text_prompt(model: ClaraForRAG, question: str, passages: list[str]) -> str:
     """CLaRa's answer prompt with the passages as text (one per line) in place of the memory-token slots.
 
     No passages: closed book, the same system prompt and `Question:{question}` alone. The chat template (and its
     system-role fallback) is the model's own, as for CLaRa's prompts.
     """
-    user = f"Question:{question}"
-    if passages:
-        user = "Background:\n" + "\n".join(passages) + "\n\n" + user
-    return model.processor.apply_chat_template(SYSTEM_PROMPT_ANSWER, user)[0]
+    return model.processor.apply_chat_template(SYSTEM_PROMPT_ANSWER, text_user_turn(question, passages))[0]
 
 
 def generate_text(model: ClaraForRAG, prompts: list[str], max_new_tokens: int, **generate_kwargs) -> list[str]:
@@ -249,6 +252,7 @@ class MethodSpec:
     ranker: str | None  # None: no documents; "clara": the query reasoner, or the given order without one
     reads: str  # "compressed" | "text" | "nothing"
     fixed_setting: str | None = None  # methods that ignore --setting
+    fine_tuned_reader: bool = False  # text read by the `--text-reader` model instead of the bare backbone
 
 
 METHOD_SPECS = {
@@ -258,16 +262,30 @@ METHOD_SPECS = {
     "text_rag_bm25": MethodSpec("bm25", "text"),
     "text_rag_minilm": MethodSpec("minilm", "text"),
     "text_oracle": MethodSpec("given_order", "text", fixed_setting="oracle"),
+    "text_rag_clara": MethodSpec("clara", "text"),
+    "text_reader": MethodSpec("clara", "text", fine_tuned_reader=True),
 }
 
 
 class EvalMethod:
-    """One method of `METHODS` on a model: ranks, selects k, and answers a batch of examples."""
+    """One method of `METHODS` on a model: ranks, selects k, and answers a batch of examples.
 
-    def __init__(self, name: str, model: ClaraForRAG, compressed: CompressedDocuments | None = None):
+    Args:
+        text_reader: The fine-tuned text reader ([`load_text_reader`]) that `text_reader` generates with, and
+            `text_reader_name` what its results record (its folder).
+    """
+
+    def __init__(
+        self, name: str, model: ClaraForRAG, compressed: CompressedDocuments | None = None,
+        text_reader: PreTrainedModel | None = None, text_reader_name: str | None = None,
+    ):
         if name not in METHOD_SPECS:
             raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
         self.name, self.model, self.spec = name, model, METHOD_SPECS[name]
+        if self.spec.fine_tuned_reader and text_reader is None:
+            raise ValueError(f"method {name!r} needs a trained text reader (clara eval --text-reader DIR)")
+        self.text_reader = text_reader if self.spec.fine_tuned_reader else None
+        self.text_reader_name = text_reader_name if self.spec.fine_tuned_reader else None
         self.compressed = compressed or CompressedDocuments(model)
         ranker = self.spec.ranker
         if ranker == "clara" and not model.has_query_reasoner:
@@ -282,6 +300,12 @@ class EvalMethod:
         """The model's [`adapter_digest`], hashed once per method however many files it evaluates."""
         return adapter_digest(self.model)
 
+    @cached_property
+    def text_reader_digest(self) -> str:
+        """The first 16 hex digits of [`weights_sha256`] over the text reader's weights: a folder trained again
+        gives other predictions under the same name."""
+        return weights_sha256(self.text_reader.state_dict())[:16]
+
     def config(self, setting: str, k: int, max_new_tokens: int, model_name: str) -> dict:
         """What the predictions depend on; a resumed run must match it."""
         config = self.model.config
@@ -289,10 +313,18 @@ class EvalMethod:
                   "backbone": config.decoder_model_name, "ranking": self.ranker.name if self.ranker else None}
         if self.spec.reads != "nothing":
             fields.update(k=k, doc_max_length=config.doc_max_length)
-        if self.spec.reads == "compressed":
+        if self.spec.reads == "compressed" or self.ranker and self.ranker.name == "clara":
             fields.update(model=model_name, compr_rate=config.compr_rate, training_stage=config.training_stage,
                           adapters=sorted(self.model.adapter_names), adapter_digest=self.adapter_digest)
+        if self.text_reader is not None:
+            fields.update(text_reader=self.text_reader_name, text_reader_digest=self.text_reader_digest)
         return fields
+
+    def generate_text(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        """Greedy answers to text prompts: the fine-tuned reader's, or the bare backbone's."""
+        if self.text_reader is None:
+            return generate_text(self.model, prompts, max_new_tokens)
+        return generate_completions(self.text_reader, self.model.tokenizer, prompts, max_new_tokens)
 
     def run(self, batch: list[EvalExample], setting: str, k: int, max_new_tokens: int) -> list[dict]:
         """Per example: prediction, ranking (and scores), the candidates read, and the prompt length in tokens."""
@@ -315,7 +347,7 @@ class EvalMethod:
                 text_prompt(self.model, ex.question, [truncate_passage(self.model.tokenizer, ex.docs[i], limit) for i in s])
                 for ex, s in zip(batch, selections)
             ]
-            predictions = generate_text(self.model, prompts, max_new_tokens)
+            predictions = self.generate_text(prompts, max_new_tokens)
         prompt_tokens = count_tokens(self.model.tokenizer, prompts)
         return [
             {"prediction": p, "ranking": r, "scores": None if scores is None else scores[i], "selected": s,
@@ -431,7 +463,8 @@ def evaluate_file(
     summary = summarize(
         records, dataset=Path(data).stem, method=runner.name, setting=setting, k=k if setting != "none" else 0,
         ranking=config["ranking"], compr_rate=model.config.compr_rate if runner.spec.reads == "compressed" else None,
-        model=model_name if runner.spec.reads == "compressed" else config["backbone"], max_new_tokens=max_new_tokens,
+        model=runner.text_reader_name or (model_name if runner.spec.reads == "compressed" else config["backbone"]),
+        max_new_tokens=max_new_tokens,
         data=str(data),
     )
     write_text_atomic(out_dir / f"{name}.summary.json", json.dumps(summary, indent=2) + "\n")
@@ -519,6 +552,77 @@ def collect_summaries(output_dir: str | os.PathLike) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# CLaRa minus text: paired bootstrap intervals
+
+DIFFERENCE_METRICS = ("apple_em", "apple_f1", "apple_cover_em")
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_CONFIDENCE = 0.95
+
+
+def paired_bootstrap(
+    a: list[float], b: list[float], n_resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = BOOTSTRAP_CONFIDENCE,
+    seed: int = 0,
+) -> dict:
+    """The mean of `a - b` over paired examples and its percentile bootstrap interval (examples resampled with
+    replacement, `n_resamples` times): `{"difference", "low", "high", "n"}`."""
+    differences = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if differences.ndim != 1 or len(a) != len(b) or not len(differences):
+        raise ValueError(f"paired_bootstrap needs two equally long, non-empty lists; got {len(a)} and {len(b)}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    rng = np.random.default_rng(seed)
+    resampled = differences[rng.integers(0, len(differences), size=(n_resamples, len(differences)))].mean(axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(resampled, [tail, 1 - tail])
+    return {"difference": float(differences.mean()), "low": float(low), "high": float(high), "n": len(differences)}
+
+
+def text_methods() -> list[str]:
+    return [name for name, spec in METHOD_SPECS.items() if spec.reads == "text"]
+
+
+def difference_rows(output_dir: str | os.PathLike, baseline: str = "clara") -> list[dict]:
+    """CLaRa minus each text method on the same data file, setting and k, per metric of `DIFFERENCE_METRICS` (in
+    points of percent), with [`paired_bootstrap`] intervals over the questions both runs answered."""
+    rows = []
+    for baseline_path in sorted(Path(output_dir).glob(f"*/{baseline}-*.jsonl")):
+        suffix = baseline_path.name.removeprefix(baseline)  # "-normal-k2.jsonl"
+        by_id = {r["id"]: r for r in read_jsonl_records(baseline_path)}
+        for method in text_methods():
+            other_path = baseline_path.with_name(method + suffix)
+            if not other_path.exists():
+                continue
+            others = {r["id"]: r for r in read_jsonl_records(other_path)}
+            ids = [i for i in by_id if i in others]
+            if not ids:
+                continue
+            row = {"dataset": baseline_path.parent.name, "run": baseline_path.stem, "minus": other_path.stem}
+            for metric in DIFFERENCE_METRICS:
+                row[metric] = paired_bootstrap([100 * by_id[i][metric] for i in ids],
+                                               [100 * others[i][metric] for i in ids])
+            rows.append(row)
+    return rows
+
+
+def read_jsonl_records(path: Path) -> list[dict]:
+    return [record for _, record in read_jsonl(path)]
+
+
+def difference_table(rows: list[dict]) -> str:
+    """[`difference_rows`] as markdown: each metric's difference and its interval, in points."""
+    titles = {"apple_em": "EM", "apple_f1": "F1", "apple_cover_em": "CEM"}
+    interval = f"{BOOTSTRAP_CONFIDENCE:.0%} CI"
+    headers = [f"{titles[m]} diff [{interval}]" for m in DIFFERENCE_METRICS]
+    lines = ["| data | CLaRa run | minus | n | " + " | ".join(headers) + " |", "|" + "---|" * (4 + len(headers))]
+    for row in rows:
+        cells = [f"{row[m]['difference']:+.1f} [{row[m]['low']:+.1f}, {row[m]['high']:+.1f}]"
+                 for m in DIFFERENCE_METRICS]
+        n = row[DIFFERENCE_METRICS[0]]["n"]
+        lines.append(f"| {row['dataset']} | {row['run']} | {row['minus']} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Output folders
 
 
@@ -530,5 +634,5 @@ def default_output_dir(model: ClaraForRAG, name: str) -> str:
 __all__ = [
     "EvalExample", "EvalMethod", "Ranker", "CompressedDocuments", "evaluate_file", "evaluate_retrieval",
     "load_eval_data", "select_documents", "text_prompt", "generate_text", "markdown_table", "collect_summaries",
-    "METHODS", "SETTINGS", "RANKERS",
+    "paired_bootstrap", "difference_rows", "difference_table", "METHODS", "SETTINGS", "RANKERS",
 ]

@@ -445,3 +445,92 @@ def test_memory_probe_sees_only_the_passage(tiny_llama_dir, data_file, target):
     assert different["gap"] != 0
     assert different["memory_cosine"] < 0.999
     assert different["gap"] == pytest.approx(different["ce_other"] - different["ce_gold"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fine-tuned text reader and CLaRa-minus-text intervals
+
+
+def test_paired_bootstrap_interval_matches_the_normal_approximation():
+    from modeling_clara.evaluation import paired_bootstrap
+
+    constant = paired_bootstrap([3.0] * 20, [1.0] * 20)
+    assert constant == {"difference": 2.0, "low": 2.0, "high": 2.0, "n": 20}
+    # 100 paired questions, a - b is 1 on half of them and 0 on the rest: mean 0.5, standard error 0.05, so a 95%
+    # interval about 0.5 +- 1.96 * 0.05.
+    half = paired_bootstrap([1.0] * 50 + [0.0] * 50, [0.0] * 100, n_resamples=2000)
+    assert half["difference"] == 0.5 and half["n"] == 100
+    assert half["low"] < 0.5 < half["high"]
+    assert abs((half["high"] - half["low"]) - 2 * 1.96 * 0.05) < 0.03
+    with pytest.raises(ValueError, match="equally long"):
+        paired_bootstrap([1.0, 2.0], [1.0])
+
+
+def test_text_rag_clara_reads_the_passages_clara_reads(tiny_clara, data_file):
+    examples = load_eval_data(data_file)
+    clara = EvalMethod("clara", tiny_clara).run(examples, "normal", 2, max_new_tokens=2)
+    text = EvalMethod("text_rag_clara", tiny_clara).run(examples, "normal", 2, max_new_tokens=2)
+    assert [r["selected"] for r in text] == [r["selected"] for r in clara]
+    assert all(r["prompt_tokens"] > c["prompt_tokens"] for r, c in zip(text, clara))  # passages as text are longer
+    with pytest.raises(ValueError, match="--text-reader"):
+        EvalMethod("text_reader", tiny_clara)
+
+
+def test_text_reader_labels_only_the_answer(tiny_clara):
+    from modeling_clara.text_reader import TextReaderCollator
+
+    row = {"question": "Which river flows through Paris?", "docs": ["The Seine flows through Paris.", "The Loire."],
+           "answer": "the Seine"}
+    batch = TextReaderCollator(tiny_clara.processor, top_k=1)([row])
+    labelled = batch["labels"][0][batch["labels"][0] != -100]
+    assert tiny_clara.tokenizer.decode(labelled).startswith("the Seine")
+    prompt = tiny_clara.tokenizer.decode(batch["input_ids"][0])
+    assert "The Seine flows through Paris." in prompt and "The Loire." not in prompt  # top_k 1
+
+
+def test_text_reader_trains_resumes_and_is_evaluated_beside_clara(saved_tiny_clara, data_file, tmp_path, capsys):
+    from modeling_clara.text_reader import main as train_main
+
+    rows = [{"question": r["question"], "docs": [r["docs"][r["pos_index"][0]], r["docs"][-1]], "answer": r["gold_answer"]}
+            for r in ROWS]
+    train_file = write_jsonl(tmp_path / "stage2.jsonl", rows)
+    reader_dir = tmp_path / "reader"
+    common = ["--model", saved_tiny_clara, "--data", str(train_file), "--output_dir", str(reader_dir),
+              "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--save_steps", "1",
+              "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true"]
+    assert train_main(common + ["--max_steps", "2"]) == 0
+    assert (reader_dir / "checkpoint-2").is_dir() and (reader_dir / "adapter_model.safetensors").is_file()
+    assert train_main(common + ["--max_steps", "3", "--resume_from_checkpoint", "latest"]) == 0
+    state = json.loads((reader_dir / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and len([e for e in state["log_history"] if "loss" in e]) <= 3
+
+    out = tmp_path / "results"
+    argv = ["eval", "--model", saved_tiny_clara, "--data", str(data_file), "--top-k", "1", "2", "--max-new-tokens", "3",
+            "--output-dir", str(out), "--method", "clara", "text_rag_clara", "text_reader", "closed_book",
+            "--text-reader", str(reader_dir)]
+    assert main(argv) == 0
+    runs = sorted(p.name for p in (out / "tiny_dev").glob("*.jsonl"))
+    assert runs == ["clara-normal-k1.jsonl", "clara-normal-k2.jsonl", "closed_book.jsonl",
+                    "text_rag_clara-normal-k1.jsonl", "text_rag_clara-normal-k2.jsonl", "text_reader-normal-k1.jsonl",
+                    "text_reader-normal-k2.jsonl"]
+    config = json.loads((out / "tiny_dev" / "text_reader-normal-k2.config.json").read_text())
+    assert config["text_reader"] == str(reader_dir) and len(config["text_reader_digest"]) == 16
+    differences = (out / "differences.md").read_text()
+    assert "| tiny_dev | clara-normal-k2 | text_reader-normal-k2 | 4 |" in differences
+    assert "| tiny_dev | clara-normal-k2 | text_rag_clara-normal-k2 | 4 |" in differences
+
+
+def test_difference_rows_pair_questions_by_id(tmp_path):
+    from modeling_clara.evaluation import difference_rows
+
+    def write_run(name, f1s):
+        records = [{"id": f"q{i}", "apple_em": 0.0, "apple_f1": f1, "apple_cover_em": 1.0} for i, f1 in f1s]
+        write_jsonl(tmp_path / "set" / f"{name}-normal-k2.jsonl", records)
+
+    (tmp_path / "set").mkdir()
+    write_run("clara", [(0, 1.0), (1, 0.5), (2, 0.0)])
+    write_run("text_reader", [(2, 0.5), (1, 0.5), (3, 1.0)])  # q1, q2 in both
+    [row] = difference_rows(tmp_path)
+    assert row["minus"] == "text_reader-normal-k2" and row["apple_f1"]["n"] == 2
+    assert row["apple_f1"]["difference"] == pytest.approx((0.0 - 50.0) / 2)
+    assert row["apple_cover_em"] == {"difference": 0.0, "low": 0.0, "high": 0.0, "n": 2}

@@ -13,12 +13,15 @@ from ..evaluation import (
     EvalMethod,
     collect_summaries,
     default_output_dir,
+    difference_rows,
+    difference_table,
     evaluate_file,
     expand_data_paths,
     markdown_table,
 )
 from ..loading import is_clara_checkpoint, load_model
-from .options import add_model_option, add_output_dir_option, add_top_k_option, top_k
+from ..text_reader import load_text_reader
+from .options import add_model_option, add_output_dir_option
 
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> None:
@@ -28,8 +31,13 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
     add_model_arguments(parser)
     parser.add_argument("--method", nargs="+", default=["clara"], choices=METHODS)
     parser.add_argument("--setting", nargs="+", default=["normal"], choices=SETTINGS)
-    add_top_k_option(parser)
+    parser.add_argument("-k", "--top-k", type=int, nargs="+", default=None,
+                        help="documents read per question, one run per value; passages are compressed once for all "
+                        "(default: the model's generation_top_k)")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--text-reader", default=None, metavar="DIR",
+                        help="the fine-tuned text reader that --method text_reader evaluates (the output_dir of "
+                        "`python -m modeling_clara.text_reader`)")
     parser.set_defaults(run=run)
 
 
@@ -61,21 +69,27 @@ def load_eval_model(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     files = expand_data_paths(args.data)
     model = load_eval_model(args)
-    k = top_k(args, model)
+    ks = args.top_k or [model.config.generation_top_k]
     output_dir = args.output_dir or default_output_dir(model, args.model)
     compressed = CompressedDocuments(model)
-    methods = [EvalMethod(name, model, compressed) for name in dict.fromkeys(args.method)]
+    reader = load_text_reader(model, args.text_reader) if args.text_reader and "text_reader" in args.method else None
+    methods = [EvalMethod(name, model, compressed, reader, args.text_reader) for name in dict.fromkeys(args.method)]
     summaries, done = [], set()
     for data in files:
-        for method in methods:
-            for setting in dict.fromkeys(args.setting):
-                if (data, method.name, method.setting(setting)) in done:  # closed_book / text_oracle: once
-                    continue
-                done.add((data, method.name, method.setting(setting)))
-                summaries.append(evaluate_file(
-                    model, data, method, setting, k, args.limit, args.batch_size, args.max_new_tokens,
-                    output_dir, model_name=args.model,
-                ))
+        for k in dict.fromkeys(ks):
+            for method in methods:
+                for setting in dict.fromkeys(args.setting):
+                    # closed_book (no k) and text_oracle (one setting) run once however many are asked for
+                    reads_k = method.spec.reads != "nothing"
+                    run_key = (data, method.name, method.setting(setting), k if reads_k else None)
+                    if run_key in done:
+                        continue
+                    done.add(run_key)
+                    summaries.append(evaluate_file(
+                        model, data, method, setting, k, args.limit, args.batch_size, args.max_new_tokens,
+                        output_dir, model_name=args.model,
+                    ))
     (Path(output_dir) / "summary.md").write_text(markdown_table(collect_summaries(output_dir)))
+    (Path(output_dir) / "differences.md").write_text(difference_table(difference_rows(output_dir)))
     print(markdown_table(summaries))
     return 0
