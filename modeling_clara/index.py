@@ -17,7 +17,10 @@ the newest, and `search` does so itself when `refresh_interval` seconds have pas
 
 Search is exact (a streamed matmul over the table's batches) until a vector index exists (`create_vector_index`):
 then LanceDB proposes candidates from IVF_HNSW_SQ (or IVF_PQ) codes, re-ranked on the stored memory
-(`refine_factor`). Either way the returned scores are CLaRa's cosine, computed by the function `model.retrieve` uses.
+(`refine_factor`). With `search_backend="faiss"` a FAISS index built in this process's RAM from the table (once per
+table version) proposes the candidates instead: several times more queries per second where one process serves
+a corpus whose vectors fit its RAM. Either way the returned scores are CLaRa's cosine, computed by the function
+`model.retrieve` uses.
 """
 
 import hashlib
@@ -59,6 +62,14 @@ SEARCH_CHUNK_ROWS = 8192
 # Seconds a loaded index serves one version before `search` looks for a newer one (another process's add or delete).
 DEFAULT_REFRESH_SECONDS = 5.0
 VECTOR_INDEX_KINDS = ("ivf_hnsw_sq", "ivf_pq")
+# Who proposes approximate candidates: LanceDB's vector index in the table, or a FAISS index in this process's RAM.
+SEARCH_BACKENDS = ("lance", "faiss")
+# The FAISS index built from the table: {n_list} is about sqrt(rows) inverted lists, {pq_m} one PQ byte per 32 values
+# (`"IVF{n_list},PQ{pq_m}"` when the float32 vectors of IVF-Flat do not fit in RAM). Any IVF factory string works.
+DEFAULT_FAISS_FACTORY = "IVF{n_list},Flat"
+# Training vectors per FAISS inverted list (FAISS asks for at least 39), and at least what 8-bit PQ codebooks need.
+FAISS_TRAIN_ROWS_PER_LIST = 40
+FAISS_MIN_TRAIN_ROWS = 10_000
 # Approximate search defaults, chosen by benchmarks/bench_index.py (docs/index-sizing.md): partitions probed, and
 # PQ candidates per hit re-ranked on the full stored memory.
 DEFAULT_NPROBES = 20
@@ -177,9 +188,15 @@ class ClaraIndex:
     """
 
     def __init__(self, table, model: ClaraForRAG | None = None, refresh_interval: float | None = None,
-                 exact_cache_bytes: int = DEFAULT_EXACT_CACHE_BYTES):
+                 exact_cache_bytes: int = DEFAULT_EXACT_CACHE_BYTES, search_backend: str = "lance",
+                 faiss_factory: str = DEFAULT_FAISS_FACTORY):
+        if search_backend not in SEARCH_BACKENDS:
+            raise ValueError(f"search_backend={search_backend!r} is not one of {SEARCH_BACKENDS}")
+        if search_backend == "faiss":
+            _import_faiss()
         self.table, self.model, self.refresh_interval = table, model, refresh_interval
         self.exact_cache_bytes, self._cache = exact_cache_bytes, None
+        self.search_backend, self.faiss_factory, self._faiss = search_backend, faiss_factory, None
         self._checked_at = time.monotonic()
         metadata = json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}"))
         if metadata.get("format") != INDEX_FORMAT:
@@ -301,8 +318,9 @@ class ClaraIndex:
                refine_factor: int = DEFAULT_REFINE_FACTOR) -> SearchResult | list[SearchResult]:
         """The top-k documents for each question by the query reasoner's cosine similarity.
 
-        Exact without a vector index; with one, `nprobes` partitions are searched and `k * refine_factor` candidates
-        re-ranked on the stored memory. `k` larger than the documents returns all of them.
+        Exact without a vector index; with one (or with `search_backend="faiss"`), `nprobes` partitions are searched
+        and `k * refine_factor` candidates re-ranked on the stored memory. `k` larger than the documents returns all
+        of them.
         """
         single = isinstance(questions, str)
         check_positive("k", k)
@@ -328,7 +346,9 @@ class ClaraIndex:
         k = min(k, len(self))
         if k == 0:
             raise ValueError("the index holds no documents")
-        if self.has_vector_index():
+        if self.search_backend == "faiss":
+            candidates = self._faiss_candidates(query_reps, k, nprobes, refine_factor)
+        elif self.has_vector_index():
             candidates = self._approximate_candidates(query_reps, k, nprobes, refine_factor)
         else:
             candidates = self._exact_candidates(query_reps, k)
@@ -389,6 +409,43 @@ class ClaraIndex:
             by_query[query].append(row)
         return by_query
 
+    def _faiss_candidates(self, query_reps: torch.Tensor, k: int, nprobes: int, refine_factor: int) -> list[list[int]]:
+        faiss_index = self._faiss_index()
+        _import_faiss().extract_index_ivf(faiss_index).nprobe = nprobes
+        queries = F.normalize(query_reps.float().cpu(), dim=-1).numpy()
+        _, found = faiss_index.search(queries, k * refine_factor)
+        return [[int(row) for row in rows if row >= 0] for rows in found]  # -1: fewer candidates than asked
+
+    def _faiss_index(self):
+        """The FAISS index over this version's memory (normalised, inner product, Lance row ids), built once per version."""
+        if self._faiss is None or self._faiss[0] != self.version:
+            self._faiss = None  # the previous version's index goes before the next one is built
+            self._faiss = (self.version, self._build_faiss_index())
+        return self._faiss[1]
+
+    def _build_faiss_index(self):
+        faiss = _import_faiss()
+        rows, width = len(self), self._memory_width()
+        factory = self.faiss_factory.format(n_list=_default_partitions(rows), pq_m=_default_sub_vectors(width))
+        try:
+            faiss_index = faiss.index_factory(width, factory, faiss.METRIC_INNER_PRODUCT)
+            faiss.extract_index_ivf(faiss_index)
+        except RuntimeError as error:
+            raise ValueError(f"faiss_factory={self.faiss_factory!r} ({factory!r}) is not an IVF index FAISS builds: "
+                             f"{str(error).strip().splitlines()[-1]}") from error
+        n_list = faiss.extract_index_ivf(faiss_index).nlist
+        sample = np.random.default_rng(0).choice(rows, min(rows, max(FAISS_TRAIN_ROWS_PER_LIST * n_list, FAISS_MIN_TRAIN_ROWS)),
+                                                 replace=False)
+        logger.info(f"building FAISS {factory} over {rows} memories of {self.uri} (version {self.version})")
+        training = self.table.take_offsets(np.sort(sample).tolist()).select([MEMORY_COLUMN]).to_arrow()[MEMORY_COLUMN]
+        faiss_index.train(F.normalize(_memory_tensor(training).float(), dim=-1).numpy())
+        del training
+        with logging.tqdm(total=rows, desc="FAISS index", unit="memories", disable=rows < SEARCH_CHUNK_ROWS) as bar:
+            for positions, flat, norms in self._memory_batches():
+                faiss_index.add_with_ids((flat / norms.clamp_min(1e-12).unsqueeze(1)).numpy(), positions.numpy())
+                bar.update(len(positions))
+        return faiss_index
+
     def _rescore(self, query: torch.Tensor, positions: list[int], k: int) -> SearchResult:
         # CLaRa's own cosine (the function `retrieve` uses), so scores and order equal `model.retrieve` on these docs.
         rows = self._take(positions, ["id", "text", MEMORY_COLUMN])
@@ -424,7 +481,7 @@ class ClaraIndex:
             raise ValueError(f"kind={kind!r} is not one of {VECTOR_INDEX_KINDS}")
         rows = len(self)
         width = self._memory_width()
-        num_partitions = num_partitions or max(1, min(round(rows**0.5), rows // 64 or 1))
+        num_partitions = num_partitions or _default_partitions(rows)
         if kind == "ivf_pq":
             num_sub_vectors = num_sub_vectors or _default_sub_vectors(width)
             if width % num_sub_vectors:
@@ -457,7 +514,8 @@ class ClaraIndex:
     @classmethod
     def load(cls, path: str | os.PathLike, model: ClaraForRAG | None = None,
              refresh_interval: float | None = DEFAULT_REFRESH_SECONDS, storage_options: dict | None = None,
-             exact_cache_bytes: int = DEFAULT_EXACT_CACHE_BYTES) -> "ClaraIndex":
+             exact_cache_bytes: int = DEFAULT_EXACT_CACHE_BYTES, search_backend: str = "lance",
+             faiss_factory: str = DEFAULT_FAISS_FACTORY) -> "ClaraIndex":
         """Open the index at the URI `path`. With `model`, check that it compresses as the index's builder did.
 
         Args:
@@ -465,12 +523,17 @@ class ClaraIndex:
                 process; `None` reads the version opened until `refresh()`.
             exact_cache_bytes: Exact search keeps the memory column in RAM (float32, read once per version) when it
                 is at most this large, and streams it from the table on every search otherwise.
+            search_backend: `"lance"`: exact search, or LanceDB's vector index once there is one. `"faiss"` (the
+                `faiss` extra): a FAISS index of `faiss_factory` built in this process's RAM from the table on the
+                first search of each table version, proposing `k * refine_factor` candidates from `nprobes` lists;
+                for one process serving a corpus whose vectors fit its RAM (IVF-Flat: 4 bytes per memory value;
+                `"IVF{n_list},PQ{pq_m}"`: one byte per 32), see docs/index-sizing.md.
         """
         _check_not_legacy(path)
         if not index_exists(path, storage_options):
             raise FileNotFoundError(f"{path} is not a CLaRa index (no {TABLE_NAME} table)")
         index = cls(connect(path, storage_options).open_table(TABLE_NAME), refresh_interval=refresh_interval,
-                    exact_cache_bytes=exact_cache_bytes)
+                    exact_cache_bytes=exact_cache_bytes, search_backend=search_backend, faiss_factory=faiss_factory)
         if model is not None:
             index.attach_model(model)
         return index
@@ -558,6 +621,20 @@ def _column(table, name: str) -> list:
 
 def _sql_strings(values: list[str]) -> str:
     return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
+
+
+def _default_partitions(rows: int) -> int:
+    """About sqrt(rows) inverted lists, each with at least 64 rows to train its centroid on."""
+    return max(1, min(round(rows**0.5), rows // 64 or 1))
+
+
+def _import_faiss():
+    try:
+        import faiss
+    except ImportError as error:
+        raise ImportError("search_backend='faiss' needs FAISS: pip install 'clara-hf[faiss]' (faiss-cpu), "
+                          "or faiss-gpu") from error
+    return faiss
 
 
 def _default_sub_vectors(width: int) -> int:

@@ -275,6 +275,39 @@ def test_vector_index_candidates_are_rescored_exactly(model, kind, tmp_path):
     assert alone.ids == expected.ids and alone.scores == pytest.approx(expected.scores, abs=1e-6)
 
 
+def test_faiss_backend_candidates_are_rescored_exactly(model, corpus, tmp_path, capsys):
+    pytest.importorskip("faiss", reason="the faiss extra")
+    ClaraIndex.build(model, corpus, batch_size=6, output_dir=tmp_path / "idx")
+    exact = ClaraIndex.load(tmp_path / "idx", model=model)
+    index = ClaraIndex.load(tmp_path / "idx", model=model, search_backend="faiss", faiss_factory="IVF2,Flat")
+    questions = ["Who directed it?", "What year?"]
+    # Both lists probed, so FAISS's own top 5 (inner products of normalised memory) are the exact top 5; re-scored,
+    # they carry CLaRa's exact scores.
+    for fast, slow in zip(index.search(questions, k=5, nprobes=2, refine_factor=1), exact.search(questions, k=5)):
+        assert fast.ids == slow.ids
+        assert fast.scores == pytest.approx(slow.scores, abs=1e-6)
+    # A new table version (another writer's add) is searched after the refresh, by an index built for it.
+    exact.add(datasets.Dataset.from_dict({"id": ["late"], "text": ["Who directed it? A late document."]}))
+    index.refresh()
+    assert index.search(questions[0], k=13, nprobes=2, refine_factor=1).ids == exact.search(questions[0], k=13).ids
+    with pytest.raises(ValueError, match="IVF"):
+        ClaraIndex.load(tmp_path / "idx", model=model, search_backend="faiss", faiss_factory="Flat").search("q", k=2)
+    assert clara_main(["index", "search", str(tmp_path / "idx"), "Who directed it?", "-k", "3", "--backend", "faiss"]) == 0
+    printed = [line.split("]")[0].split("[")[1] for line in capsys.readouterr().out.strip().splitlines()]
+    assert printed == exact.search("Who directed it?", k=3).ids
+
+
+def test_a_missing_faiss_names_the_extra(model, corpus, tmp_path, monkeypatch):
+    ClaraIndex.build(model, corpus, output_dir=tmp_path / "idx")
+    with pytest.raises(ValueError, match="search_backend"):
+        ClaraIndex.load(tmp_path / "idx", search_backend="annoy")
+    monkeypatch.setitem(sys.modules, "faiss", None)  # what `import faiss` meets where faiss-cpu is not installed
+    with pytest.raises(ImportError, match=r"clara-hf\[faiss\]"):
+        ClaraIndex.load(tmp_path / "idx", search_backend="faiss")
+    with pytest.raises(SystemExit, match=r"clara-hf\[faiss\]"):
+        clara_main(["index", "search", str(tmp_path / "idx"), "Who?", "--backend", "faiss"])
+
+
 def test_bad_arguments_are_named(model, corpus, tiny_llama_dir, tmp_path):
     index = ClaraIndex.build(model, corpus)
     with pytest.raises(ValueError, match="k"):

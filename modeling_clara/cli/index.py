@@ -10,6 +10,7 @@ from ..index import (
     DEFAULT_COMMIT_ROWS,
     DEFAULT_NPROBES,
     DEFAULT_REFINE_FACTOR,
+    SEARCH_BACKENDS,
     VECTOR_INDEX_KINDS,
     ClaraIndex,
     convert_legacy_index,
@@ -45,6 +46,9 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
     add_model_option(search, required=False, default=RECORDED_MODEL)
     add_top_k_option(search, verb="returned")
     add_search_options(search)
+    search.add_argument("--backend", choices=SEARCH_BACKENDS, default="lance",
+                        help="who proposes candidates: exact search or the table's vector index (lance), or a FAISS "
+                        "index built in RAM from the table first (faiss, the faiss extra; docs/index-sizing.md)")
     search.set_defaults(run=run_search)
 
     add = commands.add_parser("add", help="compress and add documents to an index (one commit)")
@@ -88,11 +92,11 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
                         help="candidates per hit re-ranked on the full memory (vector index only)")
 
 
-def open_index(path: str, model_name: str | None, device: str | None = None) -> ClaraIndex:
+def open_index(path: str, model_name: str | None, device: str | None = None, search_backend: str = "lance") -> ClaraIndex:
     """The index at `path` with its model attached: `model_name`, else the one the index records."""
     try:
-        index = ClaraIndex.load(path)
-    except (FileNotFoundError, ValueError) as error:
+        index = ClaraIndex.load(path, search_backend=search_backend)
+    except (FileNotFoundError, ValueError, ImportError) as error:
         raise SystemExit(f"clara: {error}") from error
     name = model_name or index.model_name
     if not name:
@@ -124,7 +128,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_search(args: argparse.Namespace) -> int:
-    index = open_index(args.index, args.model, args.device)
+    index = open_index(args.index, args.model, args.device, args.backend)
     result = index.search(args.question, k=top_k(args, index.model), nprobes=args.nprobes, refine_factor=args.refine_factor)
     print_hits(result.ids, result.scores, result.texts)
     return 0
