@@ -13,6 +13,7 @@ compressor or the corpus changes.
 import argparse
 from pathlib import Path
 
+from modeling_clara.cli import show_package_logs
 from modeling_clara.corpus import SHIPPED_CORPUS
 from modeling_clara.index import open_or_build_index
 from modeling_clara.loading import load_model
@@ -40,6 +41,7 @@ def main() -> None:
                         help="passages read per question (default: the model's generation_top_k)")
     parser.add_argument("--cache-dir", default="~/.cache/clara", help="where the built index is kept")
     args = parser.parse_args()
+    show_package_logs()  # what the first run builds and where it keeps it, as the `clara` commands report it
 
     model = load_model(args.model)
     index_dir = Path(args.cache_dir).expanduser() / f"{Path(args.corpus).stem}-index"

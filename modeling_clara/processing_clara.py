@@ -138,6 +138,9 @@ class ClaraProcessor:
         self.enc_token_id = tokenizer.convert_tokens_to_ids("<ENC>")
         self.sep_token_id = tokenizer.convert_tokens_to_ids("<SEP>")
         self.ae_token_id = tokenizer.convert_tokens_to_ids("<AE>")
+        # Every layout is built as token ids (memory slots, Apple's prompts) and padded after, so transformers 4's
+        # advice to encode and pad in one `__call__` cannot apply; recorded as given, it is not printed.
+        tokenizer.deprecation_warnings["Asking-to-pad-a-fast-tokenizer"] = True
         if tokenizer.bos_token is None or tokenizer.eos_token is None:
             raise ValueError(
                 f"CLaRa's encoder layout needs bos and eos tokens; the tokenizer has bos={tokenizer.bos_token!r}, "

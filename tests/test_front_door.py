@@ -1,5 +1,6 @@
 """The front door: a short README, a model card the Hub can read, a documentation site that builds strictly."""
 
+import logging
 import re
 import shutil
 import subprocess
@@ -9,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import make_tiny_clara
+from modeling_clara.backbone import without_log_notice
 from modeling_clara.checkpoints import SHIPPED_MODEL_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,3 +64,48 @@ def test_documentation_site_builds_strictly(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "site" / "api" / "index.html").exists()
+
+
+# Quiet output: transformers' notices about choices CLaRa makes on purpose do not reach the user; nothing else is hidden.
+
+
+class RecordedLogs(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def transformers_logs():
+    """The messages transformers logs while a test runs (its loggers do not propagate to pytest's caplog)."""
+    handler = RecordedLogs()
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(handler)
+    yield handler.messages
+    transformers_logger.removeHandler(handler)
+
+
+def test_a_dropped_notice_is_that_message_of_that_logger_inside_the_block_only(transformers_logs):
+    logger = logging.getLogger("transformers.tokenization_utils_base")
+    with without_log_notice("transformers.tokenization_utils_base", "You are using the default legacy"):
+        logger.warning("You are using the default legacy behaviour of the tokenizer")
+        logger.warning("Asking to truncate to max_length but no maximum length is provided")
+        logging.getLogger("transformers.modeling_utils").warning("You are using the default legacy elsewhere")
+    logger.warning("You are using the default legacy behaviour again")
+    assert transformers_logs == [
+        "Asking to truncate to max_length but no maximum length is provided",
+        "You are using the default legacy elsewhere",
+        "You are using the default legacy behaviour again",
+    ]
+
+
+def test_the_processor_pads_without_the_fast_tokenizer_advice(tiny_llama_dir, transformers_logs):
+    """The processor lays out token ids itself, then pads: transformers 4's advice to call the tokenizer once
+    instead is not printed (each fresh tokenizer would print it once)."""
+    model = make_tiny_clara(tiny_llama_dir)
+    model.processor.encode_documents(["The Seine flows through Paris.", "Rome is in Italy."])
+    model.generate_from_text(["Which river flows through Paris?"], [["The Seine flows through Paris."]], max_new_tokens=2)
+    assert not [message for message in transformers_logs if "__call__" in message], transformers_logs
