@@ -17,15 +17,17 @@ The merged copy costs as much memory as the backbone's linears and output head.
 
 It runs on CPU and gives the tokens `generate(do_sample=False)` gives (greedy, `max_new_tokens`, `min_new_tokens`,
 stop at the end of sequence, padding after it); any other generation option returns `None` and the caller falls back
-to `generate`. The merged weights are rebuilt when any weight of the backbone changes (training, `load_state_dict`,
-`.to()`).
+to `generate`. A `should_stop` callable, asked once per generated token, ends the loop early (a server stops work no
+client waits for any more); [`ShouldStop`] asks it on `generate`'s path, at the same point. The merged weights are
+rebuilt when any weight of the backbone changes (training, `load_state_dict`, `.to()`).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, GenerationConfig, PreTrainedModel
+from transformers import DynamicCache, GenerationConfig, PreTrainedModel, StoppingCriteria
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 # Generation options the loop implements; any other option (sampling, beams, penalties, stop strings...) goes
@@ -50,6 +52,17 @@ def unsupported_reason(backbone: PreTrainedModel) -> str | None:
     if config.hidden_act != "silu":
         return f"hidden_act {config.hidden_act!r}"
     return None
+
+
+class ShouldStop(StoppingCriteria):
+    """`generate` ends after the token it has just produced once `should_stop()` is true: the fast loop's check, on
+    `generate`'s path (every row stops, as the loop stops)."""
+
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), bool(self.should_stop()), dtype=torch.bool, device=input_ids.device)
 
 
 @dataclass
@@ -197,6 +210,7 @@ class ClaraFastDecoder:
     def generate(
         self, backbone: PreTrainedModel, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
         settings: GreedySettings, past_key_values: DynamicCache | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> torch.LongTensor:
         """The new tokens `(batch, n_new)` that `backbone.generate(inputs_embeds=..., attention_mask=...,
         past_key_values=..., do_sample=False)` returns for these settings.
@@ -206,6 +220,8 @@ class ClaraFastDecoder:
             inputs_embeds, attention_mask (`(batch, seq, hidden)`, `(batch, seq)`): the left-padded prompts; with a
                 cached prompt start, its `past` slots are the start and only the rest is run.
             past_key_values (`DynamicCache`, *optional*): The cache of the prompt start every row shares; extended.
+            should_stop (`Callable[[], bool]`, *optional*): Asked after each new token; once true, the tokens so far
+                are returned.
         """
         batch, device = inputs_embeds.shape[0], inputs_embeds.device
         past = 0 if past_key_values is None else past_key_values.get_seq_length()
@@ -243,6 +259,8 @@ class ClaraFastDecoder:
                 unfinished &= ~torch.isin(token, eos)
                 if not bool(unfinished.any()):
                     break
+            if should_stop is not None and should_stop():
+                break
         return torch.stack(tokens, dim=1)
 
     def _allocate_cache(
@@ -288,10 +306,12 @@ class ClaraFastGenerator:
 
     def generate(
         self, backbone: PreTrainedModel, adapter_name: str | None, inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor, past_key_values: DynamicCache | None = None, **generate_kwargs,
+        attention_mask: torch.Tensor, past_key_values: DynamicCache | None = None,
+        should_stop: Callable[[], bool] | None = None, **generate_kwargs,
     ) -> torch.LongTensor | None:
-        """The new tokens `backbone.generate` would return for these inputs and options, or `None` when this loop
-        does not implement the options (the caller then runs `generate`)."""
+        """The new tokens `backbone.generate` would return for these inputs and options (with `should_stop`: with
+        `stopping_criteria=[ShouldStop(should_stop)]`), or `None` when this loop does not implement the options (the
+        caller then runs `generate`)."""
         settings = greedy_settings(backbone.generation_config, generate_kwargs)
         # Measured on CPU only; on an accelerator a merged copy of a large backbone would also double its memory.
         if settings is None or backbone.training or inputs_embeds.device.type != "cpu":
@@ -302,9 +322,10 @@ class ClaraFastGenerator:
         decoder = self.decoder_for(backbone, adapter_name)
         if decoder is None:
             return None
-        return decoder.generate(backbone, inputs_embeds, attention_mask, settings, past_key_values)
+        return decoder.generate(backbone, inputs_embeds, attention_mask, settings, past_key_values, should_stop)
 
 
 __all__ = [
-    "ClaraFastDecoder", "ClaraFastGenerator", "GreedySettings", "greedy_settings", "merged_weight", "unsupported_reason",
+    "ClaraFastDecoder", "ClaraFastGenerator", "GreedySettings", "ShouldStop", "greedy_settings", "merged_weight",
+    "unsupported_reason",
 ]

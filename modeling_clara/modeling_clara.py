@@ -18,11 +18,12 @@ imports this file.
 """
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteriaList
 from transformers.utils import ModelOutput, logging
 
 # Every sibling file any of these imports is imported here too: loading a local folder with `trust_remote_code`,
@@ -40,7 +41,7 @@ from .configuration_clara import (
     ClaraConfig,
     ClaraLossConfig,
 )
-from .decoding_clara import ClaraFastGenerator
+from .decoding_clara import ClaraFastGenerator, ShouldStop
 from .generation import configure_greedy_generation, generate_completions
 from .processing_clara import (
     ClaraProcessor,
@@ -442,6 +443,7 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         return_dict: bool = False,
         max_new_tokens: int | None = None,
         index=None,
+        should_stop: Callable[[], bool] | None = None,
         **generate_kwargs,
     ) -> str | list[str] | dict | list[dict]:
         """Answer questions from compressed documents, given (read as [`select_documents`] chooses) or retrieved from
@@ -456,6 +458,8 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
             max_new_tokens (`int`, *optional*): Defaults to `config.max_new_tokens`.
             index (`ClaraIndex`, *optional*): Retrieve the top-k documents of each question from this index
                 instead of passing `doc_embeds`.
+            should_stop (`Callable[[], bool]`, *optional*): Asked after every generated token; once it returns
+                True, generation ends there and the answers so far are returned (a caller that left).
             generate_kwargs: Passed to `generate` (greedy by default).
         Returns:
             The answer (`str`), or a list for a list of questions; dicts with `return_dict=True`.
@@ -475,7 +479,9 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         else:
             memories, indices, scores = self.select_documents(questions, doc_embeds, k)
             questions = [questions] if single else list(questions)
-        answers = self._generate_from_embeds(questions, memories, max_new_tokens=max_new_tokens, **generate_kwargs)
+        answers = self._generate_from_embeds(
+            questions, memories, max_new_tokens=max_new_tokens, should_stop=should_stop, **generate_kwargs
+        )
         answers = [text.strip() for text in answers]
         if return_dict:
             answers = [{"answer": a, "doc_indices": i, "scores": s} for a, i, s in zip(answers, indices, scores)]
@@ -484,7 +490,8 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
     @torch.no_grad()
     def generate_from_memory(
         self, questions: list[str], memories: list[torch.Tensor], max_new_tokens: int | None = None,
-        prompt_start: ClaraPromptStart | None = None, **generate_kwargs,
+        prompt_start: ClaraPromptStart | None = None, should_stop: Callable[[], bool] | None = None,
+        **generate_kwargs,
     ) -> list[str]:
         """Answer each question from the documents in its memory, read in the given order (no retrieval).
 
@@ -494,12 +501,15 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
             max_new_tokens (`int`, *optional*): Defaults to `config.max_new_tokens`.
             prompt_start ([`ClaraPromptStart`], *optional*): From [`cache_prompt_start`]: the prompt start every
                 answer shares is run once, not once per question (a batch's prefill then runs only the rest).
+            should_stop (`Callable[[], bool]`, *optional*): Asked after every generated token; once it returns
+                True, every answer ends there (a server stops a batch no client waits for any more).
             generate_kwargs: Passed to `generate` (greedy by default).
         Returns the answers, stripped; raises [`PromptTooLongError`] naming the prompts longer than the generator takes.
         """
         questions, memories = self._check_questions_and_embeds(questions, memories)
         texts = self._generate_from_embeds(
-            questions, memories, max_new_tokens=max_new_tokens, prompt_start=prompt_start, **generate_kwargs
+            questions, memories, max_new_tokens=max_new_tokens, prompt_start=prompt_start, should_stop=should_stop,
+            **generate_kwargs,
         )
         return [text.strip() for text in texts]
 
@@ -555,10 +565,12 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
     def _generate_from_embeds(
         self, questions: list[str], memories: list[torch.Tensor], task: str = "answer",
         max_new_tokens: int | None = None, paraphrase_instructions: list[int | None] | None = None,
-        prompt_start: ClaraPromptStart | None = None, **generate_kwargs,
+        prompt_start: ClaraPromptStart | None = None, should_stop: Callable[[], bool] | None = None,
+        **generate_kwargs,
     ) -> list[str]:
         """Generate from prompts whose document slots hold `memories[i]` (`(n_docs_i, n_mem, hidden)`); the decoded
-        text, unstripped as Apple's methods return it."""
+        text, unstripped as Apple's methods return it. `should_stop` is asked after each token, by the fast loop or
+        as a stopping criterion of `generate`."""
         inputs = self._generator_inputs(questions, memories, task, paraphrase_instructions, prompt_start)
         generate_kwargs = {"do_sample": False, **generate_kwargs}
         generate_kwargs["max_new_tokens"] = max_new_tokens or self.config.max_new_tokens
@@ -567,8 +579,13 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         with self.adapter(DECODER_ADAPTER):
             output_ids = None
             if self.fast_decoding:  # None where the fast loop does not implement the options: `generate` runs them
-                output_ids = self._fast_generator.generate(self.decoder, DECODER_ADAPTER, **inputs, **generate_kwargs)
+                output_ids = self._fast_generator.generate(
+                    self.decoder, DECODER_ADAPTER, **inputs, should_stop=should_stop, **generate_kwargs
+                )
             if output_ids is None:
+                if should_stop is not None:
+                    stopping = list(generate_kwargs.pop("stopping_criteria", None) or [])
+                    generate_kwargs["stopping_criteria"] = StoppingCriteriaList([*stopping, ShouldStop(should_stop)])
                 output_ids = self.decoder.generate(**inputs, **generate_kwargs)
         return self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
 

@@ -93,6 +93,46 @@ def test_answer_uses_the_fast_loop_and_falls_back_for_what_it_does_not_do(tiny_c
     assert DECODER_ADAPTER in fast._decoders
 
 
+class StopAfter:
+    """`should_stop` that turns true at its `n`-th call, counting its calls."""
+
+    def __init__(self, n: int):
+        self.n, self.calls = n, 0
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        return self.calls >= self.n
+
+
+def test_should_stop_ends_the_fast_loop_with_the_unstopped_tokens_so_far(tiny_model):
+    inputs = tiny_model.generator_inputs(QUESTIONS, memories_for(tiny_model))
+    with torch.no_grad(), tiny_model.adapter(DECODER_ADAPTER):
+        full = ClaraFastGenerator().generate(tiny_model.decoder, DECODER_ADAPTER, **inputs, max_new_tokens=12,
+                                             min_new_tokens=12)
+        should_stop = StopAfter(5)
+        stopped = ClaraFastGenerator().generate(tiny_model.decoder, DECODER_ADAPTER, **inputs, max_new_tokens=12,
+                                                min_new_tokens=12, should_stop=should_stop)
+    assert should_stop.calls == 5, "asked once per generated token"
+    torch.testing.assert_close(stopped, full[:, :5], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fast_decoding", [True, False], ids=["fast-loop", "generate"])
+def test_generate_from_memory_stops_when_asked_on_both_paths(tiny_clara, fast_decoding):
+    tiny_clara.eval().fast_decoding = fast_decoding
+    memories = memories_for(tiny_clara)
+    inputs = tiny_clara.generator_inputs(QUESTIONS, memories)
+    with torch.no_grad(), tiny_clara.adapter(DECODER_ADAPTER):
+        full = tiny_clara.decoder.generate(**inputs, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    assert full.shape[1] == 12
+    should_stop = StopAfter(4)
+    stopped = tiny_clara.generate_from_memory(QUESTIONS, memories, max_new_tokens=12, min_new_tokens=12,
+                                              should_stop=should_stop)
+    assert should_stop.calls == 4
+    expected = tiny_clara.tokenizer.batch_decode(full[:, :4], skip_special_tokens=True)
+    assert stopped == [text.strip() for text in expected]
+    assert (DECODER_ADAPTER in tiny_clara._fast_generator._decoders) == fast_decoding
+
+
 @pytest.mark.parametrize(
     "options",
     [{"do_sample": True}, {"num_beams": 2}, {"repetition_penalty": 1.3}, {"stop_strings": ["."]},

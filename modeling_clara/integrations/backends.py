@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import requests
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import TextIteratorStreamer
 
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -116,16 +116,6 @@ class CountingStreamer(TextIteratorStreamer):
             self.print_len = len(text)
 
 
-class Cancelled(StoppingCriteria):
-    """Stops generation at the next token once `event` is set (the caller left)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
 def finish_reason(streamer: CountingStreamer, max_new_tokens: int, stopped: bool) -> str:
     """"length" when the answer ran into `max_new_tokens` (its last token is not an end token), else "stop"."""
     ended = streamer.last_token in streamer.tokenizer.all_special_ids
@@ -162,8 +152,9 @@ class LocalClara:
         max_new_tokens = options.max_new_tokens or model.config.max_new_tokens
         streamer = CountingStreamer(model.tokenizer, timeout=DEFAULT_TIMEOUT_S)
         cancel = cancel or threading.Event()
+        # A consumer that stops reading sets `cancel`: generation ends at its next token.
         kwargs = dict(k=k, return_dict=True, max_new_tokens=max_new_tokens, streamer=streamer,
-                      stopping_criteria=StoppingCriteriaList([Cancelled(cancel)]), **options.generate_kwargs(model.tokenizer))
+                      should_stop=cancel.is_set, **options.generate_kwargs(model.tokenizer))
         if documents is None:
             kwargs["index"] = self.index
         else:
