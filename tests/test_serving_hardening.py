@@ -11,10 +11,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi", reason='the serve extra: pip install "clara-hf[serve]"')
 requests = pytest.importorskip("requests")
 
+from conftest import make_tiny_clara  # noqa: E402
 from test_serving import (  # noqa: E402
     CORPUS,
     QUESTIONS,
@@ -26,7 +28,7 @@ from test_serving import (  # noqa: E402
 )
 
 from modeling_clara.checkpoints import SHIPPED_CORPUS_FILE  # noqa: E402
-from modeling_clara.serving.batching import DynamicBatcher  # noqa: E402
+from modeling_clara.serving.batching import DynamicBatcher, RequestTimeoutError  # noqa: E402
 
 API_KEY = "test-key-8f3a"
 SOCKET_TIMEOUT_S = 15  # how long a raw-socket read may wait: a bound, far above every timeout the servers use
@@ -97,6 +99,116 @@ def test_requests_of_clients_that_left_cost_no_model_time(server, server_log):
     answered = requests.post(f"{server}/v1/answer", json=json.loads(body), timeout=60)
     assert answered.status_code == 200, answered.text
     assert "Traceback" not in server_log.read_text()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attacks 1 and 2 during generation: a batch nobody waits for stops generating
+
+LONG_ANSWER = 20_000  # tokens: minutes of generation for a batch of the tiny model, unless it stops
+SHORT_ANSWER = 100  # tokens: a batch that runs to its end, timing a token
+CONNECTION_LIMIT = 8  # above the 4 clients plus a metrics request of the generation tests
+
+
+@pytest.fixture(scope="module")
+def endless_model_dir(tiny_llama_dir, tmp_path_factory):
+    """A tiny CLaRa whose answers run to max_new_tokens: the end-of-sequence row of its (tied) output embeddings is
+    zero, so that token's logit, 0, stays below the largest of the 999 other random logits."""
+    model = make_tiny_clara(tiny_llama_dir)
+    with torch.no_grad():
+        model.decoder.get_output_embeddings().weight[model.decoder.generation_config.eos_token_id] = 0
+    path = tmp_path_factory.mktemp("endless_clara")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def generating_server(endless_model_dir):
+    with running_server("--model", str(endless_model_dir), "--request-timeout", "3", "--max-wait-ms", "300",
+                        "--max-new-tokens", str(LONG_ANSWER), "--limit-concurrency", str(CONNECTION_LIMIT)) as url:
+        yield url
+
+
+def batch_seconds(url: str, operation: str, calls: int, bound_s: float = 300) -> float:
+    """Model seconds of `operation`'s calls once `calls` of them have ended (waiting up to `bound_s`)."""
+    deadline = time.monotonic() + bound_s
+    while metric(url, "clara_batch_size_count", operation=operation) < calls and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert metric(url, "clara_batch_size_count", operation=operation) == calls
+    return metric(url, "clara_batch_duration_seconds_sum", operation=operation)
+
+
+def answer_batch(url: str, n_tokens: int, timeout: float) -> list:
+    body = {"question": QUESTIONS[0], "documents": CORPUS[:2], "max_new_tokens": n_tokens}
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(lambda _: requests.post(f"{url}/v1/answer", json=body, timeout=timeout), range(4)))
+
+
+def chat_batch(url: str, n_tokens: int, timeout: float) -> list:
+    body = {"model": "x", "messages": [{"role": "user", "content": QUESTIONS[0]}], "documents": CORPUS[:2],
+            "max_tokens": n_tokens, "temperature": 0}
+
+    def ask(_):
+        try:
+            return requests.post(f"{url}/v1/chat/completions", json={**body, "model": served_name(url)},
+                                 timeout=timeout)
+        except requests.ReadTimeout as error:  # the client gives up and closes its connection
+            return error
+
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(ask, range(4)))
+
+
+def served_name(url: str) -> str:
+    return requests.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+
+
+def test_an_answer_batch_whose_requests_all_timed_out_stops_generating(generating_server):
+    url = generating_server
+    assert {r.status_code for r in answer_batch(url, SHORT_ANSWER, timeout=120)} == {200}
+    short_seconds = batch_seconds(url, "answer", calls=1)
+    timed_out = answer_batch(url, LONG_ANSWER, timeout=120)  # --request-timeout 3
+    assert {r.status_code for r in timed_out} == {504}, [r.text for r in timed_out]
+    long_seconds = batch_seconds(url, "answer", calls=2) - short_seconds
+    # Running to its end would take at least LONG_ANSWER / SHORT_ANSWER times the short batch's model time.
+    assert long_seconds < 0.2 * short_seconds * LONG_ANSWER / SHORT_ANSWER, (long_seconds, short_seconds)
+    assert metric(url, "clara_batches_stopped_total", operation="answer") == 1
+    assert "stops at its next step" in timed_out[0].json()["error"]["message"]
+    answered = requests.post(f"{url}/v1/answer", json={"question": QUESTIONS[1], "documents": CORPUS[:1],
+                                                       "max_new_tokens": 2}, timeout=60)
+    assert answered.status_code == 200, answered.text
+
+
+def test_a_chat_batch_whose_clients_all_left_stops_generating(generating_server):
+    url = generating_server
+    assert {r.status_code for r in chat_batch(url, SHORT_ANSWER, timeout=120)} == {200}
+    short_seconds = batch_seconds(url, "chat", calls=1)
+    gone = chat_batch(url, LONG_ANSWER, timeout=1.5)  # each client leaves after 1.5 s, before --request-timeout
+    assert all(isinstance(outcome, requests.ReadTimeout) for outcome in gone), gone
+    long_seconds = batch_seconds(url, "chat", calls=2) - short_seconds
+    assert metric(url, "clara_batches_stopped_total", operation="chat") == 1
+    assert long_seconds < 0.2 * short_seconds * LONG_ANSWER / SHORT_ANSWER, (long_seconds, short_seconds)
+    assert metric(url, "clara_requests_total", endpoint="/v1/chat/completions", status="499") == 4
+
+
+def test_the_connection_limit_and_unreadable_headers_answer_in_the_error_shape(generating_server):
+    url, port = generating_server, port_of(generating_server)
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(CONNECTION_LIMIT)]
+    try:
+        time.sleep(0.3)  # accepted by the server
+        busy = requests.get(f"{url}/health", timeout=10)
+    finally:
+        for sock in idle:
+            sock.close()
+    assert busy.status_code == 503 and busy.json()["error"]["type"] == "server_busy", busy.text
+    assert "--limit-concurrency" in busy.json()["error"]["message"] and busy.headers["Retry-After"] == "1"
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        # h11 measures headers still incomplete: past --max-header-bytes (16 KiB) without their end.
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 20_000)
+        response, _ = read_until_closed(sock)
+    assert response.startswith(b"HTTP/1.1 400 "), response[:200]
+    error = json_body(response)["error"]
+    assert error["type"] == "invalid_request" and "--max-header-bytes" in error["message"]
+    assert requests.get(f"{url}/health", timeout=10).status_code == 200
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -307,6 +419,36 @@ def test_a_request_abandoned_before_its_batch_starts_is_skipped_and_counted_as_w
 
     assert asyncio.run(scenario()) == (1, "stays")
     assert ran == [["stays"]]
+
+
+def test_a_stoppable_call_stops_once_none_of_its_requests_is_waited_for():
+    steps, stopped = [], []
+
+    def generate(items, should_stop):  # a decoding loop: 100 steps of 10 ms unless asked to stop
+        for step in range(1, 101):
+            time.sleep(0.01)
+            if should_stop():
+                break
+        steps.append(step)
+        return items
+
+    async def scenario(timeouts):
+        batcher = DynamicBatcher("test", generate, ThreadPoolExecutor(1), max_batch_size=2, max_wait_s=0.05,
+                                 max_queue=10, stoppable=True, on_stopped=stopped.append)
+        batcher.start()
+        outcomes = await asyncio.gather(*(batcher.submit(i, timeout=t) for i, t in enumerate(timeouts)),
+                                        return_exceptions=True)
+        await asyncio.sleep(0.3)  # the call ends
+        await batcher.stop()
+        return outcomes
+
+    every_one_gone = asyncio.run(scenario([0.2, 0.2]))
+    assert all(isinstance(o, RequestTimeoutError) and o.started for o in every_one_gone), every_one_gone
+    assert "stops at its next step" in str(every_one_gone[0])
+    assert steps[-1] < 60 and stopped == ["test"]
+    one_waits = asyncio.run(scenario([0.2, None]))  # the other request is still waited for: the call runs to its end
+    assert isinstance(one_waits[0], RequestTimeoutError) and one_waits[1] == 1
+    assert steps[-1] == 100 and stopped == ["test"]
 
 
 def test_batch_duration_times_the_model_call_without_the_wait_for_the_thread():

@@ -12,7 +12,8 @@ server that runs it.
 Every error is `{"error": {"field", "message", "type"}}`: client mistakes are 4xx naming the field, a request over
 a limit names the option that sets it, a full queue is 503 with `Retry-After`, a request that times out is 504.
 Work per request and per model call is bounded (see `ServeSettings`); a request whose client leaves or times out
-stops costing model time at the next model call (compression runs in chunks of `max_batch_documents`).
+stops costing model time at the next model call (compression runs in chunks of `max_batch_documents`), and a
+generating batch stops at its next token once none of its requests is still waited for.
 """
 
 import asyncio
@@ -124,10 +125,15 @@ class ServingMetrics:
                                  registry=self.registry)
         self.rejected = Counter("clara_requests_rejected_total", "requests refused (queue_full) or dropped (timeout, "
                                 "disconnected: the client left)", ["operation", "reason"], registry=self.registry)
+        self.stopped = Counter("clara_batches_stopped_total", "batched model calls stopped before their end: none of "
+                               "their requests was still waited for", ["operation"], registry=self.registry)
 
     def batch_done(self, operation: str, size: int, seconds: float) -> None:
         self.batch_size.labels(operation).observe(size)
         self.batch_seconds.labels(operation).observe(seconds)
+
+    def batch_stopped(self, operation: str) -> None:
+        self.stopped.labels(operation).inc()
 
     def watch_queue(self, batcher: DynamicBatcher) -> None:
         self.queue_depth.labels(batcher.operation).set_function(lambda: batcher.queue_depth)
@@ -320,15 +326,17 @@ def create_app(engine: ClaraServingEngine, settings: ServeSettings, backend: str
     metrics = ServingMetrics()
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clara-model")  # the model is not thread-safe
 
-    def batcher(name, run, max_batch_cost=None):
+    def batcher(name, run, max_batch_cost=None, stoppable=False):
         return DynamicBatcher(name, run, executor, settings.max_batch_size, settings.max_wait_ms / 1000,
-                              settings.max_queue, max_batch_cost=max_batch_cost, on_batch=metrics.batch_done)
+                              settings.max_queue, max_batch_cost=max_batch_cost, on_batch=metrics.batch_done,
+                              stoppable=stoppable, on_stopped=metrics.batch_stopped)
 
     # A compress call holds at most max_batch_documents documents: compress requests and the documents of answer
-    # requests are compressed in chunks of that many, so answer batches only select, retrieve and generate.
+    # requests are compressed in chunks of that many, so answer batches only select, retrieve and generate; their
+    # generation stops at the next token once none of the batch's requests is waited for.
     batchers = {"compress": batcher("compress", engine.compress_batch, settings.max_batch_documents),
                 "search": batcher("search", engine.search_batch),
-                "answer": batcher("answer", engine.answer_batch)}
+                "answer": batcher("answer", engine.answer_batch, stoppable=True)}
     for each in batchers.values():
         metrics.watch_queue(each)
 
@@ -501,15 +509,33 @@ def _hit_json(hit: Hit) -> dict:
 # The server
 
 
-class HeaderTimeoutH11Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with what it lacks, a header read timeout: a connection must deliver a request's
-    headers within `header_timeout` seconds of opening (or of its previous response), or it gets a 408 and is
-    closed. (uvicorn's keep-alive timeout only starts after a response.)"""
+class ClaraH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with what it lacks, and its own refusals in the API's error shape.
 
-    def __init__(self, *args, header_timeout: float, **kwargs):
+    - A header read timeout: a connection must deliver a request's headers within `header_timeout` seconds of
+      opening (or of its previous response), or it gets a 408 and is closed. (uvicorn's keep-alive timeout only
+      starts after a response.)
+    - The connection limit (uvicorn's `limit_concurrency` rule: a request is refused while `limit_concurrency`
+      connections are open or requests run), answered 503 `server_busy` with Retry-After rather than uvicorn's plain
+      text: the app this protocol runs is wrapped, and uvicorn's own limit is left unset.
+    - A request h11 cannot parse (headers over `--max-header-bytes`, a malformed request line): 400, closed.
+    """
+
+    def __init__(self, *args, header_timeout: float, limit_concurrency: int, **kwargs):
         super().__init__(*args, **kwargs)
-        self.header_timeout = header_timeout
+        self.header_timeout, self.limit = header_timeout, limit_concurrency
         self._header_timer: asyncio.TimerHandle | None = None
+        self.app = functools.partial(self._run_within_limit, self.app)
+
+    async def _run_within_limit(self, app, scope, receive, send):
+        # This request's own task is already counted in `self.tasks` (uvicorn counts it after its check).
+        if len(self.connections) >= self.limit or len(self.tasks) > self.limit:
+            logger.warning("a request was refused: --limit-concurrency reached")
+            refusal = error_response(503, f"the server holds --limit-concurrency ({self.limit}) connections or "
+                                     "requests; retry later", kind="server_busy",
+                                     headers={"Retry-After": "1", "Connection": "close"})
+            return await refusal(scope, receive, send)
+        return await app(scope, receive, send)
 
     def connection_made(self, transport):
         super().connection_made(transport)
@@ -524,6 +550,11 @@ class HeaderTimeoutH11Protocol(H11Protocol):
             self._header_timer.cancel()
         super().connection_lost(exc)
 
+    def send_400_response(self, msg: str) -> None:
+        self._send_and_close(400, b"Bad Request", f"the request could not be read as HTTP/1.1 ({msg.rstrip('.')}): "
+                             "malformed, or its request line and headers are over --max-header-bytes",
+                             "invalid_request")
+
     def _arm_header_timer(self) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
@@ -533,10 +564,14 @@ class HeaderTimeoutH11Protocol(H11Protocol):
         between_requests = self.cycle is None or self.cycle.response_complete
         if self.transport.is_closing() or not between_requests or self.conn.their_state is not h11.IDLE:
             return  # a request is being read (its body has --body-timeout) or answered
-        body = _error_body(f"no complete request headers within {self.header_timeout:g} s (--header-timeout)",
-                           "header_timeout")
+        self._send_and_close(408, b"Request Timeout", f"no complete request headers within {self.header_timeout:g} s "
+                             "(--header-timeout)", "header_timeout")
+
+    def _send_and_close(self, status: int, reason: bytes, message: str, kind: str) -> None:
+        """An error in the API's shape, written before any response of the connection's request, then closed."""
+        body = _error_body(message, kind)
         try:
-            output = self.conn.send(h11.Response(status_code=408, reason=b"Request Timeout", headers=[
+            output = self.conn.send(h11.Response(status_code=status, reason=reason, headers=[
                 ("content-type", "application/json"), ("content-length", str(len(body))), ("connection", "close")]))
             output += self.conn.send(h11.Data(data=body)) + self.conn.send(h11.EndOfMessage())
             self.transport.write(output)
@@ -554,8 +589,9 @@ def serve(app: FastAPI, settings: ServeSettings, host: str, port: int) -> None:
 
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning",
-        http=functools.partial(HeaderTimeoutH11Protocol, header_timeout=settings.header_timeout_s),
-        limit_concurrency=settings.limit_concurrency, timeout_keep_alive=settings.keep_alive_timeout_s,
+        http=functools.partial(ClaraH11Protocol, header_timeout=settings.header_timeout_s,
+                               limit_concurrency=settings.limit_concurrency),
+        timeout_keep_alive=settings.keep_alive_timeout_s,
         h11_max_incomplete_event_size=settings.max_header_bytes, timeout_graceful_shutdown=settings.shutdown_timeout_s,
         # X-Forwarded-For / -Proto are believed only from the proxies named (uvicorn believes 127.0.0.1 by default).
         proxy_headers=settings.forwarded_allow_ips is not None, forwarded_allow_ips=settings.forwarded_allow_ips,

@@ -8,9 +8,12 @@ queue is bounded (`QueueFullError` instead of growing memory). A request whose c
 client that went away) leaves the queue; if its batch is already taken, the model thread skips it when the batch
 starts, and skips the whole call when no request in it is still waited for.
 
-Long work is bounded by its callers: they split it into units of at most `max_batch_cost` and submit one after the
-other, so each call holds the model for one unit's time and a caller that stops waiting costs at most the unit
-that is running.
+Long work is bounded in one of two ways. Callers split it into units of at most `max_batch_cost` and submit one
+after the other, so each call holds the model for one unit's time and a caller that stops waiting costs at most the
+unit that is running (compression). Or the call itself stops early (generation): a `stoppable` batcher hands
+`run_batch` a `should_stop` callable, true once no request of the running call is still waited for, which the call
+asks between its steps; its results are then discarded. While some requests of a call are still waited for, it runs
+to its end for them.
 """
 
 import asyncio
@@ -39,9 +42,14 @@ class RequestTimeoutError(TimeoutError):
     """No result within the caller's timeout. `started`: whether the model had started on the request (its result
     is then discarded when it arrives) or it was still waiting (it left the queue and cost nothing)."""
 
-    def __init__(self, operation: str, timeout: float, started: bool):
-        state = "its model call was running and its result is discarded" if started else \
-            "it was still waiting for the model and left the queue"
+    def __init__(self, operation: str, timeout: float, started: bool, stoppable: bool = False):
+        if not started:
+            state = "it was still waiting for the model and left the queue"
+        elif stoppable:
+            state = ("its model call was running: its result is discarded, and the call stops at its next step once "
+                     "no request in it is still waited for")
+        else:
+            state = "its model call was running and its result is discarded"
         super().__init__(f"no {operation} result within {timeout:.1f} s; {state}")
         self.started = started
 
@@ -56,6 +64,18 @@ class _Entry:
     # Set on the event loop when the caller stops waiting, read by the model thread before it runs the batch.
     abandoned: bool = False
     started: bool = False
+
+
+class _NobodyWaits:
+    """`should_stop` of a running call: true once every request in it has been abandoned; remembers having said so."""
+
+    def __init__(self, entries: list[_Entry]):
+        self.entries, self.said_stop = entries, False
+
+    def __call__(self) -> bool:
+        # Read without the lock: `abandoned` only ever turns True, and a late read stops one step later.
+        self.said_stop = self.said_stop or all(entry.abandoned for entry in self.entries)
+        return self.said_stop
 
 
 class DynamicBatcher:
@@ -77,18 +97,22 @@ class DynamicBatcher:
         max_batch_cost: The summed `cost` of the requests in one call at most (a request costing more runs alone).
         on_batch: Called with `(operation, batch_size, seconds)` after each call, `seconds` timing the model call
             alone (metrics).
+        stoppable: Call `run_batch(items, should_stop=...)`: `should_stop()` turns true once no request of the call
+            is still waited for (each timed out or its client left), and `run_batch` ends early when it does.
+        on_stopped: Called with `(operation,)` after a call that `should_stop` told to stop (metrics).
     """
 
     def __init__(self, operation: str, run_batch: Callable[[list], list], executor: Executor, max_batch_size: int,
                  max_wait_s: float, max_queue: int, max_batch_cost: int | None = None,
-                 on_batch: Callable[[str, int, float], None] | None = None):
+                 on_batch: Callable[[str, int, float], None] | None = None, stoppable: bool = False,
+                 on_stopped: Callable[[str], None] | None = None):
         if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0 or (max_batch_cost is not None and max_batch_cost < 1):
             raise ValueError(f"need max_batch_size >= 1, max_queue >= 1, max_wait_s >= 0, max_batch_cost >= 1; got "
                              f"{max_batch_size}, {max_queue}, {max_wait_s}, {max_batch_cost}")
         self.operation, self.run_batch, self.executor = operation, run_batch, executor
         self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_s, max_queue
         self.max_batch_cost = math.inf if max_batch_cost is None else max_batch_cost
-        self.on_batch = on_batch
+        self.on_batch, self.stoppable, self.on_stopped = on_batch, stoppable, on_stopped
         self._pending: deque[_Entry] = deque()
         self._taken: list[_Entry] = []  # the batch handed to the executor, until the model thread starts it
         self._arrived: asyncio.Event | None = None
@@ -144,7 +168,7 @@ class DynamicBatcher:
         try:
             return await asyncio.wait_for(entry.future, timeout)
         except TimeoutError as error:
-            raise RequestTimeoutError(self.operation, timeout, entry.started) from error
+            raise RequestTimeoutError(self.operation, timeout, entry.started, self.stoppable) from error
         finally:
             # Timed out or cancelled (client gone): no model time is spent on it from here on.
             if not entry.future.done() or entry.future.cancelled():
@@ -240,16 +264,23 @@ class DynamicBatcher:
             return None
         self._running_since = started = time.monotonic()
         try:
-            outcomes = self._run_isolated([entry.item for entry in live])
+            outcomes = self._run_isolated(live)
         finally:
             self._running_since = None
         return live, outcomes, time.monotonic() - started
 
-    def _run_isolated(self, items: list) -> list:
+    def _run_isolated(self, entries: list[_Entry]) -> list:
+        items = [entry.item for entry in entries]
         try:
-            return self.run_batch(items)
+            if not self.stoppable:
+                return self.run_batch(items)
+            should_stop = _NobodyWaits(entries)
+            outcomes = self.run_batch(items, should_stop=should_stop)
+            if should_stop.said_stop and self.on_stopped is not None:
+                self.on_stopped(self.operation)
+            return outcomes
         except Exception as error:
-            if len(items) == 1:
+            if len(entries) == 1:
                 return [error]
             logger.warning(f"{self.operation} batch of {len(items)} failed ({error!r}); running its requests one by one")
-            return [self._run_isolated([item])[0] for item in items]
+            return [self._run_isolated([entry])[0] for entry in entries]

@@ -15,6 +15,7 @@ without the encoder layout's padding by `ClaraForRAG.encode_queries` itself.
 
 import copy
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -68,11 +69,14 @@ class SearchRequest:
 
 
 class Generator(Protocol):
-    """Generates answers from questions and the memory of the documents to read, `(n_docs, n_mem, hidden)` each."""
+    """Generates answers from questions and the memory of the documents to read, `(n_docs, n_mem, hidden)` each.
+    `should_stop`, when the generator can honour it, is asked between decoding steps: once true, generation ends and
+    what it returns is discarded."""
 
     name: str
 
-    def generate(self, questions: list[str], memories: list[torch.Tensor], max_new_tokens: int) -> list[str]: ...
+    def generate(self, questions: list[str], memories: list[torch.Tensor], max_new_tokens: int,
+                 should_stop: Callable[[], bool] | None = None) -> list[str]: ...
 
     def close(self) -> None:
         """Release what the generator started (engine processes)."""
@@ -94,11 +98,12 @@ class TransformersGenerator:
         self.model = model
         self._prompt_start = None
 
-    def generate(self, questions: list[str], memories: list[torch.Tensor], max_new_tokens: int) -> list[str]:
+    def generate(self, questions: list[str], memories: list[torch.Tensor], max_new_tokens: int,
+                 should_stop: Callable[[], bool] | None = None) -> list[str]:
         if self._prompt_start is None:
             self._prompt_start = self.model.cache_prompt_start()
         return self.model.generate_from_memory(questions, memories, max_new_tokens=max_new_tokens,
-                                               prompt_start=self._prompt_start)
+                                               prompt_start=self._prompt_start, should_stop=should_stop)
 
     def close(self) -> None:
         pass  # runs in this process: nothing to release
@@ -152,10 +157,12 @@ class ClaraServingEngine:
 
     # -- answer -------------------------------------------------------------------------------------------------
 
-    def answer_batch(self, requests: list[AnswerRequest]) -> list[AnswerResult | RequestError]:
+    def answer_batch(self, requests: list[AnswerRequest],
+                     should_stop: Callable[[], bool] | None = None) -> list[AnswerResult | RequestError]:
         """Compress the given documents in one call, search the index for the others, then one generate call.
 
-        All requests of a batch share `max_new_tokens` (the batcher groups by it).
+        All requests of a batch share `max_new_tokens` (the batcher groups by it). `should_stop`: asked between
+        decoding steps; once true, generation ends early and the answers are cut short (nobody waits for them).
         """
         results: list = [self.answer_problem(r) for r in requests]
         valid = [i for i, r in enumerate(results) if r is None]
@@ -171,7 +178,7 @@ class ClaraServingEngine:
         from_index = [i for i in valid if requests[i].documents is None]
         for k, positions in _group_by([requests[i] for i in from_index], lambda r: r.k).items():
             chosen.update(self._choose_from_index([from_index[p] for p in positions], requests, k))
-        answers = self._generate(requests, valid, chosen, results)
+        answers = self._generate(requests, valid, chosen, results, should_stop)
         for i, text in answers.items():
             results[i] = AnswerResult(text, chosen[i][1])
         return results
@@ -222,14 +229,16 @@ class ClaraServingEngine:
             for p, result in zip(positions, found)
         }
 
-    def _generate(self, requests, positions: list[int], chosen: dict, results: list) -> dict[int, str]:
+    def _generate(self, requests, positions: list[int], chosen: dict, results: list,
+                  should_stop: Callable[[], bool] | None) -> dict[int, str]:
         """The answers of the requests at `positions`; a request whose prompt the generator refuses gets a
         `RequestError` in `results` instead, and the others are generated without it."""
         while positions:
             try:
                 answers = self.generator.generate([requests[i].question for i in positions],
                                                   [chosen[i][0] for i in positions],
-                                                  max_new_tokens=requests[positions[0]].max_new_tokens)
+                                                  max_new_tokens=requests[positions[0]].max_new_tokens,
+                                                  should_stop=should_stop)
                 return dict(zip(positions, answers))
             except PromptTooLongError as error:
                 for position, n_tokens in error.lengths.items():

@@ -13,7 +13,8 @@ a 400 naming the field, in OpenAI's error shape `{"error": {"message", "type", "
 
 How requests run:
 - Greedy (`temperature` 0), not streamed, without `stop`, `top_p` or `seed`: the `chat` queue, batched (one
-  `generate` call per batch, which also counts each answer's tokens); the answers are /v1/answer's.
+  `generate` call per batch, which also counts each answer's tokens); the answers are /v1/answer's. A batch stops
+  at its next token once none of its requests is still waited for (each timed out or its client left).
 - Streamed or sampled: the `stream` queue, one request per model call on the same model thread (a streamer reads one
   sequence; `generate` samples per call). Its text is sent as it is generated. A client that leaves, or a request
   past `--request-timeout`, stops its generation at the next token.
@@ -35,11 +36,10 @@ import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
-from transformers import StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging
 
-from ..integrations.backends import Cancelled, CountingStreamer, GenerationOptions, VisibleText
+from ..integrations.backends import CountingStreamer, GenerationOptions, VisibleText
 from .batching import DynamicBatcher, QueueFullError, RequestTimeoutError
 from .engine import AnswerRequest, ClaraServingEngine, Hit
 from .settings import ServeSettings
@@ -297,13 +297,14 @@ def openai_router(engine: ClaraServingEngine, settings: ServeSettings, executor,
             prompt_start["cache"] = model.cache_prompt_start()
         return prompt_start["cache"]
 
-    def run_chats(jobs: list[_ChatJob]) -> list[_ChatOutcome]:
-        """On the model thread: greedy answers of a batch in one generate call, each one's tokens counted."""
+    def run_chats(jobs: list[_ChatJob], should_stop) -> list[_ChatOutcome]:
+        """On the model thread: greedy answers of a batch in one generate call, each one's tokens counted; it ends
+        early once `should_stop()` (no request of the batch is waited for)."""
         chosen = [choose(job) for job in jobs]
         counts = _TokenCounts(len(jobs), model.tokenizer.all_special_ids)
         texts = model.generate_from_memory([job.question for job in jobs], [memory for memory, _ in chosen],
                                            max_new_tokens=jobs[0].max_new_tokens, prompt_start=shared_prompt_start(),
-                                           streamer=counts)
+                                           should_stop=should_stop, streamer=counts)
         return [_ChatOutcome(n, ended, text, hits) for n, ended, text, (_, hits) in
                 zip(counts.counts, counts.ended, texts, chosen)]
 
@@ -319,7 +320,7 @@ def openai_router(engine: ClaraServingEngine, settings: ServeSettings, executor,
             torch.manual_seed(job.options.seed)
         model.generate_from_memory(
             [job.question], [memory], max_new_tokens=job.max_new_tokens, prompt_start=shared_prompt_start(),
-            streamer=streamer, stopping_criteria=StoppingCriteriaList([Cancelled(job.cancel)]),
+            streamer=streamer, should_stop=job.cancel.is_set,
             **job.options.generate_kwargs(model.tokenizer),
         )
         ended = streamer.last_token in model.tokenizer.all_special_ids
@@ -331,7 +332,8 @@ def openai_router(engine: ClaraServingEngine, settings: ServeSettings, executor,
     # Greedy whole answers batch like /v1/answer's, in their own queue: the generate call also counts each
     # answer's tokens (usage, finish_reason), which /v1/answer does not report.
     chat_batcher = DynamicBatcher("chat", run_chats, executor, settings.max_batch_size, settings.max_wait_ms / 1000,
-                                  settings.max_queue, on_batch=metrics.batch_done)
+                                  settings.max_queue, on_batch=metrics.batch_done, stoppable=True,
+                                  on_stopped=metrics.batch_stopped)
     batchers.update(stream=stream_batcher, chat=chat_batcher)
     for each in (stream_batcher, chat_batcher):
         metrics.watch_queue(each)

@@ -15,6 +15,7 @@ Llama-family models (vLLM issue #51122). Any of vLLM's engine options pass throu
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -64,7 +65,10 @@ class VllmGenerator:
         self.llm = vllm.LLM(model=str(generator_dir), enable_prompt_embeds=True, **options)
         self._sampling = vllm.SamplingParams
 
-    def generate(self, questions: list[str], memories: list[torch.Tensor], max_new_tokens: int) -> list[str]:
+    def generate(self, questions: list[str], memories: list[torch.Tensor], max_new_tokens: int,
+                 should_stop: Callable[[], bool] | None = None) -> list[str]:
+        """The batch's answers from one `LLM.generate` call, which runs to its end: `should_stop` is not asked (the
+        call cannot be interrupted from this thread; vLLM generates a batch in a fraction of the CPU path's time)."""
         prompts = [{"prompt_embeds": embeds} for embeds in prompt_embeddings(self.model, questions, memories)]
         # Greedy, stopping where transformers' generate stops; decoded with CLaRa's tokenizer as `answer` decodes.
         params = self._sampling(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=_eos_ids(self.model),
