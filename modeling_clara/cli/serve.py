@@ -64,7 +64,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
     connections.add_argument("--limit-concurrency", type=int, default=ServeSettings.limit_concurrency,
                              help="open connections (or requests in flight) at most; requests past it get 503")
     connections.add_argument("--max-header-bytes", type=int, default=ServeSettings.max_header_bytes,
-                             help="request line and headers larger than this get 400")
+                             help="a request line and headers still incomplete past this many bytes get 400 (a complete head "
+                                  "that arrives in one read is parsed whatever its size)")
     connections.add_argument("--shutdown-timeout", type=float, default=ServeSettings.shutdown_timeout_s,
                              help="on SIGTERM / SIGINT: seconds to finish requests in flight before cancelling them")
     connections.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
