@@ -107,5 +107,6 @@ def test_the_processor_pads_without_the_fast_tokenizer_advice(tiny_llama_dir, tr
     instead is not printed (each fresh tokenizer would print it once)."""
     model = make_tiny_clara(tiny_llama_dir)
     model.processor.encode_documents(["The Seine flows through Paris.", "Rome is in Italy."])
-    model.generate_from_text(["Which river flows through Paris?"], [["The Seine flows through Paris."]], max_new_tokens=2)
+    question, documents = "Which river flows through Paris?", ["The Seine flows through Paris."]
+    model.generate_from_text([question], [documents], max_new_tokens=2)
     assert not [message for message in transformers_logs if "__call__" in message], transformers_logs
