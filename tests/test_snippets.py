@@ -150,6 +150,7 @@ def run_shell(snippet: Snippet) -> None:
         argv = shlex.split(command, comments=True)
         where = f"{snippet.page}:{snippet.line} `{' '.join(argv)}`"
         if argv[0] == "clara":
+            assert argv[1:2] != ["serve"], f"{where}: a server keeps running; mark the block"
             with failing_on_warnings(where), package_logs_restored():
                 assert clara_main(argv[1:]) == 0, where
         else:
