@@ -18,7 +18,8 @@ class ClaraAppleMethodsMixin:
     def compress_documents(self, documents: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Apple's `compress_documents`: `(embeddings (n_docs, n_mem, hidden), mse_loss)`."""
         documents = check_texts(documents, "documents")
-        inputs = self._encoder_inputs(documents, "documents")
+        inputs, n_truncated = self._encoder_inputs(documents)
+        self._report_truncation(n_truncated, len(documents), "documents")
         return self._encode_documents(inputs["input_ids"], inputs["attention_mask"])
 
     @torch.no_grad()
@@ -98,7 +99,8 @@ class ClaraAppleMethodsMixin:
 
     def _compress_per_question(self, documents: list[list[str]]) -> list[torch.Tensor]:
         flat = [doc for docs in documents for doc in docs]
-        inputs = self._encoder_inputs(flat, "documents")
+        inputs, n_truncated = self._encoder_inputs(flat)
+        self._report_truncation(n_truncated, len(flat), "documents")
         embeds = self._encode_documents(inputs["input_ids"], inputs["attention_mask"])[0]
         return list(embeds.split([len(docs) for docs in documents]))
 

@@ -54,8 +54,10 @@ def clara_to_apple(model_dir: str, output_dir: str, **overrides) -> ClaraForRAG:
     """Write a CLaRa saved by this package in Apple's format (for Apple's `modeling_clara.py`)."""
     model = ClaraForRAG.from_pretrained(model_dir, **overrides)
     os.makedirs(output_dir, exist_ok=True)
+    # Apple's adapters.pth holds the resized embedding and output layers with each adapter, as peft would choose.
     adapters = {
-        name: {k: v.detach().cpu() for k, v in get_peft_model_state_dict(model.decoder, adapter_name=name).items()}
+        name: {k: v.detach().cpu() for k, v in get_peft_model_state_dict(
+            model.decoder, adapter_name=name, save_embedding_layers=True).items()}
         for name in model.adapter_names
     }
     torch.save(adapters, os.path.join(output_dir, APPLE_ADAPTERS_FILE))

@@ -30,7 +30,7 @@ from transformers.utils import ModelOutput, logging
 # transformers copies only the files this one imports directly.
 from .adapters_clara import ClaraAdapterMixin
 from .apple_methods_clara import ClaraAppleMethodsMixin
-from .backbone import load_backbone, resolve_backbone_path
+from .backbone import load_backbone, resolve_backbone_path, without_log_notice
 from .checkpoint_io_clara import ClaraCheckpointMixin
 from .checkpoints import WEIGHTS_FILE  # noqa: F401  (imported by checkpoint_io_clara.py; see above)
 from .configuration_clara import (
@@ -258,7 +258,10 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         if self.config.base_vocab_size is None:
             self.config.base_vocab_size = self.decoder.get_input_embeddings().weight.shape[0]
         if self.decoder.get_input_embeddings().weight.shape[0] != len(self.tokenizer):
-            self.decoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=mean_resizing)
+            # Mean-initialised rows for CLaRa's new tokens are the choice made above; transformers' notice about it
+            # is nothing a user can act on.
+            with without_log_notice("transformers.modeling_utils", "The new embeddings will be initialized"):
+                self.decoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=mean_resizing)
 
     def get_input_embeddings(self):
         return self.decoder.get_input_embeddings()
@@ -322,14 +325,20 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
             states = self._last_hidden_states(input_ids, attention_mask, skip_padding=True)
         return states[:, -self.n_mem_tokens :].flatten(start_dim=1)
 
-    def _encoder_inputs(self, texts: list[str], what: str) -> dict[str, torch.Tensor]:
+    def _encoder_inputs(self, texts: list[str]) -> tuple[dict[str, torch.Tensor], int]:
+        """Encoder inputs on the model's device, and how many of `texts` were cut to `doc_max_length` tokens."""
         inputs, n_truncated = self.processor.encode_documents(texts)
+        return {name: tensor.to(self.device) for name, tensor in inputs.items()}, n_truncated
+
+    def _report_truncation(self, n_truncated: int, n_texts: int, what: str) -> None:
+        """One summary per call: cutting texts to the length the model compresses is expected, so it is info."""
         if n_truncated:
-            logger.warning(
-                f"{n_truncated} of {len(texts)} {what} are longer than doc_max_length={self.config.doc_max_length} "
-                "tokens and were truncated"
+            length = self.config.doc_max_length
+            logger.info(
+                f"{n_truncated} of {n_texts} {what} are longer than doc_max_length={length} tokens and were cut to "
+                f"their first {length} (the length this model compresses; split longer texts into passages to keep "
+                "all of them)"
             )
-        return {name: tensor.to(self.device) for name, tensor in inputs.items()}
 
     @torch.no_grad()
     def compress(
@@ -339,8 +348,8 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         """Compress documents into memory-token embeddings.
 
         Args:
-            documents (`list[str]`): Texts longer than `config.doc_max_length` tokens are truncated (a warning
-                counts them).
+            documents (`list[str]`): Texts longer than `config.doc_max_length` tokens are truncated (one info
+                log per call counts them).
             batch_size (`int`, *optional*, defaults to 8): Documents per forward pass.
             show_progress_bar (`bool`, *optional*): Default: when there is more than one batch.
             skip_padding (`bool`, *optional*, defaults to `False`): Do not run the columns that are left padding in
@@ -354,22 +363,25 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         batches = [documents[i : i + batch_size] for i in range(0, len(documents), batch_size)]
         if show_progress_bar is None:
             show_progress_bar = len(batches) > 1
-        embeds = []
+        embeds, n_truncated = [], 0
         for batch in logging.tqdm(batches, desc="Compressing", disable=not show_progress_bar):
-            inputs = self._encoder_inputs(batch, "documents")
+            inputs, batch_truncated = self._encoder_inputs(batch)
+            n_truncated += batch_truncated
             if skip_padding:
                 with self.adapter(ENCODER_ADAPTER):
                     states = self._last_hidden_states(inputs["input_ids"], inputs["attention_mask"], skip_padding=True)
                 embeds.append(states[:, -self.n_mem_tokens :])
             else:
                 embeds.append(self._encode_documents(inputs["input_ids"], inputs["attention_mask"])[0])
+        self._report_truncation(n_truncated, len(documents), "documents")
         return torch.cat(embeds)
 
     @torch.no_grad()
     def encode_queries(self, questions: list[str] | str) -> torch.FloatTensor:
         """Query reasoner embeddings, `(n_questions, n_mem_tokens * hidden_size)`."""
         questions = check_texts(questions, "questions")
-        inputs = self._encoder_inputs(questions, "questions")
+        inputs, n_truncated = self._encoder_inputs(questions)
+        self._report_truncation(n_truncated, len(questions), "questions")
         return self._encode_queries(inputs["input_ids"], inputs["attention_mask"])
 
     # ----------------------------------------------------------------------------------------------------------

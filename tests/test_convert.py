@@ -23,8 +23,8 @@ def converted(request, tmp_path_factory):
     name = request.param
     ours = tmp_path_factory.mktemp(f"{name}_hf")
     apple_again = tmp_path_factory.mktemp(f"{name}_apple")
-    assert main(["convert", "apple-to-hf", str(CONFORMANCE_DIR / name), str(ours)]) == 0
-    assert main(["convert", "hf-to-apple", str(ours), str(apple_again)]) == 0
+    assert main(["convert", "apple-to-hf", "--model", str(CONFORMANCE_DIR / name), "--output-dir", str(ours)]) == 0
+    assert main(["convert", "hf-to-apple", "--model", str(ours), "--output-dir", str(apple_again)]) == 0
     return name, ours, apple_again
 
 

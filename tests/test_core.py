@@ -59,15 +59,16 @@ def test_three_adapters_on_one_backbone_warn_nothing(tiny_llama_dir):
     assert not [w for w in caught if "peft_config" in str(w.message)], [str(w.message) for w in caught]
 
 
-def test_truncation_warning_counts_documents(tiny_clara, caplog):
+def test_truncation_summary_counts_documents_once_per_call(tiny_clara, caplog):
     long_doc = "word " * 200
     logging.enable_propagation()
     try:
-        with caplog.at_level(std_logging.WARNING):
-            tiny_clara.compress([long_doc, DOCS[0], long_doc])
+        with caplog.at_level(std_logging.INFO):
+            tiny_clara.compress([long_doc, DOCS[0], long_doc], batch_size=1)
     finally:
         logging.disable_propagation()
     assert "2 of 3 documents are longer than doc_max_length=32" in caplog.text
+    assert caplog.text.count("doc_max_length") == 1  # one summary for the call, not one per batch
 
 
 def test_adapters_give_different_states(tiny_clara):
@@ -138,7 +139,7 @@ def test_questions_encode_without_their_padding_as_with_it(tiny_clara):
     # The query reasoner skips the columns every question pads (the layout pads to doc_max_length + 3); the kept
     # tokens keep their positions, so the states are the padded pass's.
     questions = ["Which river flows through Paris?", "a longer question about the rivers and mountains of France?"]
-    inputs = tiny_clara._encoder_inputs(questions, "questions")
+    inputs, _ = tiny_clara._encoder_inputs(questions)
     assert not inputs["attention_mask"][:, 0].any()  # the layout pads: there is something to skip
     with tiny_clara.adapter("query_reasoner_adapter"):
         padded = tiny_clara._last_hidden_states(inputs["input_ids"], inputs["attention_mask"])
@@ -297,3 +298,17 @@ def test_stage1_qa_prompt_joins_all_pairs_into_one_target(tiny_clara):
     assert SYSTEM_PROMPT_QA in prompt and f"Background:\n{slots}" in prompt
     assert conversation.startswith(prompt)
     assert "Question: q1?\nAnswer: a1\nQuestion: q2?\nAnswer: a2" in conversation[len(prompt):]
+
+
+def test_a_fresh_clara_prints_no_notice_about_its_new_token_rows(tiny_llama_dir):
+    """Mean-initialised rows for CLaRa's tokens are the model's choice; transformers' notice about them is dropped."""
+    logging.warning_once.cache_clear()  # transformers prints each message once per process
+    records = []
+    handler = std_logging.Handler()
+    handler.emit = records.append
+    std_logging.getLogger("transformers").addHandler(handler)
+    try:
+        make_tiny_clara(tiny_llama_dir)
+    finally:
+        std_logging.getLogger("transformers").removeHandler(handler)
+    assert not [r for r in records if "new embeddings" in r.getMessage()], [r.getMessage() for r in records]

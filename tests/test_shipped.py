@@ -5,6 +5,7 @@ wrong passage's memory costs at least 0.10 F1 on bundled questions it never trai
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -157,13 +158,20 @@ def demo_questions() -> list[str]:
     return quickstart.QUESTIONS
 
 
-def run_demo(cache_dir: Path) -> dict[str, tuple[str, str]]:
-    """`make demo`'s job as a real process: {question: (id of the passage retrieved first, answer)}."""
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> subprocess.CompletedProcess:
+    """`make demo`'s job as a real process, once for the tests that read it, as a first run (no index cached)."""
+    cache_dir = tmp_path_factory.mktemp("demo-cache")
     process = subprocess.run([sys.executable, str(QUICKSTART), "--cache-dir", str(cache_dir)], cwd=REPO_DIR,
                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=900)
     assert process.returncode == 0, process.stderr[-3000:]
+    return process
+
+
+def demo_answers(stdout: str) -> dict[str, tuple[str, str]]:
+    """The demo's {question: (id of the passage retrieved first, answer)}, read from its output."""
     shown, question, first = {}, None, None
-    for line in process.stdout.splitlines():
+    for line in stdout.splitlines():
         if line.startswith("Q: "):
             question, first = line[3:], None
         elif line.startswith("  [1] "):
@@ -173,7 +181,7 @@ def run_demo(cache_dir: Path) -> dict[str, tuple[str, str]]:
     return shown
 
 
-def test_demo_answers_its_questions_from_the_retrieved_passage(shipped, tmp_path):
+def test_demo_answers_its_questions_from_the_retrieved_passage(shipped, demo_run):
     """For each question of `make demo` (held-out SCP questions about bundled passages) the gold passage is retrieved
     first and the answer matches the gold answer (F1 >= 0.5); reading another passage's memory instead, it does not:
     the answer comes from the passage's memory, not from the generator's prior."""
@@ -185,7 +193,7 @@ def test_demo_answers_its_questions_from_the_retrieved_passage(shipped, tmp_path
     questions = demo_questions()
     assert questions and all(question in gold for question in questions), questions
 
-    shown = run_demo(tmp_path)
+    shown = demo_answers(demo_run.stdout)
     assert sorted(shown) == sorted(questions), shown
     for question in questions:
         passage, answer = gold[question]
@@ -198,3 +206,17 @@ def test_demo_answers_its_questions_from_the_retrieved_passage(shipped, tmp_path
     for question, from_other in zip(questions, from_others):
         answer = gold[question][1]
         assert score_example(from_other, [answer])["f1"] < 0.5, (question, from_other, answer)
+
+
+# A tqdm progress bar's update ends with its elapsed time and rate in brackets: "[00:12<00:03,  2.01s/it]".
+PROGRESS_BAR_END = re.compile(r"\[\d+:\d\d[^\]]*\]\s*$")
+
+
+def test_demo_prints_no_warning(demo_run):
+    """The demo's stderr holds progress bars and the package's info lines (on a first run, the index it builds and
+    where it keeps it); any other line (a Python warning, a record of transformers or of the package at warning
+    level) fails."""
+    lines = [line for line in demo_run.stderr.splitlines() if line.strip()]  # splitlines splits a bar's "\r" too
+    unexpected = [line for line in lines if not (line.startswith("[clara INFO] ") or PROGRESS_BAR_END.search(line))]
+    assert not unexpected, "\n".join(unexpected)
+    assert any(line.startswith("[clara INFO] first run: building the index") for line in lines), lines
