@@ -88,7 +88,7 @@ def test_instruct_reads_the_first_top_k_documents_in_order(processor, tmp_path):
 def test_e2e_batch_from_the_dev_format(processor):
     # Two rows of a dev file as a format example only (evaluation data is never trained on).
     dataset = load_clara_jsonl(DATA_DIR / "nq_dev.jsonl", "e2e", n_candidates=5, max_samples=2)
-    originals = [json.loads(line) for line in open(DATA_DIR / "nq_dev.jsonl", encoding="utf-8").readlines()[:2]]
+    originals = [json.loads(line) for line in (DATA_DIR / "nq_dev.jsonl").read_text(encoding="utf-8").splitlines()[:2]]
     batch = make_collator("e2e", processor, top_k=2)([dataset[0], dataset[1]])
     assert batch["enc_input_ids"].shape == (10, processor.encoder_length)
     assert batch["query_input_ids"].shape == (2, processor.encoder_length)
