@@ -688,6 +688,8 @@ def open_or_build_index(model: ClaraForRAG, corpus=None, index_dir: str | os.Pat
             else:
                 logger.warning(f"rebuilding {index_dir}: it holds other documents than the corpus given")
                 overwrite = True
+    elif index_dir is not None:
+        logger.info(f"first run: building the index of {len(documents)} documents at {index_dir} (later runs reuse it)")
     return ClaraIndex.build(model, documents, batch_size=batch_size, output_dir=index_dir, overwrite=overwrite)
 
 
