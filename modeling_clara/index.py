@@ -18,8 +18,8 @@ the newest, and `search` does so itself when `refresh_interval` seconds have pas
 Search is exact (a streamed matmul over the table's batches) until a vector index exists (`create_vector_index`):
 then LanceDB proposes candidates from IVF_HNSW_SQ (or IVF_PQ) codes, re-ranked on the stored memory
 (`refine_factor`). With `search_backend="faiss"` a FAISS index built in this process's RAM from the table (once per
-table version) proposes the candidates instead: several times more queries per second where one process serves
-a corpus whose vectors fit its RAM. Either way the returned scores are CLaRa's cosine, computed by the function
+table version) proposes the candidates instead: more queries per second, and built in seconds, where one process
+serves a corpus whose vectors fit its RAM (docs/index-sizing.md). Either way the returned scores are CLaRa's cosine, computed by the function
 `model.retrieve` uses.
 """
 
@@ -65,7 +65,8 @@ VECTOR_INDEX_KINDS = ("ivf_hnsw_sq", "ivf_pq")
 # Who proposes approximate candidates: LanceDB's vector index in the table, or a FAISS index in this process's RAM.
 SEARCH_BACKENDS = ("lance", "faiss")
 # The FAISS index built from the table: {n_list} is about sqrt(rows) inverted lists, {pq_m} one PQ byte per 32 values
-# (`"IVF{n_list},PQ{pq_m}"` when the float32 vectors of IVF-Flat do not fit in RAM). Any IVF factory string works.
+# (`"IVF{n_list},PQ{pq_m}"` when the float32 vectors of IVF-Flat do not fit in RAM; measured coarse at that code size,
+# docs/index-sizing.md). Any IVF factory string works.
 DEFAULT_FAISS_FACTORY = "IVF{n_list},Flat"
 # Training vectors per FAISS inverted list (FAISS asks for at least 39), and at least what 8-bit PQ codebooks need.
 FAISS_TRAIN_ROWS_PER_LIST = 40
