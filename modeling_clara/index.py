@@ -19,8 +19,8 @@ Search is exact (a streamed matmul over the table's batches) until a vector inde
 then LanceDB proposes candidates from IVF_HNSW_SQ (or IVF_PQ) codes, re-ranked on the stored memory
 (`refine_factor`). With `search_backend="faiss"` a FAISS index built in this process's RAM from the table (once per
 table version) proposes the candidates instead: more queries per second, and built in seconds, where one process
-serves a corpus whose vectors fit its RAM (docs/index-sizing.md). Either way the returned scores are CLaRa's cosine, computed by the function
-`model.retrieve` uses.
+serves a corpus whose vectors fit its RAM (docs/index-sizing.md). Either way the returned scores are CLaRa's
+cosine, computed by the function `model.retrieve` uses.
 """
 
 import hashlib
