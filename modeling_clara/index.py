@@ -152,7 +152,7 @@ def memory_batch(schema: pa.Schema, ids: list[str], texts: list[str], embeds: to
 
 def connect(uri: str | os.PathLike, storage_options: dict | None = None):
     """The LanceDB database at `uri` (a folder, `memory://`, or an object-store prefix)."""
-    import lancedb  # the index extra; the model, the server without an index and the CLI's other commands run without it
+    import lancedb  # imported on first use: `import modeling_clara` stays quick for jobs that index nothing
 
     return lancedb.connect(str(uri), storage_options=storage_options)
 

@@ -2,7 +2,7 @@
 
 `clara --help` lists the commands from `COMMANDS` without importing any of them, and `clara <command>` imports that
 command's module alone, so a base install (`pip install clara-hf`, no extras) runs every command whose code does not
-need an extra; a command that does (`eval` needs `evaluate`, `index` needs `lancedb`, ...) stops with the
+need an extra; a command that does (`eval` needs `evaluate`, `serve` needs `fastapi`, ...) stops with the
 `pip install "clara-hf[<extra>]"` to run. Each module defines `add_parser(subparsers, name, help)`, which adds the
 command's parser with `run(args) -> int` as its default `run`.
 
@@ -43,7 +43,7 @@ COMMANDS = {
 EXTRA_OF_MODULE = {
     "gguf": "embedded",
     "evaluate": "eval", "rank_bm25": "eval", "sentence_transformers": "eval", "matplotlib": "eval",
-    "lancedb": "index",
+    "faiss": "faiss",
     "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve",
     "vllm": "vllm",
 }
