@@ -54,9 +54,9 @@ $(STAMP5): setup.py requirements/constraints-transformers5.txt | $(PYTHON5)
 demo-transformers5: install-transformers5
 	$(PYTHON5) examples/quickstart.py
 
-# On the second stack the shipped model's checks that exercise the stack (loading, answers from its memory, gold
-# ranked first); its whole-index and demo runs go through the same calls and run on the first stack.
-STACK_SHIPPED_SKIP = -k "not (answers_what_the_untrained or finds_passages_in_the_bundled_index or demo_answers)"
+# On the second stack every shipped-model check but the untrained model's (it loads a second model and exercises
+# nothing stack-specific): the demo runs there too, so its stderr test sees that stack's warnings.
+STACK_SHIPPED_SKIP = -k "not answers_what_the_untrained"
 
 # Needs the pinned stack installed too (`make install`): the cross-stack tests run it as the other side.
 test-transformers5: install-transformers5

@@ -19,7 +19,7 @@ class ClaraAppleMethodsMixin:
         """Apple's `compress_documents`: `(embeddings (n_docs, n_mem, hidden), mse_loss)`."""
         documents = check_texts(documents, "documents")
         inputs, n_truncated = self._encoder_inputs(documents)
-        self._report_truncation(n_truncated, len(documents), "documents")
+        self.processor.report_truncation(n_truncated, len(documents), "documents")
         return self._encode_documents(inputs["input_ids"], inputs["attention_mask"])
 
     @torch.no_grad()
@@ -100,7 +100,7 @@ class ClaraAppleMethodsMixin:
     def _compress_per_question(self, documents: list[list[str]]) -> list[torch.Tensor]:
         flat = [doc for docs in documents for doc in docs]
         inputs, n_truncated = self._encoder_inputs(flat)
-        self._report_truncation(n_truncated, len(flat), "documents")
+        self.processor.report_truncation(n_truncated, len(flat), "documents")
         embeds = self._encode_documents(inputs["input_ids"], inputs["attention_mask"])[0]
         return list(embeds.split([len(docs) for docs in documents]))
 

@@ -22,12 +22,14 @@ client waits for any more); [`ShouldStop`] asks it on `generate`'s path, at the 
 rebuilt when any weight of the backbone changes (training, `load_state_dict`, `.to()`).
 """
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, GenerationConfig, PreTrainedModel, StoppingCriteria
+from transformers import Cache, DynamicCache, GenerationConfig, PreTrainedModel, StoppingCriteria
+from transformers.utils import ModelOutput
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 # Generation options the loop implements; any other option (sampling, beams, penalties, stop strings...) goes
@@ -52,6 +54,18 @@ def unsupported_reason(backbone: PreTrainedModel) -> str | None:
     if config.hidden_act != "silu":
         return f"hidden_act {config.hidden_act!r}"
     return None
+
+
+def cache_keyword(model: PreTrainedModel) -> str:
+    """The keyword `model.forward` and `model.generate` take a key/value cache by: `cache` on the transformers 5
+    releases that renamed it (where `past_key_values` still works but warns), `past_key_values` before them."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(output: ModelOutput) -> Cache:
+    """The key/value cache a forward returned, under either name (see `cache_keyword`)."""
+    cache = output.get("cache")
+    return cache if cache is not None else output.past_key_values
 
 
 class ShouldStop(StoppingCriteria):
@@ -227,13 +241,14 @@ class ClaraFastDecoder:
         past = 0 if past_key_values is None else past_key_values.get_seq_length()
         # Positions count each row's real tokens, as `generate` numbers left-padded rows.
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        cache = past_key_values if past_key_values is not None else DynamicCache()
         prefill = backbone.model(
             inputs_embeds=inputs_embeds[:, past:], attention_mask=attention_mask, position_ids=positions[:, past:],
-            past_key_values=past_key_values if past_key_values is not None else DynamicCache(), use_cache=True,
+            use_cache=True, **{cache_keyword(backbone.model): cache},
         )
         logits = backbone.get_output_embeddings()(prefill.last_hidden_state[:, -1]).float()
         prompt_length, total = attention_mask.shape[1], attention_mask.shape[1] + settings.max_new_tokens
-        keys, values = self._allocate_cache(prefill.past_key_values, batch, total, inputs_embeds.dtype, device)
+        keys, values = self._allocate_cache(returned_cache(prefill), batch, total, inputs_embeds.dtype, device)
         key_mask = None
         if not bool(attention_mask.all()):
             key_mask = torch.ones(batch, 1, 1, total, dtype=torch.bool, device=device)
@@ -326,6 +341,7 @@ class ClaraFastGenerator:
 
 
 __all__ = [
-    "ClaraFastDecoder", "ClaraFastGenerator", "GreedySettings", "ShouldStop", "greedy_settings", "merged_weight",
+    "ClaraFastDecoder", "ClaraFastGenerator", "GreedySettings", "ShouldStop", "cache_keyword", "greedy_settings",
+    "merged_weight", "returned_cache",
     "unsupported_reason",
 ]

@@ -161,7 +161,19 @@ def index_exists(uri: str | os.PathLike, storage_options: dict | None = None) ->
     """Whether `uri` holds a CLaRa index table."""
     if _is_local(uri) and not Path(uri).is_dir():
         return False
-    return TABLE_NAME in connect(uri, storage_options).table_names(limit=1_000_000)
+    return has_index_table(connect(uri, storage_options))
+
+
+def has_index_table(db) -> bool:
+    """Whether the LanceDB database `db` holds the index's table (its table listing is paged)."""
+    page_token = None
+    while True:
+        page = db.list_tables(page_token=page_token)
+        if TABLE_NAME in page.tables:
+            return True
+        page_token = page.page_token
+        if not page_token:
+            return False
 
 
 def _is_local(uri) -> bool:
@@ -272,7 +284,7 @@ class ClaraIndex:
     @staticmethod
     def _create_table(uri, schema: pa.Schema, model: ClaraForRAG, overwrite: bool, storage_options) -> None:
         db = connect(uri, storage_options)
-        if TABLE_NAME in db.table_names(limit=1_000_000) and not overwrite:
+        if has_index_table(db) and not overwrite:
             existing = db.open_table(TABLE_NAME)
             check_fingerprint(_table_fingerprint(existing), model, str(uri))
             logger.warning(f"{uri}: adding the corpus's missing documents to the index there "

@@ -41,7 +41,7 @@ from .configuration_clara import (
     ClaraConfig,
     ClaraLossConfig,
 )
-from .decoding_clara import ClaraFastGenerator, ShouldStop
+from .decoding_clara import ClaraFastGenerator, ShouldStop, cache_keyword, returned_cache
 from .generation import configure_greedy_generation, generate_completions
 from .processing_clara import (
     ClaraProcessor,
@@ -330,16 +330,6 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         inputs, n_truncated = self.processor.encode_documents(texts)
         return {name: tensor.to(self.device) for name, tensor in inputs.items()}, n_truncated
 
-    def _report_truncation(self, n_truncated: int, n_texts: int, what: str) -> None:
-        """One summary per call: cutting texts to the length the model compresses is expected, so it is info."""
-        if n_truncated:
-            length = self.config.doc_max_length
-            logger.info(
-                f"{n_truncated} of {n_texts} {what} are longer than doc_max_length={length} tokens and were cut to "
-                f"their first {length} (the length this model compresses; split longer texts into passages to keep "
-                "all of them)"
-            )
-
     @torch.no_grad()
     def compress(
         self, documents: list[str] | str, batch_size: int = 8, show_progress_bar: bool | None = None,
@@ -373,7 +363,7 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
                 embeds.append(states[:, -self.n_mem_tokens :])
             else:
                 embeds.append(self._encode_documents(inputs["input_ids"], inputs["attention_mask"])[0])
-        self._report_truncation(n_truncated, len(documents), "documents")
+        self.processor.report_truncation(n_truncated, len(documents), "documents")
         return torch.cat(embeds)
 
     @torch.no_grad()
@@ -381,7 +371,7 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         """Query reasoner embeddings, `(n_questions, n_mem_tokens * hidden_size)`."""
         questions = check_texts(questions, "questions")
         inputs, n_truncated = self._encoder_inputs(questions)
-        self._report_truncation(n_truncated, len(questions), "questions")
+        self.processor.report_truncation(n_truncated, len(questions), "questions")
         return self._encode_queries(inputs["input_ids"], inputs["attention_mask"])
 
     # ----------------------------------------------------------------------------------------------------------
@@ -542,7 +532,7 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         added-token rows stay as they are (a server's model, not one in training)."""
         start = self.processor.answer_prompt_start()
         with self.adapter(DECODER_ADAPTER):
-            cache = self.decoder(input_ids=torch.tensor([start], device=self.device), use_cache=True).past_key_values
+            cache = returned_cache(self.decoder(input_ids=torch.tensor([start], device=self.device), use_cache=True))
         return ClaraPromptStart(start, cache)
 
     def generator_inputs(
@@ -586,15 +576,17 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         inputs = self._generator_inputs(questions, memories, task, paraphrase_instructions, prompt_start)
         generate_kwargs = {"do_sample": False, **generate_kwargs}
         generate_kwargs["max_new_tokens"] = max_new_tokens or self.config.max_new_tokens
-        if prompt_start is not None:
-            generate_kwargs["past_key_values"] = prompt_start.cache_for(len(questions))
+        cache = None if prompt_start is None else prompt_start.cache_for(len(questions))
         with self.adapter(DECODER_ADAPTER):
             output_ids = None
             if self.fast_decoding:  # None where the fast loop does not implement the options: `generate` runs them
                 output_ids = self._fast_generator.generate(
-                    self.decoder, DECODER_ADAPTER, **inputs, should_stop=should_stop, **generate_kwargs
+                    self.decoder, DECODER_ADAPTER, **inputs, past_key_values=cache, should_stop=should_stop,
+                    **generate_kwargs,
                 )
             if output_ids is None:
+                if cache is not None:
+                    generate_kwargs[cache_keyword(self.decoder)] = cache
                 if should_stop is not None:
                     stopping = list(generate_kwargs.pop("stopping_criteria", None) or [])
                     generate_kwargs["stopping_criteria"] = StoppingCriteriaList([*stopping, ShouldStop(should_stop)])

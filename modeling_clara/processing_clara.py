@@ -14,8 +14,11 @@ import random
 import torch
 from jinja2.exceptions import TemplateError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers.utils import logging
 
 from .configuration_clara import ClaraConfig
+
+logger = logging.get_logger(__name__)
 
 # Prompts, verbatim from Apple's code: the trained checkpoints expect exactly these strings.
 SYSTEM_PROMPT_ANSWER = (
@@ -177,6 +180,17 @@ class ClaraProcessor:
         input_ids = torch.cat([padded["input_ids"], memory], dim=1)
         attention_mask = torch.cat([padded["attention_mask"], torch.ones_like(memory)], dim=1)
         return {"input_ids": input_ids, "attention_mask": attention_mask}, n_truncated
+
+    def report_truncation(self, n_truncated: int, n_texts: int, what: str) -> None:
+        """One summary per compress call (not per batch): cutting texts to the length the model compresses is what
+        CLaRa does, so it is info, with what keeps every word."""
+        if n_truncated:
+            length = self.doc_max_length
+            logger.info(
+                f"{n_truncated} of {n_texts} {what} are longer than doc_max_length={length} tokens and were cut to "
+                f"their first {length} (the length this model compresses; split longer texts into passages to keep "
+                "all of them)"
+            )
 
     def document_slots(self, n_docs: int) -> str:
         """The prompt text that holds `n_docs` compressed documents: memory tokens + `<SEP>`, per document."""
