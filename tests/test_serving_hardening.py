@@ -104,9 +104,9 @@ def test_requests_of_clients_that_left_cost_no_model_time(server, server_log):
 # ----------------------------------------------------------------------------------------------------------------
 # Attacks 1 and 2 during generation: a batch nobody waits for stops generating
 
-LONG_ANSWER = 20_000  # tokens: minutes of generation for a batch of the tiny model, unless it stops
+LONG_ANSWER = 60_000  # tokens: minutes of generation for a batch of the tiny model (600 short batches), unless it stops
 SHORT_ANSWER = 100  # tokens: a batch that runs to its end, timing a token
-CONNECTION_LIMIT = 8  # above the 4 clients plus a metrics request of the generation tests
+CONNECTION_LIMIT = 16  # well above the 4 clients plus a metrics request of the generation tests (closing lags under load)
 
 
 @pytest.fixture(scope="module")
