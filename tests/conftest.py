@@ -4,6 +4,9 @@ few data rows; see tests/fixtures/README.md)."""
 
 import json
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,8 @@ from modeling_clara import ClaraForRAG  # noqa: E402
 from modeling_clara.backbone import resolve_embedded_backbone  # noqa: E402
 from modeling_clara.checkpoints import SHIPPED_CORPUS_FILE, SHIPPED_MODEL_DIR  # noqa: E402
 
+REPO_DIR = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO_DIR / "examples" / "quickstart.py"
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"
 CONFORMANCE_DIR = FIXTURES_DIR / "conformance"
 DATA_DIR = FIXTURES_DIR / "data"
@@ -141,3 +146,23 @@ def make_tiny_clara(backbone_dir, seed: int = 0, **overrides) -> ClaraForRAG:
             if "lora_B" in name:
                 parameter.normal_(std=0.2)  # fresh LoRA B is zero, which would make every adapter identical
     return model
+
+
+@dataclass
+class DemoRun:
+    stdout: str
+    stderr: str
+    index_dir: Path  # the index of the bundled corpus the demo built and kept
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> DemoRun:
+    """`make demo`'s job as a real process, as a first run (no index cached), once per session: the demo's tests
+    read its output, and the tests that need the shipped model's index of the bundled corpus read the one it built
+    (compressing those 100 passages is the costliest step of a run)."""
+    cache_dir = tmp_path_factory.mktemp("demo-cache")
+    process = subprocess.run([sys.executable, str(QUICKSTART), "--cache-dir", str(cache_dir)], cwd=REPO_DIR,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=900)
+    assert process.returncode == 0, process.stderr[-3000:]
+    (index_dir,) = [path for path in cache_dir.iterdir() if path.is_dir()]
+    return DemoRun(process.stdout, process.stderr, index_dir)

@@ -55,11 +55,12 @@ def test_either_an_index_or_a_server():
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_query_engine_on_the_shipped_model_reads_the_gold_passage(tmp_path):
-    """End to end: the shipped model, its bundled corpus indexed, a question about a bundled passage (from Apple's
-    SCP sample, never trained on): the passage is among the source nodes and the answer is the model's."""
+def test_query_engine_on_the_shipped_model_reads_the_gold_passage(demo_run):
+    """End to end: the shipped model, its bundled corpus indexed (the index the demo built), a question about a
+    bundled passage (from Apple's SCP sample, never trained on): the passage is among the source nodes and the answer
+    is the model's."""
     model = ClaraForRAG.from_pretrained("shipped")
-    index = open_or_build_index(model, "shipped", index_dir=tmp_path / "index")
+    index = open_or_build_index(model, "shipped", index_dir=demo_run.index_dir)
     corpus = [json.loads(line) for line in open(SHIPPED_CORPUS_FILE, encoding="utf-8")]
     questions = {}
     for line in open(DATA_DIR / "clara_pretrain_sample.jsonl", encoding="utf-8"):

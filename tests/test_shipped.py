@@ -4,16 +4,12 @@ wrong passage's memory costs at least 0.10 F1 on bundled questions it never trai
 
 import importlib.util
 import json
-import os
 import re
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA_DIR
+from conftest import DATA_DIR, QUICKSTART
 from transformers import AutoModel
 
 from modeling_clara import ClaraForRAG
@@ -24,8 +20,6 @@ from modeling_clara.index import open_or_build_index
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 N_DOCUMENTS = 20  # bundled passages asked about, two questions each
-REPO_DIR = Path(__file__).resolve().parents[1]
-QUICKSTART = REPO_DIR / "examples" / "quickstart.py"
 
 
 @pytest.fixture(scope="module")
@@ -160,24 +154,6 @@ def demo_questions() -> list[str]:
     quickstart = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quickstart)
     return quickstart.QUESTIONS
-
-
-@dataclass
-class DemoRun:
-    stdout: str
-    stderr: str
-    index_dir: Path  # the index of the bundled corpus the demo built and kept
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> DemoRun:
-    """`make demo`'s job as a real process, once for the tests that read it, as a first run (no index cached)."""
-    cache_dir = tmp_path_factory.mktemp("demo-cache")
-    process = subprocess.run([sys.executable, str(QUICKSTART), "--cache-dir", str(cache_dir)], cwd=REPO_DIR,
-                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=900)
-    assert process.returncode == 0, process.stderr[-3000:]
-    (index_dir,) = [path for path in cache_dir.iterdir() if path.is_dir()]
-    return DemoRun(process.stdout, process.stderr, index_dir)
 
 
 def demo_answers(stdout: str) -> dict[str, tuple[str, str]]:
