@@ -39,16 +39,8 @@ demo: install
 # Every tier (plain `pytest` runs the fast one): tests/ and research/tests (pytest.ini's testpaths).
 ALL_TIERS = -m "slow or not slow"
 
-# tests/ and research/ run side by side (the research smoke runs are single-core much of the time); the
-# research lane's output follows the main one's.
 test: install
-	@mkdir -p .make
-	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -p no:cacheprovider research $(ALL_TIERS) >.make/research-tests.log 2>&1 & \
-	research_lane=$$!; \
-	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q --durations=15 tests $(ALL_TIERS); tests_status=$$?; \
-	wait $$research_lane; research_status=$$?; \
-	echo "---- research/tests ----"; cat .make/research-tests.log; \
-	exit $$(( tests_status != 0 ? tests_status : research_status ))
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q --durations=15 $(ALL_TIERS)
 
 $(PYTHON5):
 	$(PYTHON) -m venv $(VENV5)
