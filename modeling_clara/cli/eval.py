@@ -21,7 +21,7 @@ from ..evaluation import (
 )
 from ..loading import is_clara_checkpoint, load_model
 from ..text_reader import load_text_reader
-from .options import add_model_option, add_output_dir_option
+from .options import add_model_option, add_output_dir_option, add_top_k_option, top_k
 
 
 def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> None:
@@ -31,9 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
     add_model_arguments(parser)
     parser.add_argument("--method", nargs="+", default=["clara"], choices=METHODS)
     parser.add_argument("--setting", nargs="+", default=["normal"], choices=SETTINGS)
-    parser.add_argument("-k", "--top-k", type=int, nargs="+", default=None,
-                        help="documents read per question, one run per value; passages are compressed once for all "
-                        "(default: the model's generation_top_k)")
+    add_top_k_option(parser, several=True)
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--text-reader", default=None, metavar="DIR",
                         help="the fine-tuned text reader that --method text_reader evaluates (the output_dir of "
@@ -69,7 +67,7 @@ def load_eval_model(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     files = expand_data_paths(args.data)
     model = load_eval_model(args)
-    ks = args.top_k or [model.config.generation_top_k]
+    ks = args.top_k or [top_k(args, model)]
     output_dir = args.output_dir or default_output_dir(model, args.model)
     compressed = CompressedDocuments(model)
     reader = load_text_reader(model, args.text_reader) if args.text_reader and "text_reader" in args.method else None

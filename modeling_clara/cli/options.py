@@ -23,8 +23,10 @@ def add_model_option(parser: argparse.ArgumentParser, required: bool = True, def
     parser.add_argument("--device", default=None, help=DEVICE_HELP)
 
 
-def add_top_k_option(parser: argparse.ArgumentParser, verb: str = "read") -> None:
-    parser.add_argument("-k", "--top-k", type=int, default=None, help=TOP_K_HELP.format(verb=verb))
+def add_top_k_option(parser: argparse.ArgumentParser, verb: str = "read", several: bool = False) -> None:
+    """`-k/--top-k`; with `several`, a list of values (one run per value)."""
+    help = TOP_K_HELP.format(verb=verb) + ("; one run per value" if several else "")
+    parser.add_argument("-k", "--top-k", type=int, nargs="+" if several else None, default=None, help=help)
 
 
 def top_k(args: argparse.Namespace, model) -> int:
