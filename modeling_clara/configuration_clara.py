@@ -5,6 +5,7 @@ which a run sets and saves with its output, not in `config.json`."""
 
 from dataclasses import dataclass, field, fields
 
+import torch
 from transformers import PretrainedConfig
 from transformers.utils import logging
 
@@ -165,6 +166,30 @@ class ClaraLossConfig:
 
     def to_dict(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def total_loss(
+        self, ce_loss: torch.Tensor | None, mse_loss: torch.Tensor | None = None,
+        retrieval_loss: torch.Tensor | None = None, memory_contrast_loss: torch.Tensor | None = None,
+        memory_cosine_loss: torch.Tensor | None = None, compressor_trains: bool = False,
+    ) -> torch.Tensor | None:
+        """The training objective: the one place the loss terms are weighted (see `ClaraOutput.loss`).
+
+        The compressor's terms (MSE, memory cosine) count only when `compressor_trains`: decided by what trains, not
+        by grad mode, so an evaluation reports the loss training minimises.
+        """
+        if ce_loss is None:
+            return None
+        weighted = [
+            (self.mse_weight if compressor_trains else 0.0, mse_loss),
+            (self.retrieval_weight, retrieval_loss),
+            (self.memory_contrast_weight, memory_contrast_loss),
+            (self.memory_cosine_weight if compressor_trains else 0.0, memory_cosine_loss),
+        ]
+        loss = ce_loss
+        for weight, term in weighted:
+            if term is not None and weight:
+                loss = loss + weight * term
+        return loss
 
 
 QUANTIZATIONS = ("no", "int4", "int8")

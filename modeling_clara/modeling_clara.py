@@ -186,6 +186,38 @@ def contrastive_retrieval_loss(scores: torch.Tensor, positive_mask: torch.Tensor
         return logits.sum() * 0.0
     return per_example[has_positive].mean()
 
+def place_memory(
+    token_embeds: torch.Tensor, input_ids: torch.Tensor, doc_embeds: torch.Tensor, docs_per_example: list[int],
+    first_slot_token: int, sep: bool,
+) -> torch.Tensor:
+    """Prompt embeddings with the document slots filled by compressed documents.
+
+    Document j of example i goes to `first <MEM0> position + j * (n_mem + sep)`, as in ml-clara `_replace_embeddings`
+    (so with `sep=False` and several documents they overwrite the `<SEP>` tokens, like Apple's). Out of place, so
+    gradients reach `doc_embeds`.
+
+    Args:
+        token_embeds (`torch.Tensor` of shape `(batch_size, seq, hidden)`): the prompt's token embeddings.
+        input_ids (`torch.LongTensor` of shape `(batch_size, seq)`): the prompt, whose slots start at `first_slot_token`.
+        doc_embeds (`torch.Tensor` of shape `(sum(docs_per_example), n_mem, hidden)`), in example order.
+        docs_per_example (`list[int]`).
+    """
+    n_mem = doc_embeds.shape[1]
+    slot_length = n_mem + (1 if sep else 0)
+    first_memory = (input_ids == first_slot_token).int().argmax(dim=1)
+    rows, columns = [], []
+    for example, n_docs in enumerate(docs_per_example):
+        start = first_memory[example] + torch.arange(n_docs * slot_length, device=input_ids.device)
+        positions = start.view(n_docs, slot_length)[:, :n_mem].reshape(-1)
+        rows.append(torch.full_like(positions, example))
+        columns.append(positions)
+    rows, columns = torch.cat(rows), torch.cat(columns)
+    if columns.numel() and int(columns.max()) >= input_ids.shape[1]:
+        raise ValueError("the prompt has fewer document slots than documents to place")
+    values = doc_embeds.reshape(-1, doc_embeds.shape[-1]).to(token_embeds.dtype)
+    return token_embeds.index_put((rows, columns), values)
+
+
 class ClaraPreTrainedModel(PreTrainedModel):
     config_class = ClaraConfig
     base_model_prefix = "clara"
@@ -593,35 +625,11 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
                 output_ids = self.decoder.generate(**inputs, **generate_kwargs)
         return self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)
 
-    def _replace_memory_embeddings(
-        self, dec_input_ids: torch.Tensor, doc_embeds: torch.Tensor, docs_per_example: list[int]
-    ) -> torch.Tensor:
-        """Prompt embeddings with the document slots filled by compressed documents.
-
-        Document j of example i goes to `first <MEM0> position + j * (n_mem + sep)`, as in ml-clara
-        `_replace_embeddings` (so with `sep=False` and several documents they overwrite the `<SEP>` tokens, like
-        Apple's). Out of place, so gradients reach `doc_embeds`.
-
-        Args:
-            dec_input_ids (`torch.LongTensor` of shape `(batch_size, seq)`).
-            doc_embeds (`torch.Tensor` of shape `(sum(docs_per_example), n_mem, hidden)`), in example order.
-            docs_per_example (`list[int]`).
-        """
-        inputs_embeds = self.decoder.get_input_embeddings()(dec_input_ids)
-        n_mem = doc_embeds.shape[1]
-        slot_length = n_mem + (1 if self.config.sep else 0)
-        first_memory = (dec_input_ids == self.processor.mem_token_ids[0]).int().argmax(dim=1)
-        rows, columns = [], []
-        for example, n_docs in enumerate(docs_per_example):
-            start = first_memory[example] + torch.arange(n_docs * slot_length, device=dec_input_ids.device)
-            positions = start.view(n_docs, slot_length)[:, :n_mem].reshape(-1)
-            rows.append(torch.full_like(positions, example))
-            columns.append(positions)
-        rows, columns = torch.cat(rows), torch.cat(columns)
-        if columns.numel() and int(columns.max()) >= dec_input_ids.shape[1]:
-            raise ValueError("the prompt has fewer document slots than documents to place")
-        values = doc_embeds.reshape(-1, doc_embeds.shape[-1]).to(inputs_embeds.dtype)
-        return inputs_embeds.index_put((rows, columns), values)
+    def _replace_memory_embeddings(self, dec_input_ids, doc_embeds, docs_per_example) -> torch.Tensor:
+        """The prompt's token embeddings with its document slots holding `doc_embeds` ([`place_memory`])."""
+        token_embeds = self.decoder.get_input_embeddings()(dec_input_ids)
+        first_slot_token = self.processor.mem_token_ids[0]
+        return place_memory(token_embeds, dec_input_ids, doc_embeds, docs_per_example, first_slot_token, self.config.sep)
 
     def _check_questions_and_embeds(self, questions, doc_embeds) -> tuple[list[str], list[torch.Tensor]]:
         questions, doc_embeds = check_questions_and_embeds(questions, doc_embeds, self.n_mem_tokens, self.hidden_size)
@@ -676,7 +684,8 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
                 dec_input_ids, dec_attention_mask, labels, doc_embeds, docs_per_example, decoded.logits
             )
         return ClaraOutput(
-            loss=self._combine_losses(decoded.loss, mse_loss, None, memory_contrast_loss, memory_cosine_loss),
+            loss=self.loss_config.total_loss(decoded.loss, mse_loss, None, memory_contrast_loss, memory_cosine_loss,
+                                             compressor_trains=ENCODER_ADAPTER in self._trainable_adapters),
             ce_loss=decoded.loss,
             mse_loss=mse_loss,
             memory_contrast_loss=memory_contrast_loss,
@@ -711,7 +720,7 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         k = selected.shape[1]
         decoded = self._decode(dec_input_ids, dec_attention_mask, labels, selected.flatten(0, 1), [k] * batch_size)
         return ClaraOutput(
-            loss=self._combine_losses(decoded.loss, None, retrieval_loss),
+            loss=self.loss_config.total_loss(decoded.loss, retrieval_loss=retrieval_loss),
             ce_loss=decoded.loss,
             mse_loss=mse_loss,
             retrieval_loss=retrieval_loss,
@@ -750,22 +759,6 @@ class ClaraForRAG(ClaraAdapterMixin, ClaraAppleMethodsMixin, ClaraCheckpointMixi
         other_logits = self._decode(dec_input_ids, dec_attention_mask, None, others, docs_per_example).logits
         own_ce, other_ce = (per_example_cross_entropy(scores, labels) for scores in (logits, other_logits))
         return F.relu(self.loss_config.memory_contrast_margin + own_ce - other_ce).mean()
-
-    def _combine_losses(self, ce_loss, mse_loss, retrieval_loss, memory_contrast_loss=None, memory_cosine_loss=None):
-        """The training objective: the one place the loss terms are weighted (see `ClaraOutput.loss`)."""
-        if ce_loss is None:
-            return None
-        loss = ce_loss
-        # Decided by what trains, not by grad mode, so an evaluation reports the loss training minimises.
-        if mse_loss is not None and ENCODER_ADAPTER in self._trainable_adapters:
-            loss = loss + self.loss_config.mse_weight * mse_loss
-        if retrieval_loss is not None and self.loss_config.retrieval_weight:
-            loss = loss + self.loss_config.retrieval_weight * retrieval_loss
-        if memory_contrast_loss is not None:
-            loss = loss + self.loss_config.memory_contrast_weight * memory_contrast_loss
-        if memory_cosine_loss is not None and ENCODER_ADAPTER in self._trainable_adapters:  # a compressor-only term
-            loss = loss + self.loss_config.memory_cosine_weight * memory_cosine_loss
-        return loss
 
 
 ClaraConfig.register_for_auto_class()
