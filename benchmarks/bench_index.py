@@ -35,6 +35,8 @@ from transformers import PreTrainedModel
 from bench_compress import plain_backbone  # the bare backbone both build benchmarks time against
 from modeling_clara import ClaraForRAG, ClaraIndex
 from modeling_clara.index import (
+    DEFAULT_KMEANS_ITERATIONS,
+    DEFAULT_KMEANS_SAMPLE_RATE,
     DEFAULT_NPROBES,
     DEFAULT_REFINE_FACTOR,
     TABLE_NAME,
@@ -186,7 +188,8 @@ def bench_search(args: argparse.Namespace) -> None:
         index, queries, write = synthetic_index(folder, args)
         table_bytes = folder_bytes(folder)
         print(f"{args.n_vectors:,} memories of {args.n_mem} x {args.hidden} = {dim:,} values ({args.memory_dtype}), "
-              f"{len(queries)} queries one at a time, k={args.k}, torch threads {torch.get_num_threads()}")
+              f"{len(queries)} queries one at a time, k={args.k}, torch threads {torch.get_num_threads()}; LanceDB "
+              f"partitions trained on {DEFAULT_KMEANS_SAMPLE_RATE} rows each, {DEFAULT_KMEANS_ITERATIONS} k-means iterations")
         print(f"table: written in {write[0]:.0f} s ({write[1]:.0f} CPU s; conversion + commit), "
               f"{table_bytes / 2**20:,.0f} MiB on disk ({table_bytes / args.n_vectors:,.0f} bytes per memory)", flush=True)
 

@@ -62,6 +62,10 @@ SEARCH_CHUNK_ROWS = 8192
 # Seconds a loaded index serves one version before `search` looks for a newer one (another process's add or delete).
 DEFAULT_REFRESH_SECONDS = 5.0
 VECTOR_INDEX_KINDS = ("ivf_hnsw_sq", "ivf_pq")
+# The partitions' k-means: rows per partition it samples, and its iterations. Its cost grows with both and with the
+# memory width; IVF needs coarse partitions (a query probes 20), not converged ones.
+DEFAULT_KMEANS_SAMPLE_RATE = 16
+DEFAULT_KMEANS_ITERATIONS = 20
 # Who proposes approximate candidates: LanceDB's vector index in the table, or a FAISS index in this process's RAM.
 SEARCH_BACKENDS = ("lance", "faiss")
 # The FAISS index built from the table: {n_list} is about sqrt(rows) inverted lists, {pq_m} one PQ byte per 32 values
@@ -473,7 +477,9 @@ class ClaraIndex:
     # -- approximate search ---------------------------------------------------------------------------------------
 
     def create_vector_index(self, kind: str = "ivf_hnsw_sq", num_partitions: int | None = None,
-                            num_sub_vectors: int | None = None, hnsw_m: int = 20, accelerator: str | None = None) -> None:
+                            num_sub_vectors: int | None = None, hnsw_m: int = 20,
+                            kmeans_sample_rate: int = DEFAULT_KMEANS_SAMPLE_RATE,
+                            kmeans_iterations: int = DEFAULT_KMEANS_ITERATIONS, accelerator: str | None = None) -> None:
         """Build LanceDB's approximate index on the memory column (cosine), in one commit.
 
         Rows added later are searched exactly beside it until the index is built again (or `table.optimize()`).
@@ -486,12 +492,20 @@ class ClaraIndex:
             num_partitions: IVF partitions; default about sqrt(rows).
             num_sub_vectors: PQ codes per vector (bytes, at 8 bits); must divide n_mem * hidden. Default: one per
                 32 values (see docs/index-sizing.md).
+            kmeans_sample_rate: rows per partition that the partitions' k-means trains on (LanceDB's `sample_rate`).
+            kmeans_iterations: k-means iterations (LanceDB's `max_iterations`). Their defaults bound the training at
+                1M rows to minutes where LanceDB's (256 and 50) take CPU-hours at memory widths; measured recall
+                with them in docs/index-sizing.md.
             accelerator: `"cuda"` trains the partitions and codebooks on the GPU (LanceDB's option; for millions of rows).
         """
         from lancedb.index import HnswSq, IvfPq
 
         if kind not in VECTOR_INDEX_KINDS:
             raise ValueError(f"kind={kind!r} is not one of {VECTOR_INDEX_KINDS}")
+        for name, value in (("kmeans_sample_rate", kmeans_sample_rate), ("kmeans_iterations", kmeans_iterations)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        training = {"sample_rate": kmeans_sample_rate, "max_iterations": kmeans_iterations, "accelerator": accelerator}
         rows = len(self)
         width = self._memory_width()
         num_partitions = num_partitions or _default_partitions(rows)
@@ -500,9 +514,9 @@ class ClaraIndex:
             if width % num_sub_vectors:
                 raise ValueError(f"num_sub_vectors={num_sub_vectors} must divide the memory width {width}")
             config = IvfPq(distance_type="cosine", num_partitions=num_partitions, num_sub_vectors=num_sub_vectors,
-                           num_bits=8 if rows >= 256 else 4, accelerator=accelerator)
+                           num_bits=8 if rows >= 256 else 4, **training)
         else:
-            config = HnswSq(distance_type="cosine", num_partitions=num_partitions, m=hnsw_m, accelerator=accelerator)
+            config = HnswSq(distance_type="cosine", num_partitions=num_partitions, m=hnsw_m, **training)
         self.table.create_index(MEMORY_COLUMN, config=config, replace=True)
 
     def has_vector_index(self) -> bool:

@@ -326,6 +326,10 @@ def test_bad_arguments_are_named(model, corpus, tiny_llama_dir, tmp_path):
         ClaraIndex.build(model, corpus, memory_dtype="int8")
     with pytest.raises(ValueError, match="kind"):
         index.create_vector_index("faiss")
+    with pytest.raises(ValueError, match="kmeans_sample_rate=0"):
+        index.create_vector_index(kmeans_sample_rate=0)
+    with pytest.raises(ValueError, match="kmeans_iterations=2.5"):
+        index.create_vector_index(kmeans_iterations=2.5)
     with pytest.raises(ValueError, match="query reasoner"):
         ClaraIndex.build(make_tiny_clara(tiny_llama_dir, training_stage="stage1_2"), corpus).search("q", k=2)
     with pytest.raises(FileNotFoundError, match="not a CLaRa index"):
@@ -543,6 +547,10 @@ def test_cli_build_search_add_delete_ask(saved_model_dir, corpus, tmp_path, caps
     assert "10 -> 12 documents" in capsys.readouterr().out
     assert clara_main(["index", "delete", out, "d0", "e1"]) == 0
     assert "10 documents left" in capsys.readouterr().out
+    assert clara_main(["index", "vector-index", out, "--num-partitions", "2", "--kmeans-sample-rate", "4",
+                       "--kmeans-iterations", "3"]) == 0
+    assert "ivf_hnsw_sq over 10 documents" in capsys.readouterr().out
+    assert ClaraIndex.load(out).has_vector_index()
     assert clara_main(["ask", "--index", out, "Who won the match?", "-k", "2"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("[d") + printed.count("[e") == 2 and "Answer:" in printed

@@ -8,6 +8,8 @@ import argparse
 
 from ..index import (
     DEFAULT_COMMIT_ROWS,
+    DEFAULT_KMEANS_ITERATIONS,
+    DEFAULT_KMEANS_SAMPLE_RATE,
     DEFAULT_NPROBES,
     DEFAULT_REFINE_FACTOR,
     SEARCH_BACKENDS,
@@ -84,6 +86,16 @@ def add_vector_index_options(parser: argparse.ArgumentParser, default: str | Non
     parser.add_argument("--num-partitions", type=int, default=None, help="IVF partitions (default: about sqrt(rows))")
     parser.add_argument("--num-sub-vectors", type=int, default=None,
                         help="PQ bytes per document (default: one per 32 memory values)")
+    parser.add_argument("--kmeans-sample-rate", type=int, default=DEFAULT_KMEANS_SAMPLE_RATE,
+                        help="rows per partition the partitions are trained on")
+    parser.add_argument("--kmeans-iterations", type=int, default=DEFAULT_KMEANS_ITERATIONS,
+                        help="k-means iterations of the partitions' training")
+
+
+def create_vector_index(index: ClaraIndex, args: argparse.Namespace) -> None:
+    """The vector index `add_vector_index_options` describe."""
+    index.create_vector_index(args.vector_index, args.num_partitions, args.num_sub_vectors,
+                              kmeans_sample_rate=args.kmeans_sample_rate, kmeans_iterations=args.kmeans_iterations)
 
 
 def add_search_options(parser: argparse.ArgumentParser) -> None:
@@ -122,7 +134,7 @@ def run_build(args: argparse.Namespace) -> int:
         raise SystemExit(f"clara index build: {error}") from error
     if distributed_state().is_main_process:
         if args.vector_index:
-            index.create_vector_index(args.vector_index, args.num_partitions, args.num_sub_vectors)
+            create_vector_index(index, args)
         print(f"{args.output_dir}: {len(index)} documents, {index.fingerprint['n_mem_tokens']} memory tokens each")
     return 0
 
@@ -151,7 +163,7 @@ def run_delete(args: argparse.Namespace) -> int:
 
 def run_vector_index(args: argparse.Namespace) -> int:
     index = ClaraIndex.load(args.index)
-    index.create_vector_index(args.vector_index, args.num_partitions, args.num_sub_vectors)
+    create_vector_index(index, args)
     print(f"{args.index}: {args.vector_index} over {len(index)} documents")
     return 0
 
