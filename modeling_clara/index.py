@@ -674,7 +674,7 @@ def _documents_digests(ids: list[str], texts: list[str]) -> dict[str, str]:
 
 
 def open_or_build_index(model: ClaraForRAG, corpus=None, index_dir: str | os.PathLike | None = None,
-                        batch_size: int = 8) -> ClaraIndex:
+                        batch_size: int = 8, search_backend: str = "lance") -> ClaraIndex:
     """The index of `corpus` for `model`, kept at `index_dir`: the one cache policy of every job that indexes a corpus.
 
     The index at `index_dir` is reused when `model` compresses as its builder did and (with `corpus`) it holds exactly
@@ -686,12 +686,20 @@ def open_or_build_index(model: ClaraForRAG, corpus=None, index_dir: str | os.Pat
         corpus: Texts, a `datasets.Dataset`, a JSONL path or `"shipped"` (see [`read_corpus`]). Without it, the index
             at `index_dir` is opened as it is.
         index_dir: A folder or object-store URI.
+        search_backend: Who proposes candidates (see [`ClaraIndex.load`]).
     Raises:
         `ValueError`: neither argument given, or only `index_dir`, whose index another compressor built.
         `FileNotFoundError`: only `index_dir`, and it holds no index.
     """
     if corpus is None and index_dir is None:
         raise ValueError("open_or_build_index needs a corpus, an index_dir, or both")
+    index = _open_or_build_index(model, corpus, index_dir, batch_size)
+    if search_backend == "lance":
+        return index
+    return ClaraIndex(index.table, model=model, refresh_interval=index.refresh_interval, search_backend=search_backend)
+
+
+def _open_or_build_index(model: ClaraForRAG, corpus, index_dir, batch_size: int) -> ClaraIndex:
     documents = None if corpus is None else read_corpus(corpus)
     overwrite = False
     if index_dir is not None and (corpus is None or index_exists(index_dir)):

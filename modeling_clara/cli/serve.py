@@ -10,7 +10,7 @@ import os
 
 from transformers.utils import logging
 
-from ..index import open_or_build_index
+from ..index import SEARCH_BACKENDS, open_or_build_index
 from ..loading import load_model
 from ..serving.engine import ClaraServingEngine, TransformersGenerator
 from ..serving.settings import API_KEY_ENV, ServeSettings, default_allowed_hosts
@@ -25,6 +25,10 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
     serve = subparsers.add_parser(name, help=help)
     add_model_option(serve)
     serve.add_argument("--index", default=None, help="a ClaraIndex folder: /v1/search, and /v1/answer without documents")
+    serve.add_argument("--index-backend", choices=SEARCH_BACKENDS, default="lance",
+                       help="who proposes the index's candidates: exact search or the table's vector index (lance), or "
+                       "a FAISS index this process builds in RAM from the table and rebuilds after each refresh that "
+                       "finds a new version (faiss, the faiss extra; docs/index-sizing.md)")
     serve.add_argument("--corpus", default=None,
                        help=CORPUS_HELP + ": indexed at start, saved to --index when given and reused from there while "
                        "the model's compressor and the corpus are unchanged")
@@ -87,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)  # bad options fail before the model loads
     model = load_model(args.model, device=args.device)
-    index = _open_index(model, args.index, args.corpus)
+    index = _open_index(model, args.index, args.corpus, args.index_backend)
     generator = _make_generator(args.backend, model, _parse_vllm_args(args.vllm_arg))
     engine = ClaraServingEngine(model, index, generator)
     app = create_app(engine, settings, backend=generator.name)
@@ -112,12 +116,13 @@ def _settings(args: argparse.Namespace) -> ServeSettings:
         raise SystemExit(f"clara serve: {error}") from error
 
 
-def _open_index(model, index_dir: str | None, corpus: str | None):
+def _open_index(model, index_dir: str | None, corpus: str | None, search_backend: str):
     if index_dir is None and corpus is None:
         return None
     try:
-        return open_or_build_index(model, corpus, index_dir)
-    except (FileNotFoundError, ValueError) as error:  # no index there, or another compressor's, and no corpus
+        return open_or_build_index(model, corpus, index_dir, search_backend=search_backend)
+    # no index there, or another compressor's and no corpus; or the faiss backend without FAISS installed
+    except (FileNotFoundError, ValueError, ImportError) as error:
         raise SystemExit(f"clara serve: {error}") from error
 
 
