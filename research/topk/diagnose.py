@@ -11,7 +11,7 @@ and, independent of temperature, how well the straight-through's first-order est
 candidate n instead of the selected one (<g_selected, memory_n - memory_selected>) predicts the true change
 (cross-entropy_n - cross-entropy_selected): their correlation and sign agreement over the distractor/gold pairs.
 
-    python research/topk/diagnose.py --data runs/topk/data --output runs/topk/diagnose.json
+    python -m research.topk.diagnose --data runs/topk/data --output runs/topk/diagnose.json
 """
 
 import argparse

@@ -32,8 +32,9 @@ from research.topk.rung import (
     build_frozen_parts,
     f1_table,
     gold_indices,
+    add_rung_options,
+    finish_rung_options,
     load_rung_model,
-    parse_args,
     rankings,
     recall_at_1,
 )
@@ -129,11 +130,11 @@ def measure(model, heldout: list[dict], f1_rows: list[dict], memory: dict[str, t
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_rung_options(parser)
     parser.add_argument("--generator-learning-rate", type=float, default=5e-5,
                         help="the generator's rate (the small recipe's e2e rate); --learning-rate is the query reasoner's")
-    own, rest = parser.parse_known_args(argv)
-    args = parse_args(rest)
+    args = finish_rung_options(parser.parse_args(argv))
     parts = build_frozen_parts(args)  # the rung's rows, memory and the shipped generator's F1 table, cached
     heldout, memory = parts["heldout"], parts["memory"]
     f1_rows = heldout[: len(parts["f1"])]
@@ -141,12 +142,12 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_rung_model(args.model, "fresh")
     result = {"temperature": args.temperature, "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size,
               "query_reasoner_learning_rate": args.learning_rate,
-              "generator_learning_rate": own.generator_learning_rate, "heldout_rows": len(heldout),
+              "generator_learning_rate": args.generator_learning_rate, "heldout_rows": len(heldout),
               "f1_rows": len(f1_rows)}
     result["before"] = measure(model, heldout, f1_rows, memory, f1=parts["f1"])
     started = time.perf_counter()
     log = train_jointly(model, parts["train_rows"], memory, args.temperature, args.steps, args.batch_size,
-                        args.learning_rate, own.generator_learning_rate, args.seed, args.bf16)
+                        args.learning_rate, args.generator_learning_rate, args.seed, args.bf16)
     result["train_seconds"] = round(time.perf_counter() - started, 1)
     result["after"] = measure(model, heldout, f1_rows, memory)
     logger.warning(json.dumps(result))

@@ -402,15 +402,13 @@ def run_rung(args: argparse.Namespace) -> dict:
     return result
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_rung_options(parser: argparse.ArgumentParser) -> None:
+    """The options every run on the rung's questions shares: data, frozen parts and the training budget."""
     parser.add_argument(
         "--data", required=True, help="prepare_data.py output (stage1_pretrain.jsonl, heldout_qa.jsonl)"
     )
     parser.add_argument("--work", default=None, help="cache folder for memory and tables (default: <data>/topk)")
     parser.add_argument("--model", default=str(SHIPPED_MODEL))
-    parser.add_argument("--arm", choices=ARMS, default="answer")
-    parser.add_argument("--init", choices=QUERY_REASONER_INITS, default="encoder")
     parser.add_argument("--temperature", type=float, default=0.02, help="top-k (and InfoNCE) temperature")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -423,10 +421,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                         help="bf16 autocast for the answer table and training (measurements stay fp32)")
     parser.add_argument("--output", default=None, help="write the result as JSON here")
-    args = parser.parse_args(argv)
+
+
+def finish_rung_options(args: argparse.Namespace) -> argparse.Namespace:
     if args.work is None:
         args.work = str(Path(args.data) / "topk")
     return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_rung_options(parser)
+    parser.add_argument("--arm", choices=ARMS, default="answer")
+    parser.add_argument("--init", choices=QUERY_REASONER_INITS, default="encoder")
+    return finish_rung_options(parser.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> dict:
