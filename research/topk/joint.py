@@ -37,6 +37,7 @@ from research.topk.rung import (
     load_rung_model,
     rankings,
     recall_at_1,
+    shuffled_batches,
 )
 
 logger = logging.get_logger("clara.research.topk")
@@ -95,15 +96,11 @@ def train_jointly(model, rows: list[dict], memory: dict[str, torch.Tensor], temp
         betas=(0.9, 0.95), weight_decay=0.0,
     )
     collator = make_collator("e2e", model.processor, top_k=1, candidate_memory=memory)
-    shuffle = torch.Generator().manual_seed(seed)
-    order: list[int] = []
     log = []
     model.train()
+    batches = shuffled_batches(len(rows), batch_size, seed)
     for step in logging.tqdm(range(steps), desc=f"joint t={temperature}"):
-        if len(order) < batch_size:
-            order += torch.randperm(len(rows), generator=shuffle).tolist()
-        picked, order = order[:batch_size], order[batch_size:]
-        batch = collator([rows[i] for i in picked])
+        batch = collator([rows[i] for i in next(batches)])
         with autocast(model, bf16):
             outputs = model(**batch)
         top = outputs.topk_indices[:, 0]

@@ -242,6 +242,17 @@ def straight_through_answer_loss(
     return surrogate, table_rows.cross_entropy[rows, top], top
 
 
+def shuffled_batches(n_rows: int, batch_size: int, seed: int):
+    """Row indices batch after batch, epoch after epoch, each epoch a seeded permutation (a batch may span two)."""
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            order += torch.randperm(n_rows, generator=generator).tolist()
+        picked, order = order[:batch_size], order[batch_size:]
+        yield picked
+
+
 def train_query_reasoner(
     model: ClaraForRAG, rows: list[dict], table: AnswerTable | None, memory: dict[str, torch.Tensor], arm: str,
     temperature: float, steps: int, batch_size: int, learning_rate: float, seed: int, bf16: bool = False,
@@ -256,14 +267,11 @@ def train_query_reasoner(
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
     collator = make_collator("e2e", model.processor, top_k=1, candidate_memory=memory, retrieval_only=True)
-    generator = torch.Generator().manual_seed(seed)
-    order: list[int] = []
     log = []
     model.train()  # LoRA dropout in the query reasoner, as in the library's training
+    batches = shuffled_batches(len(rows), batch_size, seed)
     for step in logging.tqdm(range(steps), desc=f"{arm} t={temperature}"):
-        if len(order) < batch_size:
-            order += torch.randperm(len(rows), generator=generator).tolist()
-        picked, order = order[:batch_size], order[batch_size:]
+        picked = next(batches)
         batch = collator([rows[i] for i in picked])
         with autocast(model, bf16):
             outputs = model(**batch)
