@@ -22,6 +22,7 @@ from modeling_clara import ClaraForRAG, ClaraIndex  # noqa: E402
 pytest.importorskip("langchain_tests", reason='the test extra: pip install "clara-hf[test]"')
 from langchain_tests.integration_tests import ChatModelIntegrationTests, RetrieversIntegrationTests  # noqa: E402
 
+from modeling_clara.integrations.backends import VisibleText  # noqa: E402
 from modeling_clara.integrations.langchain import ChatClara, ClaraRetriever  # noqa: E402
 
 MAX_NEW_TOKENS = 48
@@ -167,6 +168,13 @@ def test_a_seed_repeats_a_sampled_answer_and_stop_cuts_it(client, served_model):
     cut = client.chat.completions.create(model=served_model, messages=ask(QUESTIONS[3]), max_tokens=24, stop=[stop])
     assert cut.choices[0].message.content == text[: text.find(stop)].rstrip(), (text, stop)
     assert cut.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("pieces", [["x with", "nal", " N", " N N"], ["x withnal ", "N", " N"], ["x withnal N N"]])
+def test_text_cut_at_a_stop_string_is_the_text_its_pieces_showed(pieces):
+    visible = VisibleText(["N N"])
+    shown = "".join(visible.add(piece) for piece in pieces) + visible.add("", final=True)
+    assert visible.text == shown == "x withnal"
 
 
 @pytest.mark.parametrize(("options", "param"), [

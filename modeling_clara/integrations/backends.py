@@ -83,7 +83,8 @@ class VisibleText:
         else:
             text = text.rstrip()
             held = max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
-            text = text[: len(text) - held]
+            # what precedes a held tail may end in whitespace, which the cut text would not show
+            text = text[: len(text) - held].rstrip()
         new = text[self.shown :]
         self.shown = max(self.shown, len(text))
         return new
