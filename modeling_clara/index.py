@@ -493,9 +493,9 @@ class ClaraIndex:
             num_sub_vectors: PQ codes per vector (bytes, at 8 bits); must divide n_mem * hidden. Default: one per
                 32 values (see docs/index-sizing.md).
             kmeans_sample_rate: rows per partition that the partitions' k-means trains on (LanceDB's `sample_rate`).
-            kmeans_iterations: k-means iterations (LanceDB's `max_iterations`). Their defaults bound the training at
-                1M rows to minutes where LanceDB's (256 and 50) take CPU-hours at memory widths; measured recall
-                with them in docs/index-sizing.md.
+            kmeans_iterations: k-means iterations (LanceDB's `max_iterations`). Their defaults keep the training a
+                small part of the build, where LanceDB's (256 and 50) grow with rows x partitions x width (about 120
+                TFLOP at 1M rows of the shipped width); recall measured with them in docs/index-sizing.md.
             accelerator: `"cuda"` trains the partitions and codebooks on the GPU (LanceDB's option; for millions of rows).
         """
         from lancedb.index import HnswSq, IvfPq
