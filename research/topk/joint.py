@@ -23,6 +23,7 @@ import torch
 from transformers.utils import logging
 
 from modeling_clara.data import make_collator
+from modeling_clara.modeling_clara import per_example_cross_entropy
 from modeling_clara.training import ClaraTrainingArguments, prepare_model_for_stage
 
 from modeling_clara.configuration_clara import QUERY_REASONER_ADAPTER
@@ -38,6 +39,7 @@ from research.topk.rung import (
     rankings,
     recall_at_1,
     shuffled_batches,
+    single_candidate_rows,
 )
 
 logger = logging.get_logger("clara.research.topk")
@@ -48,20 +50,12 @@ def candidate_cross_entropy(model, rows: list[dict], memory: dict[str, torch.Ten
     """`(n_rows, n_candidates)`: the answer's mean token cross-entropy reading each candidate alone (no gradient)."""
     model.eval()
     collator = make_collator("e2e", model.processor, top_k=1, candidate_memory=memory)
-    single = [
-        {"question": row["question"], "docs": [doc], "answer": row["answer"], "pos_index": []}
-        for row in rows for doc in row["docs"]
-    ]
+    single = single_candidate_rows(rows)
     losses = []
     for start in logging.tqdm(range(0, len(single), batch_size), desc="Cross-entropy table"):
         batch = collator(single[start : start + batch_size])
         batch.pop("positive_mask")
-        outputs = model(**batch)
-        labels = batch["labels"][:, 1:]
-        token_ce = torch.nn.functional.cross_entropy(
-            outputs.logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
-        )
-        losses.append(token_ce.sum(dim=1) / (labels != -100).sum(dim=1).clamp(min=1))
+        losses.append(per_example_cross_entropy(model(**batch).logits, batch["labels"]))
     return torch.cat(losses).view(len(rows), N_CANDIDATES)
 
 

@@ -45,6 +45,7 @@ from modeling_clara import ClaraForRAG, differentiable_topk
 from modeling_clara.configuration_clara import ENCODER_ADAPTER, QUERY_REASONER_ADAPTER
 from modeling_clara.data import make_collator
 from modeling_clara.metrics.clara_qa.clara_qa import score_example
+from modeling_clara.modeling_clara import per_example_cross_entropy
 from modeling_clara.training import ClaraTrainingArguments, prepare_model_for_stage
 
 logger = logging.get_logger("clara.research.topk")
@@ -149,13 +150,12 @@ def prepare_query_reasoner_training(model: ClaraForRAG, temperature: float, outp
     prepare_model_for_stage(model, args)
 
 
-def per_example_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over each example's target tokens (labels != -100): `(batch,)`."""
-    shifted_logits, shifted_labels = logits[:, :-1].float(), labels[:, 1:]
-    token_ce = torch.nn.functional.cross_entropy(
-        shifted_logits.transpose(1, 2), shifted_labels, ignore_index=-100, reduction="none"
-    )
-    return token_ce.sum(dim=1) / (shifted_labels != -100).sum(dim=1).clamp(min=1)
+def single_candidate_rows(rows: list[dict]) -> list[dict]:
+    """Each candidate of each row as a row of its own (one candidate: the top-1 is that candidate), in row order."""
+    return [
+        {"question": row["question"], "docs": [doc], "answer": row["answer"], "pos_index": []}
+        for row in rows for doc in row["docs"]
+    ]
 
 
 @dataclass
@@ -179,10 +179,7 @@ def answer_table(
     model.eval()
     model.set_trainable_adapters([])  # only the memory's gradient is wanted
     collator = make_collator("e2e", model.processor, top_k=1, candidate_memory=memory)
-    single = [
-        {"question": row["question"], "docs": [doc], "answer": row["answer"], "pos_index": []}
-        for row in rows for doc in row["docs"]
-    ]
+    single = single_candidate_rows(rows)
     cross_entropy, gradient = [], []
     for start in logging.tqdm(range(0, len(single), batch_size), desc="Answer table"):
         batch = collator(single[start : start + batch_size])
