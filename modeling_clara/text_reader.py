@@ -10,7 +10,11 @@ CLaRa's (`lora_r`, alpha 2r, dropout 0.1, every linear layer). Any `TrainingArgu
 
     python -m modeling_clara.text_reader --model modeling_clara/shipped/clara-smollm2-135m \\
         --data runs/shipped/data/stage2_instruct.jsonl --output_dir runs/text_reader --top_k 2 \\
-        --per_device_train_batch_size 16 --learning_rate 2e-4 --lr_scheduler_type constant --max_steps 254
+        --per_device_train_batch_size 16 --learning_rate 2e-4 --lr_scheduler_type constant --max_steps 254 \\
+        --group_by_length true
+
+`--group_by_length true` (transformers 5: `--train_sampling_strategy group_by_length`) batches rows of similar length
+(about a fifth less padding on the shipped rows).
 """
 
 import sys
@@ -68,16 +72,21 @@ class TextReaderCollator(ClaraCollator):
 
     top_k: int = 2
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+    def prompt_and_conversation(self, row: dict) -> tuple[str, str]:
+        """The generation prompt and the whole conversation (answer included) of one row."""
         tokenizer, limit = self.processor.tokenizer, self.processor.doc_max_length
-        pairs = []
-        for row in rows:
-            passages = [truncate_passage(tokenizer, doc, limit) for doc in row["docs"][: self.top_k]]
-            user = text_user_turn(row["question"], passages)
-            pairs.append(self.processor.apply_chat_template(SYSTEM_PROMPT_ANSWER, user, row["answer"]))
-        inputs = self._decoder_inputs(pairs)
+        passages = [truncate_passage(tokenizer, doc, limit) for doc in row["docs"][: self.top_k]]
+        return self.processor.apply_chat_template(SYSTEM_PROMPT_ANSWER, text_user_turn(row["question"], passages),
+                                                  row["answer"])
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        inputs = self._decoder_inputs([self.prompt_and_conversation(row) for row in rows])
+        labels = inputs["labels"]
+        # Only positions that predict an answer token go through the LM head (`logits_to_keep`, with the targets
+        # already shifted): the prompt's logits, most of the sequence times a 49k vocabulary, would be thrown away.
+        predicting = (labels[:, 1:] != -100).any(dim=0).nonzero().squeeze(1)
         return {"input_ids": inputs["dec_input_ids"], "attention_mask": inputs["dec_attention_mask"],
-                "labels": inputs["labels"]}
+                "labels": labels, "logits_to_keep": predicting, "shift_labels": labels[:, predicting + 1]}
 
 
 def bare_backbone(clara: ClaraForRAG) -> PreTrainedModel:
@@ -98,6 +107,20 @@ def load_text_reader(clara: ClaraForRAG, path: str) -> PreTrainedModel:
     return reader.to(clara.device).eval()
 
 
+def groups_by_length(training_args: TrainingArguments) -> bool:
+    """Whether the Trainer batches rows by length: `--group_by_length true` (transformers 4) or
+    `--train_sampling_strategy group_by_length` (transformers 5)."""
+    strategy = getattr(training_args, "train_sampling_strategy", None)
+    return bool(getattr(training_args, "group_by_length", False)) or strategy in ("group_by_length", "batch_rebalance")
+
+
+def example_length(collator: TextReaderCollator, row: dict) -> int:
+    """Tokens of one training example (`--group_by_length`'s key)."""
+    _, conversation = collator.prompt_and_conversation(row)
+    tokens = collator.processor.tokenizer(conversation, add_special_tokens=False)["input_ids"]
+    return min(len(tokens), collator.max_length)
+
+
 @dataclass
 class TextReaderArguments:
     model: str = field(metadata={"help": "the CLaRa whose backbone, tokenizer, prompt and LoRA size the reader takes"})
@@ -113,8 +136,10 @@ def train_text_reader(reader_args: TextReaderArguments, training_args: TrainingA
     reader = new_text_reader(clara)
     collator = TextReaderCollator(clara.processor, reader_args.max_length, top_k=reader_args.top_k)
     training_args.remove_unused_columns = False
-    trainer = Trainer(model=reader, args=training_args, train_dataset=load_instruct_rows(reader_args.data),
-                      data_collator=collator)
+    rows = load_instruct_rows(reader_args.data)
+    if groups_by_length(training_args):  # batches of similar length: less padding to compute
+        rows = rows.add_column(training_args.length_column_name, [example_length(collator, row) for row in rows])
+    trainer = Trainer(model=reader, args=training_args, train_dataset=rows, data_collator=collator)
     resume = training_args.resume_from_checkpoint
     if resume == "latest":
         resume = get_last_checkpoint(training_args.output_dir)

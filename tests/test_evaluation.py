@@ -1,11 +1,13 @@
 """`clara eval`: data validation, document selection (Oracle), metrics and recall in summaries, resuming, CLI runs."""
 
+import dataclasses
 import hashlib
 import json
 
 import evaluate
 import pytest
 import torch
+from transformers import HfArgumentParser, TrainingArguments
 
 import modeling_clara.evaluation as evaluation
 from conftest import DATA_DIR, make_tiny_clara
@@ -23,6 +25,11 @@ from modeling_clara.evaluation import (
 )
 from modeling_clara.metrics import CLARA_QA_METRIC_PATH, recall_at_k
 from modeling_clara.processing_clara import SYSTEM_PROMPT_ANSWER
+
+# the option's name on the installed transformers (5 renamed it)
+GROUP_BY_LENGTH = (["--train_sampling_strategy", "group_by_length"]
+                   if "train_sampling_strategy" in {f.name for f in dataclasses.fields(TrainingArguments)}
+                   else ["--group_by_length", "true"])
 
 ROWS = [
     {"id": "q1", "question": "Which river flows through Paris?", "gold_answer": "the Seine", "answers": ["the Seine", "Seine River"],
@@ -488,6 +495,48 @@ def test_text_reader_labels_only_the_answer(tiny_clara):
     assert "The Seine flows through Paris." in prompt and "The Loire." not in prompt  # top_k 1
 
 
+def test_text_reader_loss_reads_only_answer_logits_and_equals_the_full_loss(tiny_clara, tiny_llama_dir):
+    from transformers import LlamaForCausalLM
+
+    from modeling_clara.text_reader import TextReaderCollator
+
+    rows = [{"question": "Which river flows through Paris?", "docs": ["The Seine flows through Paris, " * 3],
+             "answer": "the Seine"},
+            {"question": "Who?", "docs": ["A short one."], "answer": "nobody at all, as far as anyone knows"}]
+    batch = TextReaderCollator(tiny_clara.processor, top_k=1)(rows)
+    reader = LlamaForCausalLM.from_pretrained(tiny_llama_dir).train()
+
+    torch.manual_seed(0)  # the same dropout (none in the tiny Llama, but the check should not depend on it)
+    kept = reader(**batch)
+    kept.loss.backward()
+    kept_grad = reader.model.embed_tokens.weight.grad.clone()
+    reader.zero_grad()
+    torch.manual_seed(0)
+    full = reader(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    full.loss.backward()
+
+    answer_positions = int((batch["labels"][:, 1:] != -100).any(0).sum())
+    assert kept.logits.shape[1] == answer_positions < batch["input_ids"].shape[1]
+    torch.testing.assert_close(kept.loss, full.loss)
+    torch.testing.assert_close(kept_grad, reader.model.embed_tokens.weight.grad)
+
+
+def test_text_reader_groups_rows_by_length(saved_tiny_clara, tmp_path):
+    from modeling_clara.loading import load_model
+    from modeling_clara.text_reader import TextReaderCollator, example_length, groups_by_length
+
+    def parsed(options):
+        return HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(["--output_dir", str(tmp_path), *options])[0]
+
+    assert groups_by_length(parsed(GROUP_BY_LENGTH)) and not groups_by_length(parsed([]))
+    clara = load_model(saved_tiny_clara)
+    collator = TextReaderCollator(clara.processor, top_k=2)
+    short = {"question": "Q?", "docs": ["a"], "answer": "b"}
+    long = {"question": "Q?", "docs": ["many words here " * 20, "and more " * 20], "answer": "b"}
+    assert example_length(collator, short) < example_length(collator, long)
+    assert example_length(collator, long) == collator(rows=[long])["input_ids"].shape[1]
+
+
 def test_text_reader_trains_resumes_and_is_evaluated_beside_clara(saved_tiny_clara, data_file, tmp_path, capsys):
     from modeling_clara.text_reader import main as train_main
 
@@ -497,7 +546,7 @@ def test_text_reader_trains_resumes_and_is_evaluated_beside_clara(saved_tiny_cla
     reader_dir = tmp_path / "reader"
     common = ["--model", saved_tiny_clara, "--data", str(train_file), "--output_dir", str(reader_dir),
               "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--save_steps", "1",
-              "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true"]
+              "--report_to", "none", "--use_cpu", "true", "--disable_tqdm", "true", *GROUP_BY_LENGTH]
     assert train_main(common + ["--max_steps", "2"]) == 0
     assert (reader_dir / "checkpoint-2").is_dir() and (reader_dir / "adapter_model.safetensors").is_file()
     assert train_main(common + ["--max_steps", "3", "--resume_from_checkpoint", "latest"]) == 0
