@@ -31,7 +31,27 @@ def batch_orders(lengths: list[int], batch_size: int, seed: int) -> tuple[list[i
     return shuffled, grouped[batch_size:]
 
 
-def main() -> None:
+def measure(reader, collator: TextReaderCollator, rows, ways: dict, batch_size: int, batches: int) -> dict[str, dict]:
+    """Per way: CPU seconds per 1,000 real tokens, padded / real tokens, and the positions that reached the LM head."""
+    cpu, real, padded, head = ({name: 0 for name in ways} for _ in range(4))
+    for b in range(batches):
+        for name, (order, answer_logits_only) in ways.items():
+            batch = collator([rows[i] for i in order[b * batch_size: (b + 1) * batch_size]])
+            if not answer_logits_only:
+                batch = {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
+            began = time.process_time()
+            outputs = reader(**batch)
+            outputs.loss.backward()
+            cpu[name] += time.process_time() - began
+            reader.zero_grad()
+            real[name] += int(batch["attention_mask"].sum())
+            padded[name] += batch["input_ids"].numel()
+            head[name] += outputs.logits.shape[0] * outputs.logits.shape[1]
+    return {name: {"cpu_per_1000_tokens": 1000 * cpu[name] / real[name], "padding": padded[name] / real[name],
+                   "lm_head_positions": head[name]} for name in ways}
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=SHIPPED_MODEL)
     parser.add_argument("--data", required=True, help="stage-2 JSONL: question, docs, answer")
@@ -40,36 +60,26 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
     clara = load_model(args.model)
     reader = new_text_reader(clara).train()
     collator = TextReaderCollator(clara.processor, top_k=args.top_k)
-    rows = load_instruct_rows(args.data).select(range(args.rows))
+    rows = load_instruct_rows(args.data)
+    rows = rows.select(range(min(args.rows, len(rows))))
     shuffled, grouped = batch_orders([example_length(collator, row) for row in rows], args.batch_size, args.seed)
     ways = {"full logits, random order": (shuffled, False), "answer logits, random order": (shuffled, True),
             "answer logits, length groups": (grouped, True)}
-    cpu, real, padded = ({name: 0.0 for name in ways} for _ in range(3))
+    results = measure(reader, collator, rows, ways, args.batch_size, args.batches)
 
-    for b in range(args.batches):
-        for name, (order, answer_logits_only) in ways.items():
-            batch = collator([rows[i] for i in order[b * args.batch_size: (b + 1) * args.batch_size]])
-            if not answer_logits_only:
-                batch = {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
-            began = time.process_time()
-            reader(**batch).loss.backward()
-            cpu[name] += time.process_time() - began
-            reader.zero_grad()
-            real[name] += int(batch["attention_mask"].sum())
-            padded[name] += batch["input_ids"].numel()
-
-    baseline = 1000 * cpu["full logits, random order"] / real["full logits, random order"]
+    baseline = results["full logits, random order"]["cpu_per_1000_tokens"]
     print(f"{args.batches} micro-batches of {args.batch_size} per way, torch threads {torch.get_num_threads()}")
     print("| way | CPU s per 1,000 real tokens | padded / real tokens | vs full logits |\n|---|---|---|---|")
-    for name in ways:
-        per_thousand = 1000 * cpu[name] / real[name]
-        print(f"| {name} | {per_thousand:.2f} | {padded[name] / real[name]:.2f} | {per_thousand / baseline:.2f} |")
+    for name, result in results.items():
+        cost = result["cpu_per_1000_tokens"]
+        print(f"| {name} | {cost:.2f} | {result['padding']:.2f} | {cost / baseline:.2f} |")
+    return results
 
 
 if __name__ == "__main__":

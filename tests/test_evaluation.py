@@ -537,6 +537,19 @@ def test_text_reader_groups_rows_by_length(saved_tiny_clara, tmp_path):
     assert example_length(collator, long) == collator(rows=[long])["input_ids"].shape[1]
 
 
+def test_text_reader_benchmark_measures_answer_logits_and_length_groups(saved_tiny_clara, tmp_path, capsys):
+    rows = [{"question": f"Question {i}?", "docs": ["word " * (3 + 7 * i), "other " * (2 + 5 * (i % 4))],
+             "answer": "yes" if i % 2 else "a longer answer"} for i in range(12)]
+    results = load_script("bench_text_reader").main(
+        ["--model", saved_tiny_clara, "--data", str(write_jsonl(tmp_path / "rows.jsonl", rows)), "--batch-size", "2",
+         "--batches", "3"])
+    full, answer, grouped = (results[name] for name in ("full logits, random order", "answer logits, random order",
+                                                         "answer logits, length groups"))
+    assert answer["lm_head_positions"] < full["lm_head_positions"]  # the same batches, fewer logits
+    assert answer["padding"] == full["padding"] and grouped["padding"] < full["padding"]
+    assert "| answer logits, length groups |" in capsys.readouterr().out
+
+
 def test_text_reader_trains_resumes_and_is_evaluated_beside_clara(saved_tiny_clara, data_file, tmp_path, capsys):
     from modeling_clara.text_reader import main as train_main
 
