@@ -13,8 +13,8 @@ CLaRa's (`lora_r`, alpha 2r, dropout 0.1, every linear layer). Any `TrainingArgu
         --per_device_train_batch_size 16 --learning_rate 2e-4 --lr_scheduler_type constant --max_steps 254 \\
         --group_by_length true
 
-`--group_by_length true` (transformers 5: `--train_sampling_strategy group_by_length`) batches rows of similar length
-(about a fifth less padding on the shipped rows).
+`--group_by_length true` (transformers 5: `--train_sampling_strategy group_by_length`) batches rows of similar length:
+on the shipped rows, random batches of 4 compute 1.11 padded tokens per real one, length groups 1.00.
 """
 
 import sys
