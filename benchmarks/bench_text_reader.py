@@ -17,10 +17,9 @@ import time
 import torch
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from modeling_clara.checkpoints import SHIPPED_MODEL
 from modeling_clara.loading import load_model
 from modeling_clara.text_reader import TextReaderCollator, example_length, load_instruct_rows, new_text_reader
-
-SHIPPED_MODEL = "modeling_clara/shipped/clara-smollm2-135m"
 
 
 def batch_orders(lengths: list[int], batch_size: int, seed: int) -> tuple[list[int], list[int]]:
@@ -53,7 +52,7 @@ def measure(reader, collator: TextReaderCollator, rows, ways: dict, batch_size: 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=SHIPPED_MODEL)
+    parser.add_argument("--model", default=SHIPPED_MODEL, help="a CLaRa folder; default: the shipped model")
     parser.add_argument("--data", required=True, help="stage-2 JSONL: question, docs, answer")
     parser.add_argument("--rows", type=int, default=800, help="rows the orders are drawn from")
     parser.add_argument("--batch-size", type=int, default=4)

@@ -24,7 +24,8 @@ BACKENDS = ("transformers", "vllm")
 def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> None:
     serve = subparsers.add_parser(name, help=help)
     add_model_option(serve)
-    serve.add_argument("--index", default=None, help="a ClaraIndex folder or object-store URI: /v1/search, and /v1/answer without documents")
+    serve.add_argument("--index", default=None,
+                       help="a ClaraIndex folder or object-store URI: /v1/search, and /v1/answer without documents")
     serve.add_argument("--index-backend", choices=SEARCH_BACKENDS, default="lance",
                        help="who proposes the index's candidates: exact search or the table's vector index (lance), or "
                        "a FAISS index this process builds in RAM from the table and rebuilds after each refresh that "
