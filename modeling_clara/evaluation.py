@@ -28,7 +28,9 @@ passages among the k read. Predictions go to `<output-dir>/<data stem>/<run>.jso
 batch: rerunning a command skips the examples already there (a run with other settings in the same file is an
 error). Each run also writes `<run>.summary.json` and `.summary.md`; `<output-dir>/summary.md` collects them all,
 and `<output-dir>/differences.md` gives CLaRa minus each text method (same file and k) with paired bootstrap
-intervals over the questions both answered.
+intervals over the questions both answered. A method ranked by CLaRa reads the rankings that earlier runs in the same
+folder recorded for the same model, weights and file (ranking compresses every candidate), so methods evaluated in
+separate commands read the same passages and only the first pays for ranking.
 """
 
 import json
@@ -47,7 +49,7 @@ from .backbone import EMBEDDED_BACKBONE
 from .data import check_e2e_candidates
 from .fingerprint import adapter_weights, weights_sha256
 from .generation import generate_completions
-from .jsonl import append_jsonl, read_for_resume, read_jsonl, record_settings, write_text_atomic
+from .jsonl import append_jsonl, read_complete_records, read_for_resume, read_jsonl, record_settings, write_text_atomic
 from .metrics import recall_at_k, score_example
 from .modeling_clara import ClaraForRAG
 from .processing_clara import SYSTEM_PROMPT_ANSWER, check_positive
@@ -68,6 +70,8 @@ RANKING_KEYS = tuple(f"recall@{k}" for k in RECALL_KS) + ("gold_read",)
 DEFAULT_MAX_NEW_TOKENS = 64
 # Compressed documents kept in memory between settings and methods of one run (FIFO beyond this).
 COMPRESSION_CACHE_SIZE = 4096
+# What CLaRa's ranking of a file's candidates depends on: runs that agree on these rank alike, whatever they read.
+RANKING_FIELDS = ("ranking", "backbone", "doc_max_length", "model", "compr_rate", "adapters", "adapter_digest", "data")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,18 +223,52 @@ class Ranker:
         self.compressed = compressed or (CompressedDocuments(model) if name == "clara" else None)
         self.text_retriever = load_text_retriever(name) if name in ("bm25", "minilm") else None
 
-    def rank(self, batch: list[EvalExample]) -> tuple[list[list[int]], list[list[float]] | None]:
+    def rank(
+        self, batch: list[EvalExample], recorded: dict[str, dict] | None = None
+    ) -> tuple[list[list[int]], list[list[float]] | None]:
+        """`recorded`: rankings an earlier run of the same ranking recorded ([`recorded_rankings`]), by example id;
+        CLaRa ranks only the examples without one."""
         if self.name == "given_order":
             return [list(range(len(ex.docs))) for ex in batch], None
         if self.name == "non_gold":
             return [_non_gold_candidates(ex) for ex in batch], None
         if self.text_retriever is not None:
             return self.text_retriever.rank_batch([ex.question for ex in batch], [ex.docs for ex in batch]), None
-        candidates = [self.compressed(ex.docs) for ex in batch]
-        scores, indices = self.model.retrieve(
-            [ex.question for ex in batch], candidates, k=max(len(ex.docs) for ex in batch)
-        )
-        return [i.tolist() for i in indices], [[round(v, 6) for v in s.tolist()] for s in scores]
+        recorded = recorded or {}
+        todo = [ex for ex in batch if ex.id not in recorded]
+        if todo:
+            candidates = [self.compressed(ex.docs) for ex in todo]
+            scores, indices = self.model.retrieve(
+                [ex.question for ex in todo], candidates, k=max(len(ex.docs) for ex in todo)
+            )
+            recorded = {**recorded, **{
+                ex.id: {"ranking": i.tolist(), "scores": [round(v, 6) for v in s.tolist()]}
+                for ex, i, s in zip(todo, indices, scores)
+            }}
+        return [recorded[ex.id]["ranking"] for ex in batch], [recorded[ex.id]["scores"] for ex in batch]
+
+
+def recorded_rankings(out_dir: Path, config: dict, skip: Path) -> dict[str, dict]:
+    """CLaRa's rankings that other runs in `out_dir` recorded under the same [`RANKING_FIELDS`], by example id.
+
+    Ranking compresses every candidate of a question (10 to 20 passages for one answer), most of a CLaRa run's time;
+    a method run later on the same model and file (the fine-tuned text reader once it is trained) reads the
+    ranking its CLaRa row read instead of computing it again. Empty unless `config` ranks by CLaRa.
+    """
+    if config.get("ranking") != "clara":
+        return {}
+    recorded = {}
+    for settings_path in sorted(out_dir.glob("*.config.json")):
+        predictions = settings_path.with_name(settings_path.name.removesuffix(".config.json") + ".jsonl")
+        if predictions == skip or not predictions.exists():
+            continue
+        settings = json.loads(settings_path.read_text())
+        if all(settings.get(field) == config.get(field) for field in RANKING_FIELDS):
+            recorded.update(
+                (r["id"], {"ranking": r["ranking"], "scores": r.get("scores")})
+                for r in read_complete_records(predictions) if r.get("ranking") is not None
+            )
+    return recorded
 
 
 def adapter_digest(model: ClaraForRAG) -> str:
@@ -326,13 +364,17 @@ class EvalMethod:
             return generate_text(self.model, prompts, max_new_tokens)
         return generate_completions(self.text_reader, self.model.tokenizer, prompts, max_new_tokens)
 
-    def run(self, batch: list[EvalExample], setting: str, k: int, max_new_tokens: int) -> list[dict]:
-        """Per example: prediction, ranking (and scores), the candidates read, and the prompt length in tokens."""
+    def run(
+        self, batch: list[EvalExample], setting: str, k: int, max_new_tokens: int,
+        recorded_rankings: dict[str, dict] | None = None,
+    ) -> list[dict]:
+        """Per example: prediction, ranking (and scores), the candidates read, and the prompt length in tokens.
+        `recorded_rankings`: see [`Ranker.rank`]."""
         setting = self.setting(setting)
         if self.ranker is None:
             rankings, scores, selections = [None] * len(batch), None, [[] for _ in batch]
         else:
-            rankings, scores = self.ranker.rank(batch)
+            rankings, scores = self.ranker.rank(batch, recorded_rankings)
             selections = [select_documents(r, ex.pos_index, setting, k) for ex, r in zip(batch, rankings)]
         questions = [ex.question for ex in batch]
         if self.spec.reads == "compressed":
@@ -454,12 +496,15 @@ def evaluate_file(
     out_dir = Path(output_dir) / Path(data).stem
     examples_by_id = {ex.id: ex for ex in examples}
 
+    config = {**runner.config(setting, k, max_new_tokens, model_name), "data": str(Path(data).resolve())}
+    path = out_dir / f"{name}.jsonl"
+    rankings = recorded_rankings(out_dir, config, skip=path)
+
     def run_batch(batch):
-        results = runner.run(batch, setting, k, max_new_tokens)
+        results = runner.run(batch, setting, k, max_new_tokens, rankings)
         return [score_record(examples_by_id[ex.id], r) for ex, r in zip(batch, results)]
 
-    config = {**runner.config(setting, k, max_new_tokens, model_name), "data": str(Path(data).resolve())}
-    records = run_resumable(examples, out_dir / f"{name}.jsonl", config, run_batch, batch_size, f"{name} {Path(data).stem}")
+    records = run_resumable(examples, path, config, run_batch, batch_size, f"{name} {Path(data).stem}")
     summary = summarize(
         records, dataset=Path(data).stem, method=runner.name, setting=setting, k=k if setting != "none" else 0,
         ranking=config["ranking"], compr_rate=model.config.compr_rate if runner.spec.reads == "compressed" else None,
@@ -587,12 +632,12 @@ def difference_rows(output_dir: str | os.PathLike, baseline: str = "clara") -> l
     rows = []
     for baseline_path in sorted(Path(output_dir).glob(f"*/{baseline}-*.jsonl")):
         suffix = baseline_path.name.removeprefix(baseline)  # "-normal-k2.jsonl"
-        by_id = {r["id"]: r for r in read_jsonl_records(baseline_path)}
+        by_id = {r["id"]: r for r in read_complete_records(baseline_path)}
         for method in text_methods():
             other_path = baseline_path.with_name(method + suffix)
             if not other_path.exists():
                 continue
-            others = {r["id"]: r for r in read_jsonl_records(other_path)}
+            others = {r["id"]: r for r in read_complete_records(other_path)}
             ids = [i for i in by_id if i in others]
             if not ids:
                 continue
@@ -602,10 +647,6 @@ def difference_rows(output_dir: str | os.PathLike, baseline: str = "clara") -> l
                                                [100 * others[i][metric] for i in ids])
             rows.append(row)
     return rows
-
-
-def read_jsonl_records(path: Path) -> list[dict]:
-    return [record for _, record in read_jsonl(path)]
 
 
 def difference_table(rows: list[dict]) -> str:

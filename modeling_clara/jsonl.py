@@ -2,9 +2,10 @@
 
 Training data, evaluation data and corpora are read with [`read_jsonl`]. Long runs (evaluation predictions, synthesised
 rows and their progress file) append with [`append_jsonl`], which syncs every batch to disk, so a kill loses at most
-the line being written; [`read_for_resume`] reads such a file back and cuts that line off. A run records its settings
-with [`record_settings`] so that a resumed run with other settings is refused. Small files that must never be seen half
-written (settings, an index's metadata and `CURRENT` pointer) go through [`write_text_atomic`].
+the line being written; [`read_for_resume`] reads such a file back and cuts that line off, and
+[`read_complete_records`] reads one that another process may still be writing. A run records its settings with
+[`record_settings`] so that a resumed run with other settings is refused. Small files that must never be seen half
+written (a run's settings, evaluation summaries) go through [`write_text_atomic`].
 """
 
 import json
@@ -91,6 +92,17 @@ def read_for_resume(path: Path) -> list[dict]:
     if len(complete) < len(raw):
         logger.warning(f"{path}: dropping an incomplete last line (an interrupted write)")
         os.truncate(path, len(complete))
+    return _parse_lines(complete, path)
+
+
+def read_complete_records(path: Path) -> list[dict]:
+    """The objects of the complete lines of a file written by [`append_jsonl`], leaving the file as it is: another
+    process may be appending to it, so a last line without its newline is still being written."""
+    raw = path.read_bytes()
+    return _parse_lines(raw[: raw.rfind(b"\n") + 1], path)
+
+
+def _parse_lines(complete: bytes, path: Path) -> list[dict]:
     lines = complete.decode("utf-8").splitlines()
     return [parse_json_object(line, f"{path}:{n}") for n, line in enumerate(lines, start=1) if line.strip()]
 
@@ -109,6 +121,6 @@ def append_jsonl(file: BinaryIO, records: list[dict]) -> int:
 
 
 __all__ = [
-    "ClaraDataError", "append_jsonl", "parse_json_object", "read_for_resume", "read_jsonl", "record_settings",
-    "write_text_atomic",
+    "ClaraDataError", "append_jsonl", "parse_json_object", "read_complete_records", "read_for_resume", "read_jsonl",
+    "record_settings", "write_text_atomic",
 ]

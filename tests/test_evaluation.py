@@ -306,6 +306,36 @@ def test_shared_compression_cache_compresses_each_passage_once(tiny_clara, data_
     assert sorted(compressed) == sorted({d for r in ROWS for d in r["docs"]})
 
 
+def test_a_later_method_reads_the_ranking_clara_recorded(tiny_clara, tiny_llama_dir, data_file, tmp_path, monkeypatch):
+    """Ranking compresses every candidate: a method run later on the same model and file reads the ranking CLaRa's
+    run recorded (so both read the same passages); a model with other weights ranks afresh."""
+    run = dict(data=data_file, k=1, max_new_tokens=2, output_dir=tmp_path)
+    evaluate_file(tiny_clara, method="clara", **run)
+    clara_path = tmp_path / "tiny_dev/clara-normal-k1.jsonl"
+    # A ranking the query reasoner did not give (its own, reversed) shows which one the later run reads; the half
+    # line after it is a write still under way in that run's process, which must be neither read nor cut off.
+    recorded = [json.loads(line) for line in clara_path.read_text().splitlines()]
+    for record in recorded:
+        record["ranking"], record["scores"] = record["ranking"][::-1], record["scores"][::-1]
+    clara_path.write_text("".join(json.dumps(r) + "\n" for r in recorded) + '{"id": "q9", "ran')
+    written = clara_path.read_bytes()
+    compressed = []
+    original = tiny_clara.compress
+    monkeypatch.setattr(tiny_clara, "compress", lambda docs, **kw: compressed.extend(docs) or original(docs, **kw))
+
+    evaluate_file(tiny_clara, method="text_rag_clara", **run)
+    text = [json.loads(line) for line in (tmp_path / "tiny_dev/text_rag_clara-normal-k1.jsonl").read_text().splitlines()]
+    assert [r["ranking"] for r in text] == [r["ranking"] for r in recorded]
+    assert [r["selected"] for r in text] == [r["ranking"][:1] for r in recorded]
+    assert compressed == [] and clara_path.read_bytes() == written
+
+    retrained = make_tiny_clara(tiny_llama_dir, seed=1)
+    compress_retrained = retrained.compress
+    monkeypatch.setattr(retrained, "compress", lambda docs, **kw: compressed.extend(docs) or compress_retrained(docs, **kw))
+    evaluate_file(retrained, method="text_rag_clara", **{**run, "k": 2})
+    assert sorted(set(compressed)) == sorted({d for r in ROWS for d in r["docs"]})
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
