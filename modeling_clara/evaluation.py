@@ -236,16 +236,16 @@ class Ranker:
             return self.text_retriever.rank_batch([ex.question for ex in batch], [ex.docs for ex in batch]), None
         recorded = recorded or {}
         todo = [ex for ex in batch if ex.id not in recorded]
+        ranked = {}
         if todo:
             candidates = [self.compressed(ex.docs) for ex in todo]
             scores, indices = self.model.retrieve(
                 [ex.question for ex in todo], candidates, k=max(len(ex.docs) for ex in todo)
             )
-            recorded = {**recorded, **{
-                ex.id: {"ranking": i.tolist(), "scores": [round(v, 6) for v in s.tolist()]}
-                for ex, i, s in zip(todo, indices, scores)
-            }}
-        return [recorded[ex.id]["ranking"] for ex in batch], [recorded[ex.id]["scores"] for ex in batch]
+            ranked = {ex.id: {"ranking": i.tolist(), "scores": [round(v, 6) for v in s.tolist()]}
+                      for ex, i, s in zip(todo, indices, scores)}
+        found = [recorded.get(ex.id) or ranked[ex.id] for ex in batch]
+        return [f["ranking"] for f in found], [f["scores"] for f in found]
 
 
 def recorded_rankings(out_dir: Path, config: dict, skip: Path) -> dict[str, dict]:

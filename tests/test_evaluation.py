@@ -296,10 +296,15 @@ def test_resuming_with_another_model_of_the_same_name_is_an_error(tiny_llama_dir
         evaluate_retrieval(model=retrained, **retrieval)
 
 
+def recorded_compressions(monkeypatch, model) -> list[str]:
+    """The passages `model.compress` is called on from here on (it still compresses them)."""
+    compressed, compress = [], model.compress
+    monkeypatch.setattr(model, "compress", lambda docs, **kw: compressed.extend(docs) or compress(docs, **kw))
+    return compressed
+
+
 def test_shared_compression_cache_compresses_each_passage_once(tiny_clara, data_file, tmp_path, monkeypatch):
-    compressed = []
-    original = tiny_clara.compress
-    monkeypatch.setattr(tiny_clara, "compress", lambda docs, **kw: compressed.extend(docs) or original(docs, **kw))
+    compressed = recorded_compressions(monkeypatch, tiny_clara)
     method = EvalMethod("clara", tiny_clara)
     for setting in ("normal", "oracle"):
         evaluate_file(tiny_clara, data_file, method, setting, k=2, max_new_tokens=2, output_dir=tmp_path)
@@ -319,9 +324,7 @@ def test_a_later_method_reads_the_ranking_clara_recorded(tiny_clara, tiny_llama_
         record["ranking"], record["scores"] = record["ranking"][::-1], record["scores"][::-1]
     clara_path.write_text("".join(json.dumps(r) + "\n" for r in recorded) + '{"id": "q9", "ran')
     written = clara_path.read_bytes()
-    compressed = []
-    original = tiny_clara.compress
-    monkeypatch.setattr(tiny_clara, "compress", lambda docs, **kw: compressed.extend(docs) or original(docs, **kw))
+    compressed = recorded_compressions(monkeypatch, tiny_clara)
 
     evaluate_file(tiny_clara, method="text_rag_clara", **run)
     text = [json.loads(line) for line in (tmp_path / "tiny_dev/text_rag_clara-normal-k1.jsonl").read_text().splitlines()]
@@ -330,10 +333,9 @@ def test_a_later_method_reads_the_ranking_clara_recorded(tiny_clara, tiny_llama_
     assert compressed == [] and clara_path.read_bytes() == written
 
     retrained = make_tiny_clara(tiny_llama_dir, seed=1)
-    compress_retrained = retrained.compress
-    monkeypatch.setattr(retrained, "compress", lambda docs, **kw: compressed.extend(docs) or compress_retrained(docs, **kw))
+    compressed_by_retrained = recorded_compressions(monkeypatch, retrained)
     evaluate_file(retrained, method="text_rag_clara", **{**run, "k": 2})
-    assert sorted(set(compressed)) == sorted({d for r in ROWS for d in r["docs"]})
+    assert sorted(set(compressed_by_retrained)) == sorted({d for r in ROWS for d in r["docs"]})
 
 
 # ----------------------------------------------------------------------------------------------------------------
