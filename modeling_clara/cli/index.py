@@ -68,7 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> 
     vector_index = commands.add_parser("vector-index", help="build the approximate search index of an index's table "
                                        "(again after many adds: later rows are searched exactly beside it)")
     vector_index.add_argument("index", help=INDEX_HELP)
-    add_vector_index_options(vector_index, default="ivf_hnsw_sq")
+    add_vector_index_options(vector_index, default="ivf_sq")
     vector_index.set_defaults(run=run_vector_index)
 
     convert = commands.add_parser("convert", help="copy a clara-index/1 folder (CURRENT + safetensors shards) into "
