@@ -6,9 +6,9 @@
 2. Search: synthetic clustered memories of a model's shape (n_mem x hidden, flattened) written to a ClaraIndex
    table, then, on the same vectors and queries: exact search (ClaraIndex's matmul, all queries in one pass over the
    table: the ground truth), LanceDB's IVF_SQ, IVF_HNSW_SQ and IVF_PQ (ClaraIndex.create_vector_index with the
-   shipped defaults, candidates re-ranked on the stored memory) and ClaraIndex's FAISS backend (`search_backend="faiss"`,
-   IVF-Flat by default, `--faiss` for others such as IVF-PQ; built in RAM from the table, candidates re-scored on the
-   stored memory). For each: build seconds (wall, and CPU seconds of this process: the machine may be shared), index
+   shipped defaults, candidates re-ranked on the stored memory) and ClaraIndex's FAISS backend
+   (`search_backend="faiss"`, IVF-Flat by default, `--faiss` for others such as IVF-PQ; built in RAM from the table,
+   candidates re-scored on the stored memory). For each: build seconds (wall, and CPU seconds of this process: the machine may be shared), index
    bytes (LanceDB: on disk; FAISS: in RAM), recall@k against exact, queries per second and p50 / p99 latency of one
    query at a time. Vectors are generated, written and scored in batches: the corpus never sits in RAM whole.
 
